@@ -1,0 +1,92 @@
+"""Capsule layers: FusedRouter (drop-in for labml's Router) and PrimaryCaps."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from capsnet_fused.ops import dynamic_routing
+from capsnet_fused.reference import SOFTMAX_OVER, squash
+
+
+class FusedRouter(nn.Module):
+    """Dynamic routing between capsule layers with a fused backend.
+
+    Parameters: `weight` [I, J, N, M] (the layout and name of labml's Router, so its state_dict
+    loads unchanged) and, with learn_prior=True, `prior` [I, J], the initial routing logits.
+    forward(u [B, I, N]) -> v [B, J, M].
+
+    weight starts at init_scale * randn: with the softmax over out_caps, unit-variance weights
+    saturate the squash and training stalls (labml uses init_scale=1).
+    """
+
+    def __init__(
+        self,
+        in_caps: int,
+        out_caps: int,
+        in_d: int,
+        out_d: int,
+        iterations: int = 3,
+        *,
+        softmax_over: str = "out_caps",
+        learn_prior: bool = False,
+        detach_inner: bool = False,
+        backend: str = "auto",
+        init_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if min(in_caps, out_caps, in_d, out_d) < 1:
+            raise ValueError(
+                f"in_caps, out_caps, in_d and out_d must be >= 1, "
+                f"got {(in_caps, out_caps, in_d, out_d)}"
+            )
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        if softmax_over not in SOFTMAX_OVER:
+            raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+        self.in_caps, self.out_caps, self.in_d, self.out_d = in_caps, out_caps, in_d, out_d
+        self.iterations = iterations
+        self.softmax_over = softmax_over
+        self.detach_inner = detach_inner
+        self.backend = backend
+        self.weight = nn.Parameter(init_scale * torch.randn(in_caps, out_caps, in_d, out_d))
+        self.prior = nn.Parameter(torch.zeros(in_caps, out_caps)) if learn_prior else None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return dynamic_routing(
+            u,
+            self.weight,
+            self.iterations,
+            prior=self.prior,
+            softmax_over=self.softmax_over,
+            detach_inner=self.detach_inner,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_caps={self.in_caps}, out_caps={self.out_caps}, in_d={self.in_d}, "
+            f"out_d={self.out_d}, iterations={self.iterations}, "
+            f"softmax_over={self.softmax_over!r}, learn_prior={self.prior is not None}, "
+            f"detach_inner={self.detach_inner}, backend={self.backend!r}"
+        )
+
+
+class PrimaryCaps(nn.Module):
+    """Convolutional capsules: x [B, C, H, W] -> squashed u [B, caps * H' * W', dim].
+
+    Capsule index order is (capsule channel, row, column).
+    """
+
+    def __init__(
+        self, in_channels: int, caps: int, dim: int, kernel_size: int = 9, stride: int = 2
+    ) -> None:
+        super().__init__()
+        self.caps, self.dim = caps, dim
+        self.conv = nn.Conv2d(in_channels, caps * dim, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        batch, _, height, width = out.shape
+        out = out.view(batch, self.caps, self.dim, height * width).permute(0, 1, 3, 2)
+        return squash(out.reshape(batch, self.caps * height * width, self.dim))

@@ -1,0 +1,97 @@
+"""CapsNet of Sabour et al. (2017): Conv1, PrimaryCaps, DigitCaps (FusedRouter), decoder."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from capsnet_fused.layers import FusedRouter, PrimaryCaps
+from capsnet_fused.losses import capsule_lengths
+
+
+class CapsNetOutput(NamedTuple):
+    caps: torch.Tensor  # [B, num_classes, digit_dim] digit capsules
+    lengths: torch.Tensor  # [B, num_classes] capsule lengths (class scores)
+    reconstructions: torch.Tensor  # [B, C, H, W] decoder output in [0, 1]
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+class CapsNet(nn.Module):
+    """The paper's CapsNet, every size and routing option a constructor argument.
+
+    forward(images [B, C, H, W], labels [B] or None) -> CapsNetOutput. The decoder sees only the
+    digit capsule of the true label while training (when labels are given) and of the
+    predicted class otherwise.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int | tuple[int, int] = 28,
+        num_classes: int = 10,
+        *,
+        conv_channels: int = 256,
+        kernel_size: int = 9,
+        primary_caps: int = 32,
+        primary_dim: int = 8,
+        digit_dim: int = 16,
+        decoder_hidden: tuple[int, int] = (512, 1024),
+        routing_iterations: int = 3,
+        softmax_over: str = "out_caps",
+        learn_prior: bool = False,
+        detach_inner: bool = False,
+        backend: str = "auto",
+        digit_init_scale: float = 0.01,
+    ) -> None:
+        super().__init__()
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        primary_h = _conv_out(_conv_out(height, kernel_size, 1), kernel_size, 2)
+        primary_w = _conv_out(_conv_out(width, kernel_size, 1), kernel_size, 2)
+        if primary_h < 1 or primary_w < 1:
+            raise ValueError(
+                f"image_size {(height, width)} is too small for two {kernel_size}x{kernel_size} "
+                f"convolutions (the second with stride 2)"
+            )
+        self.image_shape = (in_channels, height, width)
+        self.num_classes = num_classes
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv_channels, kernel_size), nn.ReLU())
+        self.primary = PrimaryCaps(conv_channels, primary_caps, primary_dim, kernel_size, 2)
+        self.digit = FusedRouter(
+            primary_caps * primary_h * primary_w,
+            num_classes,
+            primary_dim,
+            digit_dim,
+            routing_iterations,
+            softmax_over=softmax_over,
+            learn_prior=learn_prior,
+            detach_inner=detach_inner,
+            backend=backend,
+            init_scale=digit_init_scale,
+        )
+        hidden1, hidden2 = decoder_hidden
+        self.decoder = nn.Sequential(
+            nn.Linear(digit_dim * num_classes, hidden1),
+            nn.ReLU(),
+            nn.Linear(hidden1, hidden2),
+            nn.ReLU(),
+            nn.Linear(hidden2, in_channels * height * width),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"expected images [B, {', '.join(map(str, self.image_shape))}], "
+                f"got {tuple(images.shape)}"
+            )
+        caps = self.digit(self.primary(self.conv1(images)))
+        lengths = capsule_lengths(caps)
+        chosen = labels if labels is not None and self.training else lengths.argmax(dim=1)
+        mask = nn.functional.one_hot(chosen, self.num_classes).to(caps.dtype)
+        recon = self.decoder((caps * mask.unsqueeze(-1)).flatten(1))
+        return CapsNetOutput(caps, lengths, recon.view(-1, *self.image_shape))

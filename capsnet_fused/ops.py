@@ -1,0 +1,159 @@
+"""Public routing op: argument checks, backend choice and dispatch.
+
+Each fused backend lives in its own module (capsnet_fused._triton_op, capsnet_fused._cpp_op)
+that registers its torch op and exposes two functions:
+
+    unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
+    routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
+
+`routing` receives validated arguments of one floating dtype on one device (possibly
+non-contiguous, possibly B = 0) and returns v [B, J, M] with autograd to u, weight and prior.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from capsnet_fused.reference import SOFTMAX_OVER, reference_routing
+
+BACKENDS = ("reference", "triton", "cpp")
+BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
+_BACKEND_MODULES = {"triton": "capsnet_fused._triton_op", "cpp": "capsnet_fused._cpp_op"}
+# Fastest first; "auto" takes the first one available for the device.
+_AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+
+
+def validate_routing_args(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int,
+    prior: torch.Tensor | None,
+    softmax_over: str,
+) -> None:
+    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing."""
+    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None"
+    if not isinstance(u, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError(f"u and weight must be tensors; {expect}")
+    if u.dim() != 3:
+        raise ValueError(f"u must have 3 dims, got shape {tuple(u.shape)}; {expect}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must have 4 dims, got shape {tuple(weight.shape)}; {expect}")
+    in_caps, out_caps, in_d, out_d = weight.shape
+    if u.shape[1] != in_caps or u.shape[2] != in_d:
+        raise ValueError(
+            f"u {tuple(u.shape)} does not match weight {tuple(weight.shape)}: "
+            f"u must be [B, I={in_caps}, N={in_d}]; {expect}"
+        )
+    if min(in_caps, out_caps, in_d, out_d) < 1:
+        raise ValueError(f"I, J, N and M must be >= 1, got weight {tuple(weight.shape)}")
+    if prior is not None:
+        if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (in_caps, out_caps):
+            got = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
+            raise ValueError(f"prior must be [I={in_caps}, J={out_caps}] or None, got {got}")
+    tensors = [u, weight] + ([prior] if prior is not None else [])
+    for name, t in zip(("u", "weight", "prior"), tensors):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    if softmax_over not in SOFTMAX_OVER:
+        raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+
+
+def _backend_module(name: str) -> ModuleType | str:
+    """The backend's module, or why it cannot be imported."""
+    try:
+        return importlib.import_module(_BACKEND_MODULES[name])
+    except ImportError as exc:
+        return f"{_BACKEND_MODULES[name]} cannot be imported ({exc})"
+
+
+def unavailable_reason(
+    backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> str | None:
+    """None when `backend` can run on `device` with `dtype`, else the reason it cannot."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'"
+    if backend == "reference":
+        return None
+    module = _backend_module(backend)
+    if isinstance(module, str):
+        return module
+    return module.unavailable_reason(torch.device(device), dtype)
+
+
+def available_backends(
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> list[str]:
+    """Backends usable for tensors of `dtype` on `device` (default: cuda if present, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [name for name in BACKENDS if unavailable_reason(name, device, dtype) is None]
+
+
+def choose_backend(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, backend: str = "auto"
+) -> str:
+    """The backend that dynamic_routing(..., backend=backend) uses for such tensors.
+
+    The environment variable CAPSNET_FUSED_BACKEND, when set, replaces "auto". A backend named
+    explicitly that cannot run raises ValueError with the reason; there is no silent fallback.
+    """
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+    if backend == "auto":
+        order = _AUTO_ORDER.get(torch.device(device).type, ("reference",))
+        return next(name for name in order if unavailable_reason(name, device, dtype) is None)
+    reason = unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise ValueError(f"routing backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, prior: torch.Tensor | None):
+    """The dtype the routing runs in: autocast's when autocast is on, else the promoted one."""
+    device_type = u.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = torch.promote_types(u.dtype, weight.dtype)
+    return dtype if prior is None else torch.promote_types(dtype, prior.dtype)
+
+
+def dynamic_routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int = 3,
+    *,
+    prior: torch.Tensor | None = None,
+    softmax_over: str = "out_caps",
+    detach_inner: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dynamic routing by agreement, computed by the chosen backend.
+
+    u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]. Same semantics as
+    reference_routing (see there for softmax_over and detach_inner). backend: "auto",
+    "reference", "triton" or "cpp"; see available_backends() and choose_backend().
+    Under torch.autocast the inputs are cast to the autocast dtype (accumulation stays float32
+    in the fused backends); otherwise mixed float dtypes are promoted.
+    """
+    validate_routing_args(u, weight, iterations, prior, softmax_over)
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a string, got {backend!r}")
+    dtype = _routing_dtype(u, weight, prior)
+    name = choose_backend(u.device, dtype, backend)
+    u, weight = u.to(dtype), weight.to(dtype)
+    prior = None if prior is None else prior.to(dtype)
+    if name == "reference":
+        return reference_routing(
+            u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
+        )
+    module = _backend_module(name)
+    with torch.autocast(u.device.type, enabled=False):
+        return module.routing(u, weight, prior, iterations, softmax_over, detach_inner)
