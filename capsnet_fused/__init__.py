@@ -1,10 +1,12 @@
 """capsnet-fused: fused dynamic routing for capsule networks."""
 
 from capsnet_fused.layers import FusedRouter, PrimaryCaps
-from capsnet_fused.ops import available_backends, choose_backend, dynamic_routing
+from capsnet_fused.ops import available_backends, choose_backend, dynamic_routing, load_backends
 from capsnet_fused.reference import reference_routing, squash
 
 __version__ = "0.1.0"
+
+load_backends()
 
 __all__ = [
     "FusedRouter",

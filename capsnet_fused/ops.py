@@ -66,12 +66,31 @@ def validate_routing_args(
         raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
 
 
-def _backend_module(name: str) -> ModuleType | str:
+def _import_backend(name: str) -> ModuleType | str:
     """The backend's module, or why it cannot be imported."""
     try:
         return importlib.import_module(_BACKEND_MODULES[name])
     except ImportError as exc:
         return f"{_BACKEND_MODULES[name]} cannot be imported ({exc})"
+
+
+# Imported once, when capsnet_fused is imported (capsnet_fused/__init__.py calls
+# load_backends()), so that backend choice inside torch.compile is a plain dict lookup: dynamo
+# cannot trace importlib, and a graph break would defeat fullgraph=True.
+_MODULES: dict[str, ModuleType | str] = {}
+
+
+def load_backends() -> None:
+    """Import the fused backend modules (idempotent)."""
+    for name in _BACKEND_MODULES:
+        if name not in _MODULES:
+            _MODULES[name] = _import_backend(name)
+
+
+def _backend_module(name: str) -> ModuleType | str:
+    if name not in _MODULES:
+        load_backends()
+    return _MODULES[name]
 
 
 def unavailable_reason(
