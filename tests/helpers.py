@@ -62,7 +62,8 @@ def make_inputs(shape: Shape, with_prior: bool, dtype=torch.float64, device="cpu
     u = 0.6 * torch.randn(shape.B, shape.I, shape.N, generator=gen, dtype=torch.float64)
     weight = torch.randn(shape.I, shape.J, shape.N, shape.M, generator=gen, dtype=torch.float64)
     weight = weight / shape.N**0.5
-    prior = torch.randn(shape.I, shape.J, generator=gen, dtype=torch.float64) if with_prior else None
+    prior = torch.randn(shape.I, shape.J, generator=gen, dtype=torch.float64)
+    prior = prior if with_prior else None
     grad = torch.randn(shape.B, shape.J, shape.M, generator=gen, dtype=torch.float64)
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(u), cast(weight), cast(prior), cast(grad)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from capsnet_fused import reference_routing, squash
-from tests.helpers import SHAPES, Shape, make_inputs, shape_params, variant_params
+from tests.helpers import SHAPES, Shape, make_inputs, variant_params
 
 
 def procedure1(u, weight, iterations, prior, softmax_over, detach_inner):
@@ -21,15 +21,17 @@ def procedure1(u, weight, iterations, prior, softmax_over, detach_inner):
             last = t == iterations - 1
             preds = u_hat if last else inner
             if softmax_over == "out_caps":
-                c = [torch.softmax(torch.stack(logits[i]), 0) for i in range(in_caps)]
-                coupling = lambda i, j: c[i][j]  # noqa: E731
+                rows = [torch.softmax(torch.stack(logits[i]), 0) for i in range(in_caps)]
+                c = [[rows[i][j] for j in range(out_caps)] for i in range(in_caps)]
             else:
-                c = [torch.softmax(torch.stack([logits[i][j] for i in range(in_caps)]), 0)
-                     for j in range(out_caps)]
-                coupling = lambda i, j: c[j][i]  # noqa: E731
+                cols = [
+                    torch.softmax(torch.stack([logits[i][j] for i in range(in_caps)]), 0)
+                    for j in range(out_caps)
+                ]
+                c = [[cols[j][i] for j in range(out_caps)] for i in range(in_caps)]
             v = []
             for j in range(out_caps):
-                s_j = sum(coupling(i, j) * preds[i][j] for i in range(in_caps))
+                s_j = sum(c[i][j] * preds[i][j] for i in range(in_caps))
                 norm2 = (s_j * s_j).sum()
                 v.append(norm2 / (1 + norm2) * s_j / torch.sqrt(norm2 + 1e-8))
             if not last:
@@ -59,8 +61,9 @@ def test_reference_matches_procedure1(shape, variant):
     # Gradients through both agree too, detach_inner included.
     wrt = leaves + ([prior_leaf] if prior_leaf is not None else [])
     loop_wrt = loop_leaves + ([loop_prior] if loop_prior is not None else [])
-    for g_ref, g_loop in zip(torch.autograd.grad(ref, wrt, grad),
-                             torch.autograd.grad(loop, loop_wrt, grad)):
+    for g_ref, g_loop in zip(
+        torch.autograd.grad(ref, wrt, grad), torch.autograd.grad(loop, loop_wrt, grad)
+    ):
         torch.testing.assert_close(g_ref, g_loop, rtol=1e-10, atol=1e-12)
 
 
@@ -74,8 +77,7 @@ def test_reference_gradcheck(softmax_over, with_prior):
     )
 
     def fn(u, weight, prior=None):
-        return reference_routing(
-            u, weight, 3, prior=prior, softmax_over=softmax_over)
+        return reference_routing(u, weight, 3, prior=prior, softmax_over=softmax_over)
 
     assert torch.autograd.gradcheck(fn, inputs)
 

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from capsnet_fused.losses import MarginLoss, ReconstructionLoss
+from capsnet_fused.models import CapsNet
+
+
+def test_mnist_shapes_and_paper_sizes():
+    model = CapsNet()
+    out = model(torch.rand(2, 1, 28, 28), torch.tensor([3, 7]))
+    assert out.caps.shape == (2, 10, 16)
+    assert out.lengths.shape == (2, 10)
+    assert out.reconstructions.shape == (2, 1, 28, 28)
+    assert model.digit.weight.shape == (1152, 10, 8, 16)
+    assert [m.out_features for m in model.decoder if hasattr(m, "out_features")] == [512, 1024, 784]
+    assert ((out.reconstructions >= 0) & (out.reconstructions <= 1)).all()
+
+
+def test_color_32x32_and_routing_options():
+    model = CapsNet(3, 32, 5, routing_iterations=2, softmax_over="in_caps", learn_prior=True)
+    out = model(torch.rand(2, 3, 32, 32))
+    assert model.digit.weight.shape == (2048, 5, 8, 16) and model.digit.prior.shape == (2048, 5)
+    assert out.caps.shape == (2, 5, 16) and out.reconstructions.shape == (2, 3, 32, 32)
+
+
+def test_decoder_masks_with_label_in_training_and_prediction_in_eval():
+    torch.manual_seed(0)
+    model = CapsNet(1, 20, 4, conv_channels=8, primary_caps=2)
+    images = torch.rand(3, 1, 20, 20)
+    with torch.no_grad():
+        model.eval()
+        evaluated = model(images, torch.tensor([0, 1, 2]))
+        predicted = evaluated.lengths.argmax(1)
+        model.train()
+        other = (predicted + 1) % 4
+        with_other = model(images, other)
+        with_predicted = model(images, predicted)
+    torch.testing.assert_close(with_predicted.reconstructions, evaluated.reconstructions)
+    assert (with_other.reconstructions - evaluated.reconstructions).abs().max() > 0
+
+
+def test_rejects_wrong_image_shape():
+    with pytest.raises(ValueError, match=r"expected images \[B, 1, 28, 28\]"):
+        CapsNet()(torch.rand(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="too small"):
+        CapsNet(1, 16)
+
+
+def test_loss_falls_over_20_steps():
+    torch.manual_seed(0)
+    model = CapsNet(1, 20, 4, conv_channels=16, primary_caps=4)
+    images = torch.rand(16, 1, 20, 20)
+    # Classes that depend on the image, so that there is something to learn.
+    labels = (images[:, 0, :10].mean((1, 2)) > images[:, 0, 10:].mean((1, 2))).long() * 2
+    labels = labels + (images[:, 0, :, :10].mean((1, 2)) > 0.5).long()
+    margin, recon = MarginLoss(), ReconstructionLoss()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        out = model(images, labels)
+        loss = margin(out.lengths, labels) + recon(out.reconstructions, images)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
