@@ -128,6 +128,11 @@ RESUMABLE_OVERRIDES = (
 )
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -202,7 +207,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="CHECKPOINT",
         help="continue from a checkpoint file or run folder (settings come from it, except "
-        f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)})",
+        f"{', '.join(_flag(n) for n in RESUMABLE_OVERRIDES)})",
     )
     add("--num-workers", type=int, help=f"DataLoader worker processes (default {d.num_workers})")
     add(
@@ -556,9 +561,9 @@ def _prepare_config(
             setattr(saved, name, value)
         elif value != getattr(saved, name):
             raise ValueError(
-                f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's "
+                f"{_flag(name)} {value!r} differs from the checkpoint's "
                 f"{getattr(saved, name)!r}; a resumed run keeps its settings except "
-                f"{', '.join(RESUMABLE_OVERRIDES)}"
+                f"{', '.join(_flag(n) for n in RESUMABLE_OVERRIDES)}"
             )
     if "out" not in given:
         saved.out = str(checkpoint_path(resume).parent)

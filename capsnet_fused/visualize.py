@@ -178,15 +178,18 @@ def plot_training_curve(metrics: str | os.PathLike, path: str | os.PathLike) -> 
     if not records:
         raise ValueError(f"{metrics} holds no epoch records")
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in records]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-o"), ("test", "-s")):
         loss_ax.plot(epochs, [r[f"{split}_loss"] for r in records], style, label=split)
         acc_ax.plot(epochs, [100 * r[f"{split}_accuracy"] for r in records], style, label=split)
-    loss_ax.set(xlabel="epoch", ylabel="loss (margin + 0.0005 x reconstruction)", yscale="log")
+    loss_ax.set(xlabel="epoch", ylabel="loss (margin + scaled reconstruction)", yscale="log")
     best = max(100 * r["test_accuracy"] for r in records)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best test accuracy {best:.2f}%")
     for axis in (loss_ax, acc_ax):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
