@@ -1,0 +1,291 @@
+"""Training: resume follows the same trajectory, atomic checkpoints, NaN stop, DDP gradients.
+
+Everything runs on a tiny synthetic dataset (12x12 images written as IDX files) and a tiny
+CapsNet (3x3 kernels, 2 primary capsule channels), so each run takes a second or two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from capsnet_fused import data
+from capsnet_fused.data import load_dataset, to_float
+from capsnet_fused.train import (
+    CapsNetLoss,
+    TrainConfig,
+    TrainingDiverged,
+    build_model,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+
+SIZE = 12
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_synthetic_dataset(directory: Path, n_train: int = 64, n_test: int = 40) -> Path:
+    """Fashion-MNIST-named IDX files of 12x12 images: class k is a bright block at spot k."""
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, SIZE, SIZE)).astype(np.uint8)
+        for k, label in enumerate(labels):
+            top, left = 2 * (label // 5) + 3, 2 * (label % 5)
+            images[k, top : top + 3, left : left + 3] = 255
+        image_name, label_name = data.FILES[split]
+        (directory / image_name).write_bytes(gzip.compress(_idx(images)))
+        # Labels unzipped: both forms are accepted.
+        (directory / label_name[: -len(".gz")]).write_bytes(_idx(labels))
+    return directory
+
+
+def tiny_config(data_dir: Path, out: Path, **changes) -> TrainConfig:
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        data_dir=str(data_dir),
+        out=str(out),
+        epochs=2,
+        batch_size=16,
+        conv_channels=6,
+        kernel_size=3,
+        primary_caps=2,
+        primary_dim=4,
+        digit_dim=6,
+        decoder_hidden=(24, 32),
+        progress=False,
+        seed=3,
+    )
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(dataset_dir, tmp_path_factory) -> Path:
+    """Two uninterrupted epochs; the run folder."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny_config(dataset_dir, out), log=lambda *_: None)
+    return out
+
+
+def _assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=atol), name
+
+
+def test_run_writes_metrics_config_and_checkpoint(straight_run):
+    records = [
+        json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["step"] == 8  # 64 images / batch 16, twice
+    assert records[1]["lr"] == pytest.approx(1e-3 * 0.96)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["train_loss"] > 0 for r in records)
+    assert json.loads((straight_run / "config.json").read_text())["batch_size"] == 16
+    state = load_checkpoint(straight_run)
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (2, 8, 0)
+    assert state["scheduler"]["last_epoch"] == 2
+    assert not [p for p in straight_run.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_follows_the_uninterrupted_trajectory(dataset_dir, straight_run, tmp_path):
+    config = tiny_config(dataset_dir, tmp_path, epochs=1)
+    train(config, log=lambda *_: None)
+    resumed = tiny_config(dataset_dir, tmp_path)
+    train(resumed, resume=tmp_path, given={"epochs": 2}, log=lambda *_: None)
+    want, got = load_checkpoint(straight_run), load_checkpoint(tmp_path)
+    _assert_same_state(want["model"], got["model"])
+    assert got["optimizer"]["state"][0]["step"] == want["optimizer"]["state"][0]["step"]
+    assert torch.equal(want["rng"]["augment"], got["rng"]["augment"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    straight = (straight_run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[1])["train_loss"] == pytest.approx(
+        json.loads(straight[1])["train_loss"]
+    )
+
+
+def test_nan_loss_stops_keeps_checkpoint_and_resume_mid_epoch(
+    dataset_dir, straight_run, tmp_path, monkeypatch
+):
+    calls = {"train": 0}
+    real_forward = CapsNetLoss.forward
+
+    def poisoned(self, output, images, labels):
+        loss, margin, recon = real_forward(self, output, images, labels)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == 3:
+                loss = loss * float("nan")
+        return loss, margin, recon
+
+    monkeypatch.setattr(CapsNetLoss, "forward", poisoned)
+    config = tiny_config(dataset_dir, tmp_path, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 3") as info:
+        train(config, log=lambda *_: None)
+    assert str(tmp_path / "checkpoint.pt") in str(info.value)
+    state = load_checkpoint(tmp_path)
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (0, 2, 2)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+    # Resuming from the step-2 checkpoint (mid-epoch) rejoins the uninterrupted trajectory.
+    monkeypatch.setattr(CapsNetLoss, "forward", real_forward)
+    train(config, resume=tmp_path / "checkpoint.pt", given={}, log=lambda *_: None)
+    _assert_same_state(load_checkpoint(straight_run)["model"], load_checkpoint(tmp_path)["model"])
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_used_folder(
+    dataset_dir, straight_run
+):
+    with pytest.raises(ValueError, match="--lr 0.01 differs from the checkpoint's 0.001"):
+        train(tiny_config(dataset_dir, straight_run), resume=straight_run, given={"lr": 0.01})
+    with pytest.raises(ValueError, match="already holds a checkpoint; resume it"):
+        train(tiny_config(dataset_dir, straight_run), log=lambda *_: None)
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"format": 1, "value": torch.arange(3)}, path)
+    real_save = torch.save
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        save_checkpoint({"format": 1, "value": torch.arange(5)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(load_checkpoint(path)["value"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt is not a readable capsnet-fused checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_training_learns_the_synthetic_task(dataset_dir, tmp_path):
+    config = tiny_config(
+        dataset_dir, tmp_path, epochs=6, batch_size=8, lr=0.01, lr_decay=0.9, max_shift=0
+    )
+    record = train(config, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == record
+    assert record["train_loss"] < 0.5 * records[0]["train_loss"]
+    # Chance is 0.1; this seed reaches 0.925.
+    assert record["test_accuracy"] >= 0.6
+
+
+def test_amp_bfloat16_on_cpu_trains(dataset_dir, tmp_path):
+    record = train(tiny_config(dataset_dir, tmp_path, epochs=1, amp=True), log=lambda *_: None)
+    assert record["amp"] and np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _global_batch(dataset_dir: Path, size: int = 8):
+    train_set = load_dataset("fashion-mnist", "train", dataset_dir, limit=size, download=False)
+    return to_float(train_set.images), train_set.labels
+
+
+def _gradients(model, images, labels, recon_scale) -> dict[str, torch.Tensor]:
+    output = model(images, labels)
+    loss, _, _ = CapsNetLoss(recon_scale)(output, images, labels)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _ddp_worker(rank: int, world: int, port: int, dataset_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        config = tiny_config(Path(dataset_dir), Path(out) / "run", epochs=1)
+        images, labels = _global_batch(Path(dataset_dir))
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(config, (1, SIZE, SIZE)))
+        half = images.shape[0] // world
+        part = slice(rank * half, (rank + 1) * half)
+        grads = _gradients(model, images[part], labels[part], config.recon_scale)
+        torch.save(grads, Path(out) / f"grads{rank}.pt")
+        # The training loop itself under the same process group: rank 0 alone writes.
+        train(config, log=lambda *_: None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_average_gradients_of_the_global_batch(dataset_dir, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset_dir), str(tmp_path)), nprocs=2)
+    config = tiny_config(dataset_dir, tmp_path)
+    images, labels = _global_batch(dataset_dir)
+    torch.manual_seed(0)
+    single = _gradients(build_model(config, (1, SIZE, SIZE)), images, labels, config.recon_scale)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        got = {name.removeprefix("module."): g for name, g in got.items()}
+        assert got.keys() == single.keys()
+        for name, grad in single.items():
+            assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), (rank, name)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # One record for the one epoch (rank 0 only), 64 images in 2 shards of 32 = 2 steps of 16.
+    assert len(records) == 1 and records[0]["world_size"] == 2 and records[0]["step"] == 2
+    assert load_checkpoint(run)["world_size"] == 2
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt",
+        "config.json",
+        "metrics.jsonl",
+    ]
+
+
+def test_evaluate_counts_every_test_image(dataset_dir, straight_run):
+    state = load_checkpoint(straight_run)
+    config = tiny_config(dataset_dir, straight_run)
+    model = build_model(config, (1, SIZE, SIZE))
+    model.load_state_dict(state["model"])
+    test_set = load_dataset("fashion-mnist", "test", dataset_dir, download=False)
+    metrics = evaluate(model, test_set, CapsNetLoss(), torch.device("cpu"), batch_size=7)
+    with torch.no_grad():
+        output = model.eval()(to_float(test_set.images))
+    expected = (output.lengths.argmax(1) == test_set.labels).double().mean().item()
+    assert metrics["images"] == 40 and metrics["accuracy"] == pytest.approx(expected)
+    assert metrics["loss"] == pytest.approx(metrics["margin_loss"] + metrics["recon_loss"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5).validate()
+    with pytest.raises(ValueError, match="softmax_over must be one of"):
+        TrainConfig(softmax_over="rows").validate()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0).validate()
