@@ -106,7 +106,7 @@ def routing_fwd_kernel(
     s_ptr,  # [B, R, J, M] saved s^t, ACC dtype
     vprev_ptr,  # [B, R, J, M] saved V^{t-1} (V^0 = 0), ACC dtype
     lse_ptr,  # [B, R, J] saved log-sum-exp over i of the logits (only if SOFTMAX_IN)
-    I,
+    I,  # noqa: E741 (the shape letter used everywhere)
     J,
     M,
     R,
@@ -186,7 +186,7 @@ def routing_bwd_sweep_kernel(
     ds_ptr,  # [B, R, J, M] output dL/ds^t, ACC dtype
     alpha_ptr,  # [B, R, I, J] output c^t_ij, ACC dtype
     beta_ptr,  # [B, R, I, J] output dL/dlogit^t_ij, ACC dtype
-    I,
+    I,  # noqa: E741 (the shape letter used everywhere)
     J,
     M,
     R,
@@ -271,7 +271,7 @@ def routing_bwd_grads_kernel(
     dw_ptr,  # [I, J, N, M] output (if NEED_DW)
     dprior_ptr,  # [I, J] output (if NEED_DPRIOR)
     B,
-    I,
+    I,  # noqa: E741 (the shape letter used everywhere)
     J,
     M,
     R,

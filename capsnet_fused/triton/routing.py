@@ -54,7 +54,9 @@ class RoutingConfig:
     num_warps: int
 
 
-def choose_config(in_caps: int, out_caps: int, in_d: int, out_d: int, interpreted: bool = INTERPRETED) -> RoutingConfig:
+def choose_config(
+    in_caps: int, out_caps: int, in_d: int, out_d: int, interpreted: bool = INTERPRETED
+) -> RoutingConfig:
     """The tiles the launchers use for I, J, N, M (GPU choice unless `interpreted`)."""
     block_j = triton.next_power_of_2(out_caps)
     block_n = triton.next_power_of_2(in_d)
