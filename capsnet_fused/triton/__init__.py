@@ -2,18 +2,22 @@
 
 from capsnet_fused.triton.routing import (
     INTERPRETED,
+    KernelLaunch,
     RoutingConfig,
     acc_dtype,
     choose_config,
+    planned_launches,
     routing_backward,
     routing_forward,
 )
 
 __all__ = [
     "INTERPRETED",
+    "KernelLaunch",
     "RoutingConfig",
     "acc_dtype",
     "choose_config",
+    "planned_launches",
     "routing_backward",
     "routing_forward",
 ]

@@ -13,7 +13,8 @@ never written to memory.
 import triton
 import triton.language as tl
 
-SQUASH_EPS = 1e-8
+# Must match capsnet_fused.reference.SQUASH_EPS; a constexpr so that kernels may read it.
+SQUASH_EPS = tl.constexpr(1e-8)
 
 
 @triton.jit
