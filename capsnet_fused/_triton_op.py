@@ -1,0 +1,178 @@
+"""The Triton routing backend as torch ops: capsnet_fused::triton_routing_fwd / _bwd.
+
+Both ops are torch.library.custom_op with a fake (meta) implementation, and the forward's
+autograd is registered to call the backward op, so opcheck passes and torch.compile
+(fullgraph=True) treats the routing as one opaque node forward and one backward. (triton_op
+with wrap_triton would let Inductor see the kernels, but its fake path runs the interpreted
+kernel on fake tensors, so it cannot be checked on a CPU machine.)
+
+Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
+routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capsnet_fused.triton import INTERPRETED, acc_dtype, routing_backward, routing_forward
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly: tests only).
+_INTERPRET_REASON = (
+    "the Triton backend runs on CUDA devices; on CPU only under the Triton interpreter "
+    "(TRITON_INTERPRET=1 set before capsnet_fused is imported)"
+)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernels can run for tensors of `dtype` on `device`, else why not."""
+    if dtype not in _DTYPES:
+        return f"the Triton backend supports {[str(d) for d in _DTYPES]}, got {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and INTERPRETED:
+        return None
+    return _INTERPRET_REASON if device.type == "cpu" else f"no Triton backend for {device.type}"
+
+
+@torch.library.custom_op("capsnet_fused::triton_routing_fwd", mutates_args=())
+def routing_fwd(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    iterations: int,
+    softmax_in: bool,
+    detach_inner: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v [B, J, M], s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J or 0]) in one launch.
+
+    detach_inner does not change the forward; it is an argument so that the backward sees it.
+    """
+    return routing_forward(u, weight, prior, iterations, softmax_in)
+
+
+@routing_fwd.register_fake
+def _(u, weight, prior, iterations, softmax_in, detach_inner):
+    batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
+    acc = acc_dtype(u.dtype)
+    state = (batch, iterations, out_caps, out_d)
+    return (
+        u.new_empty((batch, out_caps, out_d)),
+        u.new_empty(state, dtype=acc),
+        u.new_empty(state, dtype=acc),
+        u.new_empty((batch, iterations, out_caps if softmax_in else 0), dtype=acc),
+    )
+
+
+@torch.library.custom_op("capsnet_fused::triton_routing_bwd", mutates_args=())
+def routing_bwd(
+    grad_v: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    s: torch.Tensor,
+    v_prev: torch.Tensor,
+    lse: torch.Tensor,
+    iterations: int,
+    softmax_in: bool,
+    detach_inner: bool,
+    need_du: bool,
+    need_dweight: bool,
+    need_dprior: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du [B, I, N], dweight [I, J, N, M], dprior [I, J]); a gradient not needed is [0]."""
+    return routing_backward(
+        grad_v,
+        u,
+        weight,
+        prior,
+        s,
+        v_prev,
+        lse,
+        iterations,
+        softmax_in,
+        detach_inner,
+        need_du,
+        need_dweight,
+        need_dprior,
+    )
+
+
+@routing_bwd.register_fake
+def _(
+    grad_v,
+    u,
+    weight,
+    prior,
+    s,
+    v_prev,
+    lse,
+    iterations,
+    softmax_in,
+    detach_inner,
+    need_du,
+    need_dweight,
+    need_dprior,
+):
+    need_dprior = need_dprior and prior is not None
+    return (
+        u.new_empty(u.shape if need_du else (0,)),
+        weight.new_empty(weight.shape if need_dweight else (0,)),
+        u.new_empty(
+            prior.shape if need_dprior else (0,), dtype=prior.dtype if need_dprior else u.dtype
+        ),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, weight, prior, iterations, softmax_in, detach_inner = inputs
+    _, s, v_prev, lse = output
+    ctx.mark_non_differentiable(s, v_prev, lse)
+    ctx.save_for_backward(u, weight, prior, s, v_prev, lse)
+    ctx.iterations, ctx.softmax_in, ctx.detach_inner = iterations, softmax_in, detach_inner
+
+
+def _backward(ctx, grad_v, _grad_s, _grad_v_prev, _grad_lse):
+    u, weight, prior, s, v_prev, lse = ctx.saved_tensors
+    need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
+    du, dweight, dprior = torch.ops.capsnet_fused.triton_routing_bwd(
+        grad_v,
+        u,
+        weight,
+        prior,
+        s,
+        v_prev,
+        lse,
+        ctx.iterations,
+        ctx.softmax_in,
+        ctx.detach_inner,
+        need_du,
+        need_dweight,
+        need_dprior and prior is not None,
+    )
+    return (
+        du if need_du else None,
+        dweight if need_dweight else None,
+        dprior if need_dprior and prior is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+routing_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    iterations: int,
+    softmax_over: str,
+    detach_inner: bool,
+) -> torch.Tensor:
+    """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
+    outputs = torch.ops.capsnet_fused.triton_routing_fwd(
+        u, weight, prior, iterations, softmax_over == "in_caps", detach_inner
+    )
+    return outputs[0]

@@ -1,0 +1,180 @@
+"""Compile every launch configuration of the Triton routing kernels ahead of time; check spills.
+
+Run in a process without TRITON_INTERPRET (tests/test_triton_compile.py does that): the kernels
+must be real @triton.jit functions. No GPU is needed: triton.compile with a GPUTarget produces a
+cubin, and cuobjdump (shipped in the triton wheel) reports its registers, shared memory, stack
+and local memory. Prints one line per compiled kernel and exits with status 1 when any kernel
+uses local memory or stack (register spills), 2 when the kernels are interpreted.
+
+The launches come from capsnet_fused.triton.planned_launches, i.e. from the launchers' own code
+path (meta tensors), specialised the way the JIT specialises them at run time (ints equal to 1
+become constexprs, 16-divisible ints and 16-byte-aligned pointers get divisibility hints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from capsnet_fused.triton import INTERPRETED, kernels, planned_launches
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# (B, I, J, N, M, R): the MNIST DigitCaps shape, other sizes the project names, and every shape
+# of tests/helpers.SHAPES (B and R change no configuration, only runtime arguments).
+MNIST = (128, 1152, 10, 8, 16, 3)
+SHAPES = [
+    MNIST,
+    (128, 2048, 10, 8, 16, 3),
+    (2, 37, 10, 8, 16, 3),
+    (1, 5, 1, 3, 1, 1),
+    (3, 37, 5, 4, 12, 2),
+    (2, 19, 3, 3, 5, 4),
+    (1, 64, 10, 8, 16, 1),
+    (4, 33, 7, 2, 3, 5),
+    (2, 200, 10, 8, 16, 3),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Flags that only remove code from a kernel; the tile configuration is compiled with them on.
+HEAVY = {"HAS_PRIOR": True, "NEED_DU": True, "NEED_DW": True, "NEED_DPRIOR": True}
+
+
+def specialise(launch):
+    """(signature, constexprs, attrs) for ASTSource, as the JIT builds them for this launch."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(launch.kernel.arg_names):
+        if name in launch.constexprs:
+            signature[name], constexprs[name] = "constexpr", launch.constexprs[name]
+            continue
+        kind, attr = native_specialize_impl(CUDABackend, launch.args[name], False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = attr
+        elif attr:
+            attrs[(index,)] = CUDABackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def compile_one(job):
+    kernel_name, signature, constexprs, attrs, num_warps, arch = job
+    source = ASTSource(getattr(kernels, kernel_name), signature, constexprs, attrs)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", cubin.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {k: int(v) for k, v in fields.items()}, compiled.metadata.shared
+
+
+def describe(kernel, constexprs, num_warps):
+    shown = ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items() if k != "ACC")
+    return f"{kernel.__name__}[{shown}] warps={num_warps}"
+
+
+def jobs(archs, dtypes, every_variant, kernel_names):
+    """Unique compile jobs for the kernels named in kernel_names.
+
+    Default: every tile configuration (kernel, block sizes, warps) the launchers choose for
+    SHAPES, with the code-removing flags on, for every arch in float32, and the MNIST shape's
+    configuration in every dtype. every_variant: every launch of every shape, arch and dtype.
+    """
+    seen, out = set(), []
+    for dtype_name in dtypes:
+        for launch in planned_launches(SHAPES, DTYPES[dtype_name]):
+            if launch.kernel.__name__ not in kernel_names:
+                continue
+            flags = {k: v for k, v in launch.constexprs.items() if k in HEAVY}
+            heavy = flags == {k: HEAVY[k] for k in flags}
+            is_mnist = launch.args["I"] == MNIST[1] and launch.args["J"] == MNIST[2]
+            if not every_variant and not (heavy and (dtype_name == "float32" or is_mnist)):
+                continue
+            signature, constexprs, attrs = specialise(launch)
+            # Without every_variant, a tile configuration is compiled once (int arguments
+            # specialised as for the first shape that uses it).
+            key = (
+                launch.kernel.__name__,
+                tuple(signature.items()) if every_variant else "",
+                tuple((k, str(v)) for k, v in launch.constexprs.items()),
+                str(sorted(attrs.items())) if every_variant else "",
+                launch.num_warps,
+                dtype_name,
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            for arch in archs:
+                out.append(
+                    (
+                        launch.kernel,
+                        signature,
+                        constexprs,
+                        attrs,
+                        launch.num_warps,
+                        arch,
+                        dtype_name,
+                    )
+                )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument(
+        "--every-variant",
+        action="store_true",
+        help="compile every launch (all variant flags, int specialisations, dtypes); slow: "
+        "about 3 s per kernel on a laptop core",
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["routing_fwd_kernel", "routing_bwd_sweep_kernel", "routing_bwd_grads_kernel"],
+    )
+    args = parser.parse_args()
+    if INTERPRETED:
+        print("TRITON_INTERPRET=1 is set: the kernels are interpreted, nothing to compile")
+        return 2
+    todo = jobs(args.archs, args.dtypes, args.every_variant, args.kernels)
+    start = time.time()
+    failures = 0
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = pool.map(compile_one, [(job[0].__name__, *job[1:6]) for job in todo])
+        for job, (usage, dynamic_shared) in zip(todo, results, strict=True):
+            kernel, _, constexprs, _, num_warps, arch, dtype_name = job
+            spills = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+            failures += spills > 0
+            print(
+                f"sm_{arch} {dtype_name:8s} {describe(kernel, constexprs, num_warps)}: "
+                f"registers {usage.get('REG')}, shared {usage.get('SHARED', 0)} B static + "
+                f"{dynamic_shared} B dynamic, stack {usage.get('STACK')}, local "
+                f"{usage.get('LOCAL')}{'  <-- SPILLS' if spills else ''}"
+            )
+    print(f"{len(todo)} kernels compiled in {time.time() - start:.0f} s, {failures} with spills")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
