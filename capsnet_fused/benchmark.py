@@ -11,9 +11,9 @@ for the device (except "triton" on CPU: the interpreter is not a speed path) are
    reference run in the same dtype). A backend that fails is reported as "failed" with its
    error, and no time or memory is reported for it;
 2. timed after a warm-up: median, interquartile range, min and max of `repeats` measurements
-   (CPU: torch.utils.benchmark.Timer with the process's thread count, each measurement long
-   enough to dwarf the timer's overhead; CUDA: triton.testing.do_bench, which flushes the L2
-   cache before each run, or CUDA events when triton is absent);
+   (CPU: perf_counter over enough calls to last min_measure_s, in the process's thread
+   setting; CUDA: triton.testing.do_bench, which flushes the L2 cache before each run, or CUDA
+   events when triton is absent);
 3. measured for peak memory: CUDA max_memory_allocated above the inputs' allocation; CPU the
    rise of the peak resident set size of a fresh subprocess over a baseline taken after
    imports, input allocation and one warm-up call (the peak is reset through
@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -174,7 +175,7 @@ def parse_shape(name: str) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def parse_variant(text: str) -> Variant:
-    """ "out_caps", "in_caps", optionally followed by "-prior" and/or "-detach"."""
+    """Parse a variant id: out_caps or in_caps, optionally followed by -prior and/or -detach."""
     parts = text.split("-")
     softmax_over, flags = parts[0], set(parts[1:])
     if softmax_over not in ("out_caps", "in_caps") or not flags <= {"prior", "detach"}:
@@ -186,13 +187,18 @@ def parse_variant(text: str) -> Variant:
 
 
 def _device(config: BenchConfig) -> torch.device:
-    if config.device is not None:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {config.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
+    return device
 
 
 def build_cases(config: BenchConfig) -> list[Case]:
-    """The cases of the grid, grouped so that the cases of one shape and batch are adjacent."""
+    """The grid's cases, ordered by shape, dtype, variant, R, mode, then batch (fastest)."""
     on_cuda = _device(config).type == "cuda"
     shapes = config.shapes or (tuple(SHAPES) if config.full else ("mnist",))
     batches = config.batches or (DEFAULT_BATCHES + ((512,) if on_cuda and config.full else ()))
@@ -210,27 +216,10 @@ def build_cases(config: BenchConfig) -> list[Case]:
             raise ValueError(f"{what} must be an int >= 1, got {value!r}")
     cases = []
     for shape_name in shapes:
-        name, (in_caps, out_caps, in_d, out_d) = parse_shape(shape_name)
-        for dtype in dtypes:
-            for variant in variants:
-                for iters in iterations:
-                    for mode in config.modes:
-                        for batch in batches:
-                            cases.append(
-                                Case(
-                                    name,
-                                    batch,
-                                    in_caps,
-                                    out_caps,
-                                    in_d,
-                                    out_d,
-                                    iters,
-                                    dtype,
-                                    variant,
-                                    mode,
-                                    config.seed,
-                                )
-                            )
+        name, dims = parse_shape(shape_name)
+        grid = itertools.product(dtypes, variants, iterations, config.modes, batches)
+        for dtype, variant, iters, mode, batch in grid:
+            cases.append(Case(name, batch, *dims, iters, dtype, variant, mode, config.seed))
     return cases
 
 
@@ -725,14 +714,19 @@ def run_routing_benchmark(
     device = _device(config)
     cases = build_cases(config)
     rows: list[dict[str, Any]] = []
+    # Every case is known up front, so the streamed table can keep its columns aligned.
+    widths = {
+        "shape": max(len(c.shape) for c in cases),
+        "variant": max(len(c.variant.id) for c in cases),
+    }
     if echo is not None:
-        echo(format_table([], header_only=True))
+        echo(format_table([], header_only=True, widths=widths))
     for case in cases:
         backends = benchmark_backends(config, device, DTYPES[case.dtype])
         case_rows = run_case(case, backends, config, device)
         rows.extend(case_rows)
         if echo is not None:
-            echo(format_table(case_rows, header=False))
+            echo(format_table(case_rows, header=False, widths=widths))
     return rows
 
 
@@ -933,6 +927,11 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "numpy": _version("numpy"),
         "capsnet_fused": capsnet_fused.__version__,
         "cuda": torch.version.cuda,
+        "cuda_capability": (
+            ".".join(map(str, torch.cuda.get_device_capability(device)))
+            if device.type == "cuda"
+            else None
+        ),
         "git_revision": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "available_backends": available_backends(device),
@@ -967,15 +966,24 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def format_table(rows: list[dict], header: bool = True, header_only: bool = False) -> str:
-    """Fixed-width text table of routing rows; failed and skipped rows show their reason."""
+def format_table(
+    rows: list[dict],
+    header: bool = True,
+    header_only: bool = False,
+    widths: dict[str, int] | None = None,
+) -> str:
+    """Fixed-width text table of routing rows; failed and skipped rows show their reason.
+
+    widths: column widths by row key, for columns wider than the defaults (long variant ids).
+    """
+    columns = [(h, k, max(w, (widths or {}).get(k, 0)), f) for h, k, w, f in _COLUMNS]
     lines = []
     if header or header_only:
-        lines.append(" ".join(f"{h:>{w}}" for h, _, w, _ in _COLUMNS) + "  status")
+        lines.append(" ".join(f"{h:>{w}}" for h, _, w, _ in columns) + "  status")
         if header_only:
             return lines[0]
     for row in rows:
-        cells = " ".join(f"{_cell(row, k, f):>{w}}" for _, k, w, f in _COLUMNS)
+        cells = " ".join(f"{_cell(row, k, f):>{w}}" for _, k, w, f in columns)
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error']}"
         lines.append(f"{cells}  {status}")
     return "\n".join(lines)
@@ -1060,6 +1068,7 @@ def plot_results(rows: list[dict], path: Path | str, title: str = "") -> Path | 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if r["status"] == "ok" and r["median_ms"] is not None]
     if not ok:
@@ -1096,8 +1105,12 @@ def plot_results(rows: list[dict], path: Path | str, title: str = "") -> Path | 
                 )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # Label the measured batch sizes themselves rather than powers of two.
+        batches = sorted({r["B"] for r in ok if r["mode"] == mode})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("batch size B")
-        ax.set_ylabel("median time per call (ms)")
+        ax.set_ylabel("median time per call (ms), bars: IQR")
         ax.set_title(f"{mode}, R={iters}, {dtype}, {variant}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -1261,10 +1274,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags describe, print the table and write the result files.
 
-    Returns 0 when every benchmarked backend passed its check, 1 when some row failed.
+    Returns 0 when every benchmarked backend passed its check, 1 when some row failed, 2
+    (with the reason on stderr) when the flags describe no valid benchmark.
     """
-    config = config_from_args(args)
-    device = _device(config)
+    try:
+        config = config_from_args(args)
+        device = _device(config)
+        build_cases(config)
+        benchmark_backends(config, device, torch.float32)
+    except ValueError as exc:
+        print(f"capsnet-fused bench: error: {exc}", file=sys.stderr)
+        return 2
     env = environment_info(device)
     out_dir = args.out_dir if args.out_dir is not None else _default_out_dir()
     stem = args.name or device_slug(device)
@@ -1275,12 +1295,14 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     echo = lambda text: print(text, flush=True)  # noqa: E731
+    started = time.perf_counter()
     if args.end_to_end:
         rows = run_end_to_end(config, echo=echo)
         stem = f"{stem}-end-to-end"
         print(format_e2e_table(rows))
     else:
         rows = run_routing_benchmark(config, echo=echo)
+    env["duration_s"] = round(time.perf_counter() - started, 1)
     paths = write_results(rows, env, out_dir, stem, config)
     if not args.end_to_end and not args.no_plot:
         plot = plot_results(
@@ -1303,12 +1325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch.compile(reference); or a CapsNet end to end (--end-to-end).",
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 2
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

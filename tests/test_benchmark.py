@@ -279,6 +279,8 @@ def test_arguments_are_validated():
         bm.benchmark_backends(tiny_config(backends=("cuda-magic",)), CPU, torch.float32)
     with pytest.raises(SystemExit):
         _parse(["--modes", "sideways"])
+    assert bm.run(_parse(["--dtypes", "float8"])) == 2
+    assert bm.run(_parse(["--backends", "reference,warp"])) == 2
 
 
 def test_grid_defaults_and_full():
