@@ -920,6 +920,10 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Other processes on the machine inflate CPU timings; the load says how busy it was.
+        "load_average": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -1291,7 +1295,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads), "
         f"torch {env['torch']}, triton {env['triton']}, capsnet_fused {env['capsnet_fused']}, "
-        f"git {(env['git_revision'] or 'unknown')[:12]}",
+        f"git {(env['git_revision'] or 'unknown')[:12]}, "
+        f"load average {(env['load_average'] or ['?'])[0]}",
         flush=True,
     )
     echo = lambda text: print(text, flush=True)  # noqa: E731
