@@ -1,0 +1,336 @@
+"""The benchmark library on tiny shapes: structure, refusal of wrong results, files, plot."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from capsnet_fused import benchmark as bm
+from capsnet_fused import ops, reference_routing
+from tests.helpers import reference64, rel_error, run_with_grads
+
+TINY = "32x4x4x8"
+CPU = torch.device("cpu")
+
+
+def tiny_config(**overrides) -> bm.BenchConfig:
+    settings = dict(
+        shapes=(TINY,),
+        batches=(2,),
+        iterations=(2,),
+        backends=("reference", "cpp"),
+        repeats=2,
+        warmup=1,
+        min_measure_s=0.001,
+        memory=False,
+        device="cpu",
+    )
+    settings.update(overrides)
+    return bm.BenchConfig(**settings)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times 1.5: a backend whose forward is right, backward wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.5 * grad
+
+
+def _correct(u, weight, prior, iterations, softmax_over, detach_inner):
+    return reference_routing(
+        u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
+    )
+
+
+def _wrong_forward(*args):
+    return 1.05 * _correct(*args)
+
+
+def _wrong_backward(u, *args):
+    return _correct(_ScaleGrad.apply(u), *args)
+
+
+def _raises(*args):
+    raise RuntimeError("kernel exploded")
+
+
+@pytest.fixture
+def fake_cpp(monkeypatch):
+    """Install a fake "cpp" backend module (the registry's contract) with a given routing."""
+
+    def install(routing):
+        module = SimpleNamespace(unavailable_reason=lambda device, dtype: None, routing=routing)
+        monkeypatch.setitem(ops._MODULES, "cpp", module)
+
+    return install
+
+
+def _by(rows, backend, mode):
+    (row,) = [r for r in rows if r["backend"] == backend and r["mode"] == mode]
+    return row
+
+
+def test_default_backends_run_and_report_structure():
+    # Forward only: compiling the fwd+bwd graph too would double this test's time on a cold
+    # inductor cache; test_correct_fused_backend_is_timed covers the fwd+bwd rows.
+    rows = bm.run_routing_benchmark(tiny_config(backends=(), modes=("forward",)))
+    backends = [r["backend"] for r in rows]
+    assert backends[:2] == ["reference", "compiled"]
+    assert "triton" not in backends  # the interpreter is not a speed path
+    ref, comp = rows[0], rows[1]
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert (row["B"], row["I"], row["J"], row["N"], row["M"], row["R"]) == (2, 32, 4, 4, 8, 2)
+        assert (row["mode"], row["dtype"], row["variant"]) == ("forward", "float32", "out_caps")
+        assert row["runs"] == 2
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["iqr_ms"] >= 0
+        assert set(row["rel_errors"]) == {"v"}
+        assert row["rel_errors"]["v"] <= row["tolerances"]["v"] == 1e-4
+        assert row["speedup_vs_reference"] == pytest.approx(ref["median_ms"] / row["median_ms"])
+        assert row["speedup_vs_compiled"] == pytest.approx(comp["median_ms"] / row["median_ms"])
+        assert row["peak_bytes"] is None  # memory=False
+    assert ref["speedup_vs_reference"] == pytest.approx(1.0)
+
+
+def test_recorded_error_is_the_float64_comparison():
+    case = bm.build_cases(tiny_config(variants=(bm.Variant("in_caps", True, False),)))[-1]
+    assert case.mode == "forward+backward"
+    (row,) = bm.run_case(case, ["reference"], tiny_config(), CPU)
+    inputs = bm.make_case_inputs(case, CPU)
+    args = [inputs[k] for k in ("u", "weight", "prior", "grad")]
+    kwargs = dict(iterations=case.R, softmax_over="in_caps")
+    v32, grads32 = run_with_grads(reference_routing, *args, **kwargs)
+    v64, grads64 = reference64(*args, **kwargs)
+    names = ("v", "du", "dweight", "dprior")
+    for name, got, want in zip(names, [v32, *grads32], [v64, *grads64], strict=True):
+        assert row["rel_errors"][name] == pytest.approx(rel_error(got, want), rel=1e-6)
+        assert 0 < row["rel_errors"][name] < 1e-5
+
+
+def test_correct_fused_backend_is_timed(fake_cpp):
+    fake_cpp(_correct)
+    rows = bm.run_routing_benchmark(tiny_config(variants=(bm.Variant("out_caps", True, True),)))
+    assert len(rows) == 4
+    for mode in bm.MODES:
+        row, ref = _by(rows, "cpp", mode), _by(rows, "reference", mode)
+        assert row["status"] == "ok", row["error"]
+        names = {"v"} if mode == "forward" else {"v", "du", "dweight", "dprior"}
+        assert set(row["rel_errors"]) == names
+        assert row["median_ms"] > 0
+        assert row["speedup_vs_reference"] == pytest.approx(ref["median_ms"] / row["median_ms"])
+        assert row["speedup_vs_compiled"] is None  # not benchmarked in this run
+
+
+@pytest.mark.parametrize(
+    "routing, failing_modes, culprit",
+    [
+        (_wrong_forward, bm.MODES, "v: relative error"),
+        (_wrong_backward, ("forward+backward",), "du: relative error"),
+        (_raises, bm.MODES, "RuntimeError: kernel exploded"),
+    ],
+    ids=["wrong-forward", "wrong-backward", "raises"],
+)
+def test_wrong_backend_is_refused(fake_cpp, routing, failing_modes, culprit):
+    fake_cpp(routing)
+    rows = bm.run_routing_benchmark(tiny_config())
+    for mode in bm.MODES:
+        row, ref = _by(rows, "cpp", mode), _by(rows, "reference", mode)
+        assert ref["status"] == "ok" and ref["median_ms"] > 0
+        if mode not in failing_modes:
+            assert row["status"] == "ok"
+            continue
+        assert row["status"] == "failed"
+        assert culprit in row["error"]
+        for key in ("median_ms", "peak_bytes", "speedup_vs_reference", "mem_saving_vs_reference"):
+            assert row[key] is None, key
+    if routing is _wrong_forward:
+        # The recorded error is the 5% the fake backend added.
+        assert _by(rows, "cpp", "forward")["rel_errors"]["v"] == pytest.approx(0.05, rel=1e-3)
+    assert "failed: " in bm.format_table(rows)
+
+
+def test_cpu_memory_is_the_routing_footprint(fake_cpp):
+    # The reference materialises u_hat [B, I, J, M] (5 MiB here) and autograd keeps a few such
+    # tensors: its peak is at least u_hat and far below the ~200 MiB that importing torch
+    # costs, which the baseline must exclude. Measured in a fresh subprocess; the wrong fake
+    # backend never reaches it (it exists in this process only).
+    fake_cpp(_wrong_forward)
+    case = bm.Case("t", 32, 256, 10, 8, 16, 2, "float32", bm.Variant(), "forward+backward")
+    ref, cpp = bm.run_case(case, ["reference", "cpp"], tiny_config(memory=True), CPU)
+    u_hat_bytes = 32 * 256 * 10 * 16 * 4
+    assert u_hat_bytes <= ref["peak_bytes"] <= 20 * u_hat_bytes
+    assert "peak RSS" in ref["memory_method"]
+    assert ref["mem_saving_vs_reference"] == pytest.approx(1.0)
+    assert cpp["status"] == "failed" and cpp["peak_bytes"] is None
+
+
+def test_results_files_and_plot(fake_cpp, tmp_path):
+    fake_cpp(_wrong_forward)
+    rows = bm.run_routing_benchmark(tiny_config(batches=(1, 2)))
+    env = bm.environment_info(CPU)
+    paths = bm.write_results(rows, env, tmp_path, "cpu", tiny_config())
+    data = json.loads(paths["json"].read_text())
+    for key in (
+        "torch",
+        "triton",
+        "capsnet_fused",
+        "git_revision",
+        "date",
+        "device_name",
+        "cpu_model",
+        "cpu_cores",
+        "available_backends",
+    ):
+        assert key in data["environment"], key
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["capsnet_fused"] == bm.capsnet_fused.__version__
+    assert len(data["rows"]) == len(rows) == 8
+    with paths["csv"].open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 8
+    for field in (
+        "torch",
+        "triton",
+        "capsnet_fused",
+        "git_revision",
+        "device_name",
+        "median_ms",
+        "status",
+        "error",
+        "max_rel_error",
+        "tolerance",
+    ):
+        assert field in table[0], field
+    assert {r["torch"] for r in table} == {torch.__version__}
+    failed = [r for r in table if r["status"] == "failed"]
+    assert len(failed) == 4 and all(r["median_ms"] == "" for r in failed)
+    ok = [r for r in table if r["status"] == "ok"]
+    assert all(float(r["max_rel_error"]) <= float(r["tolerance"]) for r in ok)
+
+    png = bm.plot_results(rows, tmp_path / "cpu.png", title="test")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bm.plot_results([r for r in rows if r["status"] == "failed"], tmp_path / "x.png") is None
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    bm.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_run_writes_named_files(tmp_path, capsys, fake_cpp):
+    argv = [
+        "--shapes",
+        TINY,
+        "--batches",
+        "1,2",
+        "--iterations",
+        "2",
+        "--modes",
+        "fwd",
+        "--backends",
+        "reference,cpp",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+        "--variants",
+        "in_caps-prior-detach",
+    ]
+    fake_cpp(_correct)
+    assert bm.run(_parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "median ms" in out and "in_caps-prior-detach" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"cpu.csv", "cpu.json", "cpu.png"}
+    rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
+    assert {(r["backend"], r["B"], r["status"]) for r in rows} == {
+        (b, batch, "ok") for b in ("reference", "cpp") for batch in (1, 2)
+    }
+    fake_cpp(_wrong_forward)
+    assert bm.run(_parse([*argv, "--no-plot", "--name", "bad"])) == 1
+    assert (tmp_path / "bad.json").exists() and not (tmp_path / "bad.png").exists()
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ValueError, match="IxJxNxM"):
+        bm.parse_shape("mnist2")
+    with pytest.raises(ValueError, match="-prior"):
+        bm.parse_variant("out_caps-fast")
+    with pytest.raises(ValueError, match="dtype"):
+        bm.build_cases(tiny_config(dtypes=("float8",)))
+    with pytest.raises(ValueError, match="batch"):
+        bm.build_cases(tiny_config(batches=(0,)))
+    with pytest.raises(ValueError, match="backend"):
+        bm.benchmark_backends(tiny_config(backends=("cuda-magic",)), CPU, torch.float32)
+    with pytest.raises(SystemExit):
+        _parse(["--modes", "sideways"])
+    assert bm.run(_parse(["--dtypes", "float8"])) == 2
+    assert bm.run(_parse(["--backends", "reference,warp"])) == 2
+
+
+def test_grid_defaults_and_full():
+    default = bm.build_cases(bm.BenchConfig(device="cpu"))
+    assert {(c.shape, c.R, c.dtype, c.variant.id) for c in default} == {
+        ("mnist", 3, "float32", "out_caps")
+    }
+    assert sorted({c.B for c in default}) == [1, 8, 32, 128]
+    assert {c.mode for c in default} == set(bm.MODES)
+    full = bm.build_cases(bm.BenchConfig(device="cpu", full=True))
+    assert {c.shape for c in full} == {"mnist", "cifar10", "smallnorb"}
+    assert {c.R for c in full} == {1, 3, 5}
+    assert len(full) == 3 * 4 * 3 * 2
+    variants = bm.build_cases(tiny_config(variants=tuple(bm.ALL_VARIANTS)))
+    assert len({c.variant for c in variants}) == 8
+
+
+def test_tolerance_rule_and_summary():
+    tols = bm.tolerances_for(torch.float32, {"v": 1e-7, "du": 3e-4}, None)
+    assert tols == {"v": 1e-4, "du": 6e-4}
+    assert bm.tolerances_for(torch.bfloat16, {"v": 0.02}, None) == {"v": 0.04}
+    assert bm.tolerances_for(torch.float32, {"v": 1e-7}, 1e-2) == {"v": 1e-2}
+    assert bm.check_errors({"v": 1e-5, "du": math.nan}, {"v": 1e-4, "du": 1e-4}).startswith("du")
+    stats = bm._summary([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert stats["median_ms"] == pytest.approx(3.0)
+    assert stats["iqr_ms"] == pytest.approx(2.0)
+    assert (stats["min_ms"], stats["max_ms"], stats["runs"]) == (pytest.approx(1.0), 5.0, 5)
+
+
+def test_end_to_end_checks_and_times(fake_cpp):
+    small = dict(
+        image_size=20,
+        num_classes=3,
+        conv_channels=8,
+        kernel_size=5,
+        primary_caps=2,
+        primary_dim=4,
+        digit_dim=4,
+        decoder_hidden=(16, 16),
+    )
+    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=small)
+    fake_cpp(_correct)
+    rows = bm.run_end_to_end(config)
+    assert [r["backend"] for r in rows] == ["reference", "cpp"]
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert row["train_images_per_s"] == pytest.approx(4 / (row["train_median_ms"] / 1e3))
+        assert row["infer_images_per_s"] > 0 and row["train_speedup_vs_reference"] > 0
+    fake_cpp(_wrong_backward)
+    rows = bm.run_end_to_end(config)
+    assert rows[1]["status"] == "failed" and "d_conv1_weight" in rows[1]["error"]
+    assert rows[1]["train_images_per_s"] is None
+    assert "failed: wrong result" in bm.format_e2e_table(rows)
