@@ -46,7 +46,7 @@ SHAPES = [
     (4, 33, 7, 2, 3, 5),
     (2, 200, 10, 8, 16, 3),
 ]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Flags that only remove code from a kernel; the tile configuration is compiled with them on.
 HEAVY = {"HAS_PRIOR": True, "NEED_DU": True, "NEED_DW": True, "NEED_DPRIOR": True}
 
@@ -68,10 +68,13 @@ def specialise(launch):
 
 
 def compile_one(job):
-    kernel_name, signature, constexprs, attrs, num_warps, arch = job
+    kernel_name, signature, constexprs, attrs, num_warps, maxnreg, arch = job
     source = ASTSource(getattr(kernels, kernel_name), signature, constexprs, attrs)
+    # The same options the launcher passes (KernelLaunch.__call__).
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "maxnreg": maxnreg},
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -86,9 +89,9 @@ def compile_one(job):
     return {k: int(v) for k, v in fields.items()}, compiled.metadata.shared
 
 
-def describe(kernel, constexprs, num_warps):
+def describe(kernel, constexprs, num_warps, maxnreg):
     shown = ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items() if k != "ACC")
-    return f"{kernel.__name__}[{shown}] warps={num_warps}"
+    return f"{kernel.__name__}[{shown}] warps={num_warps} maxnreg={maxnreg}"
 
 
 def jobs(archs, dtypes, every_variant, kernel_names):
@@ -117,6 +120,7 @@ def jobs(archs, dtypes, every_variant, kernel_names):
                 tuple((k, str(v)) for k, v in launch.constexprs.items()),
                 str(sorted(attrs.items())) if every_variant else "",
                 launch.num_warps,
+                launch.maxnreg,
                 dtype_name,
             )
             if key in seen:
@@ -130,6 +134,7 @@ def jobs(archs, dtypes, every_variant, kernel_names):
                         constexprs,
                         attrs,
                         launch.num_warps,
+                        launch.maxnreg,
                         arch,
                         dtype_name,
                     )
@@ -161,13 +166,13 @@ def main() -> int:
     start = time.time()
     failures = 0
     with ProcessPoolExecutor(args.workers) as pool:
-        results = pool.map(compile_one, [(job[0].__name__, *job[1:6]) for job in todo])
+        results = pool.map(compile_one, [(job[0].__name__, *job[1:7]) for job in todo])
         for job, (usage, dynamic_shared) in zip(todo, results, strict=True):
-            kernel, _, constexprs, _, num_warps, arch, dtype_name = job
+            kernel, _, constexprs, _, num_warps, maxnreg, arch, dtype_name = job
             spills = usage.get("LOCAL", 0) + usage.get("STACK", 0)
             failures += spills > 0
             print(
-                f"sm_{arch} {dtype_name:8s} {describe(kernel, constexprs, num_warps)}: "
+                f"sm_{arch} {dtype_name:8s} {describe(kernel, constexprs, num_warps, maxnreg)}: "
                 f"registers {usage.get('REG')}, shared {usage.get('SHARED', 0)} B static + "
                 f"{dynamic_shared} B dynamic, stack {usage.get('STACK')}, local "
                 f"{usage.get('LOCAL')}{'  <-- SPILLS' if spills else ''}"

@@ -34,14 +34,19 @@ POISON_OUTPUTS = False
 # tile [BLOCK_I, BLOCK_J, BLOCK_M] of 2048 elements at 8 warps is 8 per thread per tile. The
 # static loop over n is unrolled and keeps N W-slices in flight (memory-level parallelism: one
 # program per sample means one CTA per SM at B = 128 on an H100), so the budget halves for each
-# doubling of N past 8. At I=1152, J=10, N=8, M=16 this is BLOCK_I = 8: 140 registers in the
-# forward, 182 in the backward sweep, no local memory (ptxas of triton 3.9, sm_90).
+# doubling of N past 8. At I=1152, J=10, N=8, M=16 this is BLOCK_I = 8 at 16 warps (register
+# cap 128, see max_registers): 96-125 registers in the forward, 108-128 in the backward sweep
+# over float32/float16/bfloat16 on sm_80 and sm_90, no local memory or stack (ptxas of
+# triton 3.9).
 _GPU_SWEEP_TILE = 2048
 # Gradient tiles [BLOCK_I, BLOCK_J, BLOCK_N * BLOCK_M]: four of them live (W, du_hat, the dW
-# accumulator, a product); BLOCK_I = 1 at the MNIST shape, 183 registers at 8 warps.
+# accumulator, a product); BLOCK_I = 1 at the MNIST shape, 72-103 registers at 16 warps.
 _GPU_GRADS_TILE = 2048
 _GPU_ELEMENTS_PER_THREAD = 4
 _GPU_MAX_WARPS = 16
+# 32-bit registers per SM on sm_80 and sm_90, and ptxas's per-thread maximum.
+_GPU_REGISTER_FILE = 65536
+_GPU_MAX_REGISTERS = 255
 # The interpreter costs milliseconds per loop iteration whatever the tile size: large tiles.
 _INTERP_SWEEP_TILE = 1 << 16
 _INTERP_GRADS_TILE = 1 << 17
@@ -62,6 +67,19 @@ class RoutingConfig:
 
 def _warps(elements: int) -> int:
     return max(1, min(_GPU_MAX_WARPS, elements // (32 * _GPU_ELEMENTS_PER_THREAD)))
+
+
+def max_registers(num_warps: int) -> int:
+    """Per-thread register cap (PTX .maxnreg) for a kernel launched with `num_warps` warps.
+
+    Every launch has one CTA per program and one program per sample (or input block), so one
+    CTA may use the whole register file. Without an explicit cap, ptxas (triton 3.9, which runs
+    it with --regAllocOptLevel=2) aims at 64 registers for some of these kernels to fit several
+    CTAs per SM, and puts the values that do not fit on the stack (e.g. the bfloat16 backward
+    sweep at the MNIST tiles: 64 registers and 24 B of stack on sm_80; 108 registers and no
+    stack with this cap). The ahead-of-time compile check uses the same cap.
+    """
+    return min(_GPU_MAX_REGISTERS, _GPU_REGISTER_FILE // (32 * num_warps))
 
 
 def choose_config(
@@ -100,8 +118,16 @@ class KernelLaunch:
     constexprs: dict[str, Any]
     num_warps: int
 
+    @property
+    def maxnreg(self) -> int:
+        """The register cap this launch compiles with (see max_registers)."""
+        return max_registers(self.num_warps)
+
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
+        # The interpreter ignores maxnreg (it drops launch options that are not arguments).
+        self.kernel[self.grid](
+            **self.args, **self.constexprs, num_warps=self.num_warps, maxnreg=self.maxnreg
+        )
 
 
 def _run(launch: KernelLaunch, record: list[KernelLaunch] | None) -> None:
