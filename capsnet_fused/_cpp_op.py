@@ -17,6 +17,8 @@ torch is a CUDA build and CUDA_HOME is set.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -50,15 +52,18 @@ def _jit_load() -> None:
 
 def _load() -> str | None:
     """Load the compiled ops; None on success, else why they are unavailable."""
-    try:
-        from capsnet_fused import _C  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get(JIT_ENV) != "1":
-            return f"capsnet_fused._C is not built ({exc}): {_BUILD_HINT}"
+    if importlib.util.find_spec("capsnet_fused._C") is not None:
         try:
-            _jit_load()
-        except Exception as jit_exc:  # a compiler error surfaces as many exception types
-            return f"capsnet_fused._C is not built and the {JIT_ENV}=1 build failed: {jit_exc}"
+            importlib.import_module("capsnet_fused._C")
+            return None
+        except ImportError as exc:  # built, but against another torch or missing a library
+            return f"capsnet_fused._C cannot be loaded ({exc}): {_BUILD_HINT}"
+    if os.environ.get(JIT_ENV) != "1":
+        return f"capsnet_fused._C is not built: {_BUILD_HINT}"
+    try:
+        _jit_load()
+    except Exception as exc:  # a compiler failure surfaces as several exception types
+        return f"capsnet_fused._C is not built and the {JIT_ENV}=1 build failed: {exc}"
     return None
 
 

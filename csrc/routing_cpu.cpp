@@ -1,18 +1,20 @@
 // CPU kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
 //
-// Forward: parallel over samples. Each thread computes one sample's predictions
-// u_hat [I, J, M] once into its own scratch (737 KB at the MNIST shape, resident in L2/L3) and
-// reuses it for the R routing sweeps; only s^t, V^{t-1} and (softmax over in_caps) the
+// Forward: parallel over samples, in groups of kSampleGroup per thread. Each sweep walks the
+// input capsules once; W[i] is loaded once per group and reused from L1 for every sample of
+// the group, whose u_hat_bi [J, M] is recomputed into an L1 buffer (u_hat of one sample,
+// 737 KB at the MNIST shape, does not fit this machine's 512 KB L2, and streaming W once per
+// sample made the kernel memory-bound). Only s^t, V^{t-1} and (softmax over in_caps) the
 // log-sum-exp per (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
 //
 // Backward, in two phases, so that every output element is written by one thread in a fixed
 // order (bitwise identical results whatever the thread count, no per-thread dW copies):
-//   1. parallel over samples: recompute u_hat once per sample and run the sweeps t = R..2 that
-//      carry dL/dV backwards; this yields ds^t = dL/ds^t for every t (O(B R J M)).
-//   2. parallel over tiles of input capsules: for each i and each sample, recompute u_hat_ij,
-//      the couplings c^t_ij and logit gradients from the small per-sample states, form
-//      du_hat_ij = sum_t c^t_ij ds^t_j + dl^t_ij V^{t-1}_j, and accumulate du, dW[i] and
-//      dprior[i] directly (each tile owns its rows of dW and dprior).
+//   1. parallel over samples (grouped as the forward): the sweeps t = R..2 that carry dL/dV
+//      backwards; this yields ds^t = dL/ds^t for every t (O(B R J M)).
+//   2. parallel over tiles of input capsules: for each i and each sample, recompute u_hat_bi,
+//      the couplings c^t_bi and logit gradients from the small per-sample states, form
+//      du_hat_bij = sum_t c^t_bij ds^t_bj + dl^t_bij V^{t-1}_bj, and accumulate du, dW[i]
+//      and dprior[i] directly (each tile owns its rows of dW and dprior).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,8 +35,8 @@ constexpr double kSquashEps = 1e-8;
 // the MNIST shape) while the per-sample states are read once per tile, not once per capsule.
 constexpr int64_t kCapsTile = 16;
 // Samples per forward / backward-phase-1 group: W (5.9 MB at the MNIST shape, more than the
-// L2) is streamed once per group and sweep instead of once per sample and sweep; streaming it
-// per sample made the forward memory-bound (115 ms CPU vs 2x less, 2-core EPYC, B = 128).
+// L2) is streamed once per group and sweep instead of once per sample (perf showed the
+// per-sample version stalled on those loads).
 constexpr int64_t kSampleGroup = 32;
 
 // Helpers are force-inlined into the per-thread kernels below, so that they are compiled for
@@ -44,7 +46,6 @@ constexpr int64_t kSampleGroup = 32;
 
 // Wheels must run on any x86-64, so the kernels are not built with -march; instead GCC clones
 // them for x86-64-v3 (AVX2 + FMA) and the dynamic loader picks the clone the CPU supports.
-// At the MNIST shape the AVX2 clone is about 2x faster than the SSE2 baseline (2-core EPYC).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
     !defined(CAPSNET_FUSED_NO_CLONES)
 #define CAPSNET_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))

@@ -62,10 +62,11 @@ def test_matches_reference(shape, variant, dtype):
 
 
 GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
+GRADCHECK_SHAPES = [Shape(2, 6, 3, 3, 4, 3), Shape(1, 4, 2, 2, 16, 2)]
 
 
 @pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
-@pytest.mark.parametrize("shape", [Shape(2, 6, 3, 3, 4, 3), Shape(1, 4, 2, 2, 16, 2)], ids=lambda s: s.id)
+@pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=[s.id for s in GRADCHECK_SHAPES])
 def test_gradcheck(shape, variant):
     u, weight, prior, _ = make_inputs(shape, variant[1])
     inputs = [t.requires_grad_() for t in (u, weight)]
@@ -136,8 +137,8 @@ def test_half_precision_within_twice_reference_drift(dtype, variant):
     out = run_with_grads(cpp_routing, cast(u), cast(weight), cast(prior), grad, **kwargs)
     drift = run_with_grads(reference_routing, cast(u), cast(weight), cast(prior), grad, **kwargs)
     assert out[0].dtype == dtype
-    for got, ref_lowp, want in zip([out[0], *out[1]], [drift[0], *drift[1]],
-                                   [exact[0], *exact[1]]):  # fmt: skip
+    triples = zip([out[0], *out[1]], [drift[0], *drift[1]], [exact[0], *exact[1]], strict=True)
+    for got, ref_lowp, want in triples:
         if want is None:
             continue
         assert got.dtype == dtype
@@ -251,7 +252,7 @@ def test_threads_do_not_change_results():
     finally:
         torch.set_num_threads(threads)
     # Each output element is computed by one thread in a fixed order: bitwise equal.
-    for a, b in zip([single[0], *single[1]], [multi[0], *multi[1]]):
+    for a, b in zip([single[0], *single[1]], [multi[0], *multi[1]], strict=True):
         assert torch.equal(a, b)
 
 
