@@ -1,0 +1,166 @@
+"""The "cpp" routing backend: fused C++ (CPU) and CUDA kernels from capsnet_fused._C.
+
+The ops capsnet_fused::cpp_routing_fwd and cpp_routing_bwd are defined in csrc/ (TORCH_LIBRARY);
+this module gives them fake (meta) implementations and autograd, and satisfies the backend
+contract of capsnet_fused.ops: unavailable_reason(device, dtype) and routing(...).
+
+Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]; R iterations.
+The forward saves s and V [B, R, J, M] (and lse [B, R, J] for softmax over in_caps), never a
+B x I x J x M tensor. float16/bfloat16 are computed in float32 and cast back.
+
+Building: `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)
+compiles capsnet_fused._C. For development without that step, set CAPSNET_FUSED_JIT=1: when
+_C cannot be imported, this module then compiles csrc/ with torch.utils.cpp_extension.load
+(ninja, cached under TORCH_EXTENSIONS_DIR) and loads it; the CUDA sources are included when
+torch is a CUDA build and CUDA_HOME is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+JIT_ENV = "CAPSNET_FUSED_JIT"
+_BUILD_HINT = "run pip install --no-build-isolation -e . (or set CAPSNET_FUSED_JIT=1)"
+
+
+def _jit_load() -> None:
+    """Compile csrc/ with cpp_extension.load and load it, which registers the ops."""
+    from torch.utils import cpp_extension
+
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp"]
+    cflags = ["-O3", "-fopenmp"]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += [csrc / "routing_cuda.cpp", csrc / "routing_cuda.cu"]
+        cflags.append("-DCAPSNET_FUSED_WITH_CUDA=1")
+    cpp_extension.load(
+        name="capsnet_fused_jit",
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3"],
+        extra_ldflags=["-fopenmp"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+    )
+
+
+def _load() -> str | None:
+    """Load the compiled ops; None on success, else why they are unavailable."""
+    if importlib.util.find_spec("capsnet_fused._C") is not None:
+        try:
+            importlib.import_module("capsnet_fused._C")
+            return None
+        except ImportError as exc:  # built, but against another torch or missing a library
+            return f"capsnet_fused._C cannot be loaded ({exc}): {_BUILD_HINT}"
+    if os.environ.get(JIT_ENV) != "1":
+        return f"capsnet_fused._C is not built: {_BUILD_HINT}"
+    try:
+        _jit_load()
+    except Exception as exc:  # a compiler failure surfaces as several exception types
+        return f"capsnet_fused._C is not built and the {JIT_ENV}=1 build failed: {exc}"
+    return None
+
+
+_LOAD_ERROR = _load()
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the cpp backend can route tensors of `dtype` on `device`, else why not."""
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"the cpp backend supports float32, float64, float16 and bfloat16, not {dtype}"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if torch._C._dispatch_has_kernel_for_dispatch_key("capsnet_fused::cpp_routing_fwd", "CUDA"):
+            return None
+        return (
+            "capsnet_fused._C was built without CUDA kernels (it needs a CUDA build of torch "
+            "and nvcc when building; CAPSNET_FUSED_CPU_ONLY=1 also disables them)"
+        )
+    return f"the cpp backend runs on cpu and cuda, not {device.type}"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fwd_fake(u, weight, prior, iterations, softmax_in_caps, detach_inner):
+    batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
+    state = u.new_empty(batch, iterations, out_caps, out_d, dtype=_state_dtype(u.dtype))
+    lse = u.new_empty(
+        batch, iterations if softmax_in_caps else 0, out_caps, dtype=_state_dtype(u.dtype)
+    )
+    return u.new_empty(batch, out_caps, out_d), state, torch.empty_like(state), lse
+
+
+def _bwd_fake(
+    grad_v, u, weight, prior, s, V, lse, iterations, softmax_in_caps, detach_inner,
+    need_du, need_dweight, need_dprior,
+):  # fmt: skip
+    du = u.new_empty(u.shape if need_du else (0,))
+    dweight = weight.new_empty(weight.shape if need_dweight else (0,))
+    if prior is not None and need_dprior:
+        dprior = prior.new_empty(prior.shape)
+    else:
+        dprior = u.new_empty((0,), dtype=prior.dtype if prior is not None else u.dtype)
+    return du, dweight, dprior
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, weight, prior, iterations, softmax_in_caps, detach_inner = inputs
+    _, s, V, lse = output
+    # The saved states are outputs only so that the backward can read them.
+    ctx.mark_non_differentiable(s, V, lse)
+    ctx.save_for_backward(u, weight, prior, s, V, lse)
+    ctx.routing_args = (iterations, softmax_in_caps, detach_inner)
+
+
+def _backward(ctx, grad_v, _grad_s, _grad_V, _grad_lse):
+    u, weight, prior, s, V, lse = ctx.saved_tensors
+    need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
+    need_dprior = need_dprior and prior is not None
+    if not (need_du or need_dweight or need_dprior):
+        return None, None, None, None, None, None
+    du, dweight, dprior = torch.ops.capsnet_fused.cpp_routing_bwd(
+        grad_v, u, weight, prior, s, V, lse, *ctx.routing_args,
+        need_du, need_dweight, need_dprior,
+    )  # fmt: skip
+    return (
+        du if need_du else None,
+        dweight if need_dweight else None,
+        dprior if need_dprior else None,
+        None,
+        None,
+        None,
+    )
+
+
+if _LOAD_ERROR is None:
+    torch.library.register_fake("capsnet_fused::cpp_routing_fwd")(_fwd_fake)
+    torch.library.register_fake("capsnet_fused::cpp_routing_bwd")(_bwd_fake)
+    torch.library.register_autograd(
+        "capsnet_fused::cpp_routing_fwd", _backward, setup_context=_setup_context
+    )
+
+
+def routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    iterations: int,
+    softmax_over: str,
+    detach_inner: bool,
+) -> torch.Tensor:
+    """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
+    v, _, _, _ = torch.ops.capsnet_fused.cpp_routing_fwd(
+        u, weight, prior, iterations, softmax_over == "in_caps", detach_inner
+    )
+    return v

@@ -1,0 +1,269 @@
+"""The cpp backend (capsnet_fused._C) against the float64 reference: every shape and variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+try:
+    import capsnet_fused._C  # noqa: F401
+except ImportError as exc:
+    pytest.skip(
+        f"capsnet_fused._C is not built ({exc}); build it with "
+        "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`",
+        allow_module_level=True,
+    )
+
+from capsnet_fused import FusedRouter, choose_backend, dynamic_routing, reference_routing
+from capsnet_fused import _cpp_op as cpp_op
+from capsnet_fused.models import CapsNet
+from capsnet_fused.ops import available_backends
+from tests.helpers import (
+    VARIANTS,
+    Shape,
+    assert_matches_reference,
+    make_inputs,
+    reference64,
+    rel_error,
+    run_with_grads,
+    shape_params,
+    variant_id,
+    variant_params,
+)
+
+OPS = torch.ops.capsnet_fused
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels must write starts as NaN (read by csrc/routing_common.h)."""
+    monkeypatch.setenv("CAPSNET_FUSED_POISON_OUTPUTS", "1")
+
+
+def cpp_routing(u, weight, prior=None, **kwargs):
+    return dynamic_routing(u, weight, prior=prior, backend="cpp", **kwargs)
+
+
+def routing_kwargs(shape: Shape, variant) -> dict:
+    softmax_over, _, detach_inner = variant
+    return dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
+
+
+@shape_params
+@variant_params
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_matches_reference(shape, variant, dtype):
+    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+    kwargs = routing_kwargs(shape, variant)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    assert out[0].dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
+
+
+GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
+GRADCHECK_SHAPES = [Shape(2, 6, 3, 3, 4, 3), Shape(1, 4, 2, 2, 16, 2)]
+
+
+@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
+@pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=[s.id for s in GRADCHECK_SHAPES])
+def test_gradcheck(shape, variant):
+    u, weight, prior, _ = make_inputs(shape, variant[1])
+    inputs = [t.requires_grad_() for t in (u, weight)]
+    if prior is not None:
+        inputs.append(prior.requires_grad_())
+    kwargs = routing_kwargs(shape, variant)
+
+    def fn(u, weight, prior=None):
+        return cpp_routing(u, weight, prior, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("with_prior", [False, True], ids=["noprior", "prior"])
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_detach_inner_matches_reference_autograd(softmax_over, with_prior):
+    # detach_inner's gradient is by definition not the derivative, so gradcheck does not apply:
+    # compare against autograd through the reference, which detaches the same way.
+    shape = Shape(3, 11, 4, 3, 5, 4)
+    u, weight, prior, grad = make_inputs(shape, with_prior)
+    kwargs = dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=True)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    ref = run_with_grads(reference_routing, u, weight, prior, grad, **kwargs)
+    assert_matches_reference(out, ref, 1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=map(variant_id, VARIANTS))
+def test_opcheck(variant):
+    shape = Shape(2, 5, 3, 2, 4, 2)
+    softmax_over, with_prior, detach_inner = variant
+    u, weight, prior, grad = make_inputs(shape, with_prior)
+    u.requires_grad_()
+    weight.requires_grad_()
+    if prior is not None:
+        prior.requires_grad_()
+    in_caps = softmax_over == "in_caps"
+    args = (u, weight, prior, shape.R, in_caps, detach_inner)
+    torch.library.opcheck(OPS.cpp_routing_fwd, args)
+    _, s, V, lse = OPS.cpp_routing_fwd(*args)
+    bwd_args = (grad, u.detach(), weight.detach(), None if prior is None else prior.detach(),
+                s, V, lse, shape.R, in_caps, detach_inner, True, True, with_prior)  # fmt: skip
+    torch.library.opcheck(OPS.cpp_routing_bwd, bwd_args)
+
+
+def test_gradients_only_for_inputs_that_need_them():
+    shape = Shape(2, 9, 4, 3, 5, 3)
+    u, weight, prior, grad = make_inputs(shape, True)
+    ref = reference64(u, weight, prior, grad, iterations=3)
+    w_leaf = weight.clone().requires_grad_()
+    v = cpp_routing(u, w_leaf, prior, iterations=3)
+    (d_weight,) = torch.autograd.grad(v, [w_leaf], grad)
+    assert rel_error(d_weight, ref[1][1]) < 1e-11
+    # The op returns [0]-shaped placeholders for gradients it was not asked for.
+    _, s, V, lse = OPS.cpp_routing_fwd(u, weight, prior, 3, False, False)
+    du, dw, dp = OPS.cpp_routing_bwd(grad, u, weight, prior, s, V, lse, 3, False, False,
+                                     False, True, False)  # fmt: skip
+    assert du.shape == (0,) and dp.shape == (0,) and dw.shape == weight.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
+def test_half_precision_within_twice_reference_drift(dtype, variant):
+    shape = Shape(2, 37, 10, 8, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, variant[1])
+    kwargs = routing_kwargs(shape, variant)
+    exact = reference64(u, weight, prior, grad, **kwargs)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    out = run_with_grads(cpp_routing, cast(u), cast(weight), cast(prior), grad, **kwargs)
+    drift = run_with_grads(reference_routing, cast(u), cast(weight), cast(prior), grad, **kwargs)
+    assert out[0].dtype == dtype
+    triples = zip([out[0], *out[1]], [drift[0], *drift[1]], [exact[0], *exact[1]], strict=True)
+    for got, ref_lowp, want in triples:
+        if want is None:
+            continue
+        assert got.dtype == dtype
+        budget = max(2 * rel_error(ref_lowp, want), 1e-2 if dtype == torch.bfloat16 else 2e-3)
+        assert rel_error(got, want) <= budget
+
+
+def test_non_contiguous_inputs():
+    shape = Shape(3, 13, 4, 3, 6, 3)
+    u, weight, prior, grad = make_inputs(shape, True)
+    # Same values, strided storage: transposed copies transposed back.
+    u_nc = u.transpose(1, 2).contiguous().transpose(1, 2)
+    w_nc = weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    p_nc = prior.t().contiguous().t()
+    assert not (u_nc.is_contiguous() or w_nc.is_contiguous() or p_nc.is_contiguous())
+    kwargs = dict(iterations=3, softmax_over="in_caps")
+    out = run_with_grads(cpp_routing, u_nc, w_nc, p_nc, grad, **kwargs)
+    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-11)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[::2], ids=map(variant_id, VARIANTS[::2]))
+def test_empty_batch(variant):
+    shape = Shape(0, 7, 3, 2, 4, 2)
+    u, weight, prior, grad = make_inputs(shape, variant[1])
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **routing_kwargs(shape, variant))
+    assert out[0].shape == (0, 3, 4)
+    assert out[1][0].shape == (0, 7, 2)
+    # No samples: the gradients to the parameters are zero, not unwritten memory.
+    assert torch.equal(out[1][1], torch.zeros_like(weight))
+    if prior is not None:
+        assert torch.equal(out[1][2], torch.zeros_like(prior))
+
+
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_many_iterations(softmax_over):
+    shape = Shape(2, 21, 5, 4, 8, 10)
+    u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
+    kwargs = dict(iterations=10, softmax_over=softmax_over)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-5)
+
+
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_large_inputs_stay_finite(softmax_over):
+    # Logits in the thousands: a softmax without max subtraction overflows to inf / NaN.
+    shape = Shape(2, 30, 6, 4, 8, 3)
+    u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
+    u, prior = 30 * u, 1000 * prior
+    kwargs = dict(iterations=3, softmax_over=softmax_over)
+    v, grads = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    assert torch.isfinite(v).all() and all(torch.isfinite(g).all() for g in grads)
+    ref_v, _ = reference64(u, weight, prior, grad, **kwargs)
+    assert rel_error(v, ref_v) < 1e-4
+
+
+def test_dynamic_routing_router_and_auto_choice():
+    shape = Shape(2, 12, 4, 3, 5, 3)
+    u, weight, _, _ = make_inputs(shape, False, dtype=torch.float32)
+    assert "cpp" in available_backends("cpu")
+    assert choose_backend("cpu", torch.float32) == "cpp"
+    ref = reference_routing(u, weight, 3)
+    assert rel_error(dynamic_routing(u, weight, 3), ref) < 1e-5
+    router = FusedRouter(12, 4, 3, 5, 3, softmax_over="in_caps", learn_prior=True, backend="cpp")
+    with torch.no_grad():
+        router.prior.normal_()
+    out = router(u)
+    out.square().sum().backward()
+    want = reference_routing(u, router.weight, 3, prior=router.prior, softmax_over="in_caps")
+    assert rel_error(out, want) < 1e-5
+    assert router.weight.grad is not None and router.prior.grad is not None
+
+
+def test_unavailable_reason_contract():
+    assert cpp_op.unavailable_reason(torch.device("cpu"), torch.float32) is None
+    assert cpp_op.unavailable_reason(torch.device("cpu"), torch.bfloat16) is None
+    assert "float32" in cpp_op.unavailable_reason(torch.device("cpu"), torch.int32)
+    assert "meta" in cpp_op.unavailable_reason(torch.device("meta"), torch.float32)
+    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "capsnet_fused::cpp_routing_fwd", "CUDA"
+    )
+    cuda_reason = cpp_op.unavailable_reason(torch.device("cuda"), torch.float32)
+    assert (cuda_reason is None) == has_cuda_kernels
+
+
+def test_torch_compile_capsnet_fullgraph():
+    torch.manual_seed(0)
+    model = CapsNet(1, 20, 4, conv_channels=8, primary_caps=2, backend="cpp")
+    images = torch.rand(2, 1, 20, 20)
+    labels = torch.tensor([1, 3])
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(images, labels)
+    want = model(images, labels)
+    torch.testing.assert_close(out.caps, want.caps)
+    out.caps.sum().backward()
+    compiled_grad = model.digit.weight.grad.clone()
+    model.zero_grad()
+    want.caps.sum().backward()
+    torch.testing.assert_close(compiled_grad, model.digit.weight.grad)
+
+
+def test_threads_do_not_change_results():
+    shape = Shape(6, 70, 5, 4, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
+    kwargs = dict(iterations=3, softmax_over="in_caps")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+        torch.set_num_threads(max(threads, 2))
+        multi = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    # Each output element is computed by one thread in a fixed order: bitwise equal.
+    for a, b in zip([single[0], *single[1]], [multi[0], *multi[1]], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cuda_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if cpp_op.unavailable_reason(torch.device("cuda"), torch.float32) is not None:
+        pytest.skip("capsnet_fused._C was built without CUDA kernels")
+    for shape in [Shape(2, 37, 10, 8, 16, 3), Shape(3, 19, 3, 3, 5, 4)]:
+        for variant in VARIANTS:
+            u, weight, prior, grad = make_inputs(shape, variant[1], device="cuda")
+            kwargs = routing_kwargs(shape, variant)
+            out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+            assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-11)
