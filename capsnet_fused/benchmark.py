@@ -780,6 +780,7 @@ def run_end_to_end(
     expected = check_pass(reference_model, images, labels)
     floor = config.rtol if config.rtol is not None else 1e-3
     rows = []
+    timed: dict[str, tuple[dict[str, Any], Callable[[], Any], Callable[[], Any]]] = {}
     for backend in wanted:
         row: dict[str, Any] = {
             "backend": backend,
@@ -820,24 +821,39 @@ def run_end_to_end(
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
             def train_step(model=model, optimizer=optimizer):
+                model.train()
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = loss_of(model, images, labels)
                 loss.backward()
                 optimizer.step()
                 return loss
 
-            model.train()
-            train = time_call(train_step, device, config.repeats, config.warmup, 0.0)
-            model.eval()
-
             def infer(model=model):
+                model.eval()
                 with torch.no_grad():
                     return model(images)
 
-            infer_stats = time_call(infer, device, config.repeats, config.warmup, 0.0)
+            train_step()
+            infer()
         except Exception as exc:  # noqa: BLE001
             row.update(status="failed", error=_failure(exc))
             continue
+        timed[backend] = (row, train_step, infer)
+
+    # Backends take turns within every round, so that a drift of the machine's speed (other
+    # load, frequency) hits all of them alike; a step lasts seconds on CPU, so one call per
+    # measurement is enough.
+    samples = {backend: ([], []) for backend in timed}
+    for round_ in range(max(1, config.warmup) + config.repeats):
+        for backend, (_, train_step, infer) in timed.items():
+            for fn, times in zip((train_step, infer), samples[backend], strict=True):
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                if round_ >= max(1, config.warmup):
+                    times.append(time.perf_counter() - start)
+    for backend, (row, _, _) in timed.items():
+        train, infer_stats = (_summary(times) for times in samples[backend])
         row.update(
             train_median_ms=train["median_ms"],
             train_iqr_ms=train["iqr_ms"],
