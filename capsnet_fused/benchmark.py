@@ -59,6 +59,7 @@ import torch
 import capsnet_fused
 from capsnet_fused import available_backends, dynamic_routing, reference_routing
 from capsnet_fused.ops import BACKENDS, unavailable_reason
+from capsnet_fused.testing import random_routing_inputs, rel_error
 
 # I, J, N, M of each named routing problem.
 # mnist: the paper's DigitCaps (32 primary capsule types on a 6x6 grid from 28x28 images).
@@ -246,18 +247,17 @@ def benchmark_backends(config: BenchConfig, device: torch.device, dtype: torch.d
 def make_case_inputs(case: Case, device: torch.device) -> dict[str, torch.Tensor | None]:
     """u [B, I, N], weight [I, J, N, M], prior [I, J] or None and upstream grad [B, J, M].
 
-    Drawn in float64 on the CPU from the case's seed (identical in every process), scaled so
-    that u_hat is O(1), then cast to the case's dtype and device.
+    Drawn in float64 on the CPU from the case's seed (identical in every process), then cast to
+    the case's dtype and device.
     """
-    gen = torch.Generator().manual_seed(case.seed)
-    f64 = torch.float64
-    u = 0.6 * torch.randn(case.B, case.I, case.N, generator=gen, dtype=f64)
-    weight = torch.randn(case.I, case.J, case.N, case.M, generator=gen, dtype=f64) / case.N**0.5
-    prior = torch.randn(case.I, case.J, generator=gen, dtype=f64) if case.variant.prior else None
-    grad = torch.randn(case.B, case.J, case.M, generator=gen, dtype=f64)
+    tensors = random_routing_inputs(
+        case.B, case.I, case.J, case.N, case.M, case.variant.prior, case.seed
+    )
     dtype = DTYPES[case.dtype]
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return {"u": cast(u), "weight": cast(weight), "prior": cast(prior), "grad": cast(grad)}
+    u, weight, prior, grad = (
+        None if t is None else t.to(device=device, dtype=dtype) for t in tensors
+    )
+    return {"u": u, "weight": weight, "prior": prior, "grad": grad}
 
 
 def routing_function(backend: str) -> Callable[..., torch.Tensor]:
@@ -312,12 +312,9 @@ def make_runner(case: Case, fn: Callable[..., torch.Tensor], inputs: dict) -> Ca
     return forward_backward
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
-    """||out - ref|| / max(||ref||, floor) in float64 (inf when out is not finite)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """rel_error, or inf when out is not finite."""
+    return rel_error(out, ref) if torch.isfinite(out).all() else math.inf
 
 
 def compare(outputs: tuple, reference: tuple) -> dict[str, float]:

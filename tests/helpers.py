@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from capsnet_fused import reference_routing
+from capsnet_fused.testing import random_routing_inputs, rel_error  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,9 @@ variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v)
 
 
 def make_inputs(shape: Shape, with_prior: bool, dtype=torch.float64, device="cpu", seed=0):
-    """u [B, I, N], weight [I, J, N, M], prior [I, J] or None, upstream grad [B, J, M].
-
-    Scaled so that u_hat is O(1): the squash and the agreement updates are non-trivial.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    u = 0.6 * torch.randn(shape.B, shape.I, shape.N, generator=gen, dtype=torch.float64)
-    weight = torch.randn(shape.I, shape.J, shape.N, shape.M, generator=gen, dtype=torch.float64)
-    weight = weight / shape.N**0.5
-    prior = torch.randn(shape.I, shape.J, generator=gen, dtype=torch.float64)
-    prior = prior if with_prior else None
-    grad = torch.randn(shape.B, shape.J, shape.M, generator=gen, dtype=torch.float64)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(u), cast(weight), cast(prior), cast(grad)
+    """u [B, I, N], weight [I, J, N, M], prior [I, J] or None, upstream grad [B, J, M]."""
+    tensors = random_routing_inputs(shape.B, shape.I, shape.J, shape.N, shape.M, with_prior, seed)
+    return tuple(None if t is None else t.to(device=device, dtype=dtype) for t in tensors)
 
 
 def run_with_grads(fn, u, weight, prior, grad, **kwargs):
@@ -85,12 +76,6 @@ def reference64(u, weight, prior, grad, **kwargs):
     """The float64 reference's output and gradients, on the inputs' device."""
     to64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
     return run_with_grads(reference_routing, to64(u), to64(weight), to64(prior), grad, **kwargs)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-6) -> float:
-    """||out - ref|| / max(||ref||, floor), computed in float64."""
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 
 def assert_matches_reference(outputs, reference, tol: float, names=("v", "du", "dW", "dprior")):
