@@ -1,26 +1,36 @@
 // CPU kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
 //
-// Forward: parallel over samples, in groups of kSampleGroup per thread. Each sweep walks the
-// input capsules once; W[i] is loaded once per group and reused from L1 for every sample of
-// the group, whose u_hat_bi [J, M] is recomputed into an L1 buffer (u_hat of one sample,
-// 737 KB at the MNIST shape, does not fit this machine's 512 KB L2, and streaming W once per
-// sample made the kernel memory-bound). Only s^t, V^{t-1} and (softmax over in_caps) the
-// log-sum-exp per (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
+// Layout: the sweeps over input capsules work on vectors of L samples (L = 8 float32 lanes or
+// 4 float64 lanes in a 32-byte vector), so that every per-(sample, i, j) quantity - logits,
+// softmax, agreement - is a vertical vector operation: no horizontal sums, and the softmax's
+// exp is a vector polynomial instead of L x J calls to libm.
 //
-// Backward, in two phases, so that every output element is written by one thread in a fixed
-// order (bitwise identical results whatever the thread count, no per-thread dW copies):
-//   1. parallel over samples (grouped as the forward): the sweeps t = R..2 that carry dL/dV
-//      backwards; this yields ds^t = dL/ds^t for every t (O(B R J M)).
-//   2. parallel over tiles of input capsules: for each i and each sample, recompute u_hat_bi,
-//      the couplings c^t_bi and logit gradients from the small per-sample states, form
-//      du_hat_bij = sum_t c^t_bij ds^t_bj + dl^t_bij V^{t-1}_bj, and accumulate du, dW[i]
-//      and dprior[i] directly (each tile owns its rows of dW and dprior).
+// Forward: parallel over groups of kGroupVectors x L samples. Each sweep walks the input
+// capsules once; W[i] (5 KB at the MNIST shape) is read once per group and sweep and reused
+// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer.
+// (A sample's u_hat, 737 KB at the MNIST shape, does not fit this machine's 512 KB L2, and
+// caching a group's u_hat in L3 or memory costs more than recomputing it: see the README.)
+// Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per (t, j) are saved:
+// O(B R J M), never a B x I x J x M tensor.
+//
+// Backward, per chunk of kChunkVectors x L samples, in two phases; every output element is
+// written by one thread in a fixed order, so the results are bitwise identical whatever the
+// thread count:
+//   1. parallel over groups of the chunk: the sweeps t = R-1..0 that carry dL/dV backwards
+//      (u_hat recomputed as in the forward). They give ds^t = dL/ds^t and store, per
+//      (t, i, j, sample), the coupling alpha = c^t and the logit gradient beta = dl^t:
+//      O(R I J) scalars per sample of the chunk, never per sample of the batch.
+//   2. parallel over input capsules: du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj
+//      needs no u_hat; from it du [B, I, N], dW[i] (summed over the chunk's samples in
+//      registers, added to the earlier chunks' sum) and dprior[i].
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -31,17 +41,16 @@ namespace capsnet_fused {
 namespace {
 
 constexpr double kSquashEps = 1e-8;
-// Input capsules per backward phase-2 task: W[i] and dW[i] of a tile stay in L2 (16 x 5 KB at
-// the MNIST shape) while the per-sample states are read once per tile, not once per capsule.
-constexpr int64_t kCapsTile = 16;
-// Samples per forward / backward-phase-1 group: W (5.9 MB at the MNIST shape, more than the
-// L2) is streamed once per group and sweep instead of once per sample (perf showed the
-// per-sample version stalled on those loads).
-constexpr int64_t kSampleGroup = 32;
+// Sample vectors per forward / backward-phase-1 task: W[i] is reused from L1 for all of them,
+// while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it.
+constexpr int64_t kGroupVectors = 2;
+// Sample vectors per backward chunk: the chunk's alpha and beta take 2 R I J x 32 samples
+// (8.8 MB at the MNIST shape with r = 3, float32).
+constexpr int64_t kChunkVectors = 4;
 
-// Helpers are force-inlined into the per-thread kernels below, so that they are compiled for
-// each instruction set the kernels are cloned for, with M a compile-time constant where the
-// kernel is specialised for it.
+// Helpers are force-inlined into the kernels below, so that they are compiled for each
+// instruction set the kernels are cloned for, with M a compile-time constant where the kernel
+// is specialised for it.
 #define CAPSNET_INLINE __attribute__((always_inline)) inline
 
 // Wheels must run on any x86-64, so the kernels are not built with -march; instead GCC clones
@@ -53,148 +62,211 @@ constexpr int64_t kSampleGroup = 32;
 #define CAPSNET_KERNEL
 #endif
 
-// The `omp simd` pragmas let the compiler vectorise the reductions over M (it may not reorder
-// float sums on its own); the order is fixed at compile time, so results stay deterministic.
+// A vector of L samples (GCC vector extension): one AVX register in the x86-64-v3 clone, a
+// pair of SSE registers in the baseline one.
 template <typename T>
-CAPSNET_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-template <typename T>
-CAPSNET_INLINE void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) y[k] += alpha * x[k];
-}
-
-template <typename T>
-CAPSNET_INLINE T max_of(T a, T b) {
-  return a < b ? b : a;
-}
-
-// 32-byte vectors (GCC vector extension): one AVX register in the x86-64-v3 clone, a pair of
-// SSE registers in the baseline one. may_alias/aligned(alignof(T)): loads from any T*.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(32), aligned(alignof(T)), may_alias));
-  static constexpr int64_t kLanes = 32 / sizeof(T);
+struct Lanes {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int64_t L = 32 / sizeof(T);
 };
 
-// u_hat_i [J, M] = sum_n u_i[n] W_i[:, n, :] for one sample and input capsule. When M is a known
-// multiple of the vector width, a block of output capsules is accumulated in vector registers:
-// independent FMA chains instead of one chain of N dependent FMAs per j (the latency-bound
-// form kept the forward at 3x its current time).
-template <typename T, int MC>
-CAPSNET_INLINE void predict(const T* __restrict u_i, const T* __restrict w_i, T* __restrict uh,
-                            int64_t J, int64_t N, int64_t M) {
-  int64_t j = 0;
-  if constexpr (MC > 0 && MC % Vec<T>::kLanes == 0) {
-    using V = typename Vec<T>::type;
-    constexpr int64_t VM = MC / Vec<T>::kLanes;  // vectors per capsule
-    constexpr int64_t JB = VM >= 8 ? 1 : 8 / VM;  // about 8 accumulator registers
-    for (; j + JB <= J; j += JB) {
-      V acc[JB][VM];
-#pragma GCC unroll 16
-      for (int64_t jb = 0; jb < JB; ++jb) {
-#pragma GCC unroll 16
-        for (int64_t k = 0; k < VM; ++k) acc[jb][k] = V{} ;
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T un = u_i[n];
-#pragma GCC unroll 16
-        for (int64_t jb = 0; jb < JB; ++jb) {
-          const V* w = reinterpret_cast<const V*>(w_i + ((j + jb) * N + n) * MC);
-#pragma GCC unroll 16
-          for (int64_t k = 0; k < VM; ++k) acc[jb][k] += un * w[k];
-        }
-      }
-#pragma GCC unroll 16
-      for (int64_t jb = 0; jb < JB; ++jb) {
-        V* out = reinterpret_cast<V*>(uh + (j + jb) * MC);
-#pragma GCC unroll 16
-        for (int64_t k = 0; k < VM; ++k) out[k] = acc[jb][k];
-      }
+// std::vector does not honour the 32-byte alignment of the vector types here; this does.
+template <typename V>
+class Buffer {
+ public:
+  explicit Buffer(int64_t n = 0) { resize(n); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(data_); }
+  // Contents are unspecified after a resize that grows the buffer.
+  void resize(int64_t n) {
+    if (n > capacity_) {
+      std::free(data_);
+      const size_t bytes = (static_cast<size_t>(n) * sizeof(V) + 63) / 64 * 64;
+      data_ = static_cast<V*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(data_ != nullptr, "capsnet_fused: out of memory (", bytes, " bytes)");
+      capacity_ = n;
     }
+    size_ = n;
   }
-  for (; j < J; ++j) {
-    T* out = uh + j * M;
-    const T* w = w_i + j * N * M;
-    for (int64_t m = 0; m < M; ++m) out[m] = T(0);
-    for (int64_t n = 0; n < N; ++n) axpy(u_i[n], w + n * M, out, M);
+  void assign(int64_t n, const V& x) {
+    resize(n);
+    std::fill(data_, data_ + n, x);
+  }
+  V* data() { return data_; }
+  const V* data() const { return data_; }
+  V* begin() { return data_; }
+  V* end() { return data_ + size_; }
+  V& operator[](int64_t k) { return data_[k]; }
+  const V& operator[](int64_t k) const { return data_[k]; }
+
+ private:
+  V* data_ = nullptr;
+  int64_t size_ = 0, capacity_ = 0;
+};
+
+template <typename V, typename T>
+CAPSNET_INLINE V splat(T x) {
+  return V{} + x;
+}
+
+// Lane-wise max that keeps a NaN in `b` (the running value) and ignores one in `a` only for
+// the comparison: the NaN then reaches the result through exp(a - max) anyway.
+template <typename V>
+CAPSNET_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef double D4 __attribute__((vector_size(32)));
+
+// exp for float32 lanes (Cephes expf: range reduction by ln 2 and a degree-6 polynomial,
+// about 1 ulp). Inputs below -87 give 0 (the kernels only take exp of non-positive numbers,
+// differences from a running maximum); NaN stays NaN.
+CAPSNET_INLINE F8 vexp(F8 x) {
+  const F8 lo = splat<F8>(-87.0f);
+  const F8 xc = x < lo ? lo : x;
+  // k = round(x / ln 2) with the 1.5 x 2^23 trick (exact for |k| < 2^22).
+  const F8 k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  F8 r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  F8 p = splat<F8>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F8 y = p * r * r + r + 1.0f;
+  const I8 bits = (__builtin_convertvector(k, I8) + 127) << 23;
+  const F8 out = y * __builtin_bit_cast(F8, bits);
+  return x < lo ? F8{} : out;
+}
+
+// float64 lanes: libm per lane (float64 is the checking dtype, not the fast path).
+CAPSNET_INLINE D4 vexp(D4 x) {
+  D4 y;
+  for (int k = 0; k < 4; ++k) y[k] = std::exp(x[k]);
+  return y;
+}
+
+// v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors.
+template <typename T, typename V>
+CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
+  T n2 = 0;
+  for (int64_t m = 0; m < M; ++m) n2 += s[m][k] * s[m][k];
+  const T f = n2 / ((T(1) + n2) * std::sqrt(n2 + T(kSquashEps)));
+  for (int64_t m = 0; m < M; ++m) v[m][k] = f * s[m][k];
+}
+
+// ds = dL/ds from dv = dL/dv for v = f(|s|^2) s: ds = f dv + 2 f'(|s|^2) (s . dv) s, with
+// f' = 1 / ((1 + n2)^2 sqrt(n2 + eps)) - f / (2 (n2 + eps)), finite at s = 0. Lane k of one
+// capsule; returns ds . s (what the softmax over in_caps needs).
+template <typename T, typename V>
+CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M) {
+  T n2 = 0, sdv = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    n2 += s[m][k] * s[m][k];
+    sdv += s[m][k] * dv[m][k];
+  }
+  const T root = std::sqrt(n2 + T(kSquashEps));
+  const T f = n2 / ((T(1) + n2) * root);
+  const T df = T(1) / ((T(1) + n2) * (T(1) + n2) * root) - T(0.5) * f / (n2 + T(kSquashEps));
+  const T c = T(2) * df * sdv;
+  T dss = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    ds[m][k] = f * dv[m][k] + c * s[m][k];
+    dss += ds[m][k] * s[m][k];
+  }
+  return dss;
+}
+
+// u_hat_i [J, M] = sum_n u_i[n] W_i[:, n, :] for one vector of samples: ur [N] vectors,
+// w_i = W[i] [J, N, M]. Blocks of K outputs are accumulated in registers (K independent FMA
+// chains; each u_i[n] vector is loaded once per block and each weight is broadcast). While
+// the block is in registers, its dot products with NDOT other [J, M] arrays (V^{t-1} for the
+// logits, ds^t for the agreement gradient) are added to dots[d][j], summed as a tree so that
+// no long chain of dependent FMAs forms.
+template <int K, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_block(const T* __restrict w, const V* __restrict ur,
+                                  V* __restrict out, int64_t N, int64_t M,
+                                  const V* const* with, V* dots) {
+  V acc[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) acc[k] = V{};
+  for (int64_t n = 0; n < N; ++n) {
+    const V un = ur[n];
+    const T* wn = w + n * M;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc[k] += wn[k] * un;
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) out[k] = acc[k];
+#pragma GCC unroll 2
+  for (int d = 0; d < NDOT; ++d) {
+    V p[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) p[k] = acc[k] * with[d][k];
+#pragma GCC unroll 3
+    for (int h = K / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 4
+      for (int k = 0; k < h; ++k) p[k] += p[k + h];
+    }
+    dots[d] += p[0];
   }
 }
 
-// Routing logits of one input capsule: l[j] = prior_ij + u_hat_ij . V_j (V = V^{t-1}).
-template <typename T>
-CAPSNET_INLINE void logits(const T* uh, const T* V, const T* prior_i, bool first, T* l,
-                           int64_t J, int64_t M) {
+// uh [J, M] = u_hat_i; dots[d * J + j] = u_hat_ij . with_d[j] for d < NDOT.
+template <int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict(const T* __restrict w_i, const V* __restrict ur, V* __restrict uh,
+                            int64_t J, int64_t N, int64_t M, const V* with0, const V* with1,
+                            V* dots) {
+  const V* with_all[2] = {with0, with1};
   for (int64_t j = 0; j < J; ++j) {
-    T x = prior_i != nullptr ? prior_i[j] : T(0);
-    // V^0 = 0: the first iteration's logits are the prior alone.
-    if (!first) x += dot(uh + j * M, V + j * M, M);
-    l[j] = x;
+    const T* w = w_i + j * N * M;
+    V* out = uh + j * M;
+    V dj[NDOT > 0 ? NDOT : 1] = {};
+    const V* with[2] = {};
+    for (int d = 0; d < NDOT; ++d) with[d] = with_all[d] + j * M;
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      predict_block<8, NDOT>(w + m, ur, out + m, N, M, with, dj);
+      for (int d = 0; d < NDOT; ++d) with[d] += 8;
+    }
+    for (; m + 4 <= M; m += 4) {
+      predict_block<4, NDOT>(w + m, ur, out + m, N, M, with, dj);
+      for (int d = 0; d < NDOT; ++d) with[d] += 4;
+    }
+    for (; m < M; ++m) {
+      predict_block<1, NDOT>(w + m, ur, out + m, N, M, with, dj);
+      for (int d = 0; d < NDOT; ++d) with[d] += 1;
+    }
+    for (int d = 0; d < NDOT; ++d) dots[d * J + j] = dj[d];
+  }
+}
+
+// Routing logits of one input capsule: l[j] = prior_ij (+ agreement[j] after the first
+// iteration: u_hat_ij . V^{t-1}_j; V^0 = 0, so the first iteration's logits are the prior).
+template <typename T, typename V>
+CAPSNET_INLINE void logits(const T* prior_i, const V* agreement, V* l, int64_t J) {
+  for (int64_t j = 0; j < J; ++j) {
+    const V p = prior_i != nullptr ? splat<V>(prior_i[j]) : V{};
+    l[j] = agreement != nullptr ? p + agreement[j] : p;
   }
 }
 
 // In place: l -> softmax(l) over its J entries, max-subtracted so large logits stay finite.
-template <typename T>
-CAPSNET_INLINE void softmax(T* l, int64_t J) {
-  T mx = l[0];
-  for (int64_t j = 1; j < J; ++j) mx = max_of(mx, l[j]);
-  T sum = 0;
+template <typename T, typename V>
+CAPSNET_INLINE void softmax(V* l, int64_t J) {
+  V mx = l[0];
+  for (int64_t j = 1; j < J; ++j) mx = vmax(l[j], mx);
+  V sum{};
   for (int64_t j = 0; j < J; ++j) {
-    l[j] = std::exp(l[j] - mx);
+    l[j] = vexp(l[j] - mx);
     sum += l[j];
   }
-  const T inv = T(1) / sum;
+  const V inv = splat<V>(T(1)) / sum;
   for (int64_t j = 0; j < J; ++j) l[j] *= inv;
-}
-
-// In place: l -> c^t_ij for one input capsule. Softmax over out_caps is local to i; over
-// in_caps the normaliser of each j (lse_t [J], from the forward) is needed.
-template <typename T>
-CAPSNET_INLINE void couplings(T* l, const T* lse_t, bool in_caps, int64_t J) {
-  if (in_caps) {
-    for (int64_t j = 0; j < J; ++j) l[j] = std::exp(l[j] - lse_t[j]);
-  } else {
-    softmax(l, J);
-  }
-}
-
-// dl[j] = dL/dl^t_ij from c = c^t_i [J] and e[j] = ds^t_j . u_hat_ij (dL/dc^t_ij).
-template <typename T>
-CAPSNET_INLINE void logit_grads(const T* c, const T* e, const T* dss_t, bool in_caps, T* dl,
-                                int64_t J) {
-  if (in_caps) {
-    // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j = dss_t[j].
-    for (int64_t j = 0; j < J; ++j) dl[j] = c[j] * (e[j] - dss_t[j]);
-  } else {
-    T ce = 0;
-    for (int64_t j = 0; j < J; ++j) ce += c[j] * e[j];
-    for (int64_t j = 0; j < J; ++j) dl[j] = c[j] * (e[j] - ce);
-  }
-}
-
-// v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule of M components.
-template <typename T>
-CAPSNET_INLINE void squash(const T* s, T* v, int64_t M) {
-  const T n2 = dot(s, s, M);
-  const T f = n2 / ((T(1) + n2) * std::sqrt(n2 + T(kSquashEps)));
-  for (int64_t m = 0; m < M; ++m) v[m] = f * s[m];
-}
-
-// ds = dL/ds from dv = dL/dv for v = f(|s|^2) s: ds = f dv + 2 f'(|s|^2) (s . dv) s, with
-// f' = 1 / ((1 + n2)^2 sqrt(n2 + eps)) - f / (2 (n2 + eps)), finite at s = 0.
-template <typename T>
-CAPSNET_INLINE void squash_backward(const T* s, const T* dv, T* ds, int64_t M) {
-  const T n2 = dot(s, s, M);
-  const T root = std::sqrt(n2 + T(kSquashEps));
-  const T f = n2 / ((T(1) + n2) * root);
-  const T df = T(1) / ((T(1) + n2) * (T(1) + n2) * root) - T(0.5) * f / (n2 + T(kSquashEps));
-  const T k = T(2) * df * dot(s, dv, M);
-  for (int64_t m = 0; m < M; ++m) ds[m] = f * dv[m] + k * s[m];
 }
 
 // Pointers and sizes of one call; kernels assume contiguous tensors in the compute dtype.
@@ -210,286 +282,487 @@ struct Routing {
   bool in_caps;
 };
 
-// Forward for samples [b_begin, b_end), in groups of at most kSampleGroup. Each sweep walks
-// the input capsules once; W[i] (5 KB) is loaded once per group and sweep and reused, from L1,
-// for every sample of the group, whose u_hat_bi [J, M] is recomputed into an L1 buffer. work
-// holds the group's running states (see the layout below). MC > 0: M == MC, known to the
-// compiler, so the loops over M unroll into whole vector registers.
-template <typename T, int MC>
-CAPSNET_KERNEL void forward_samples(const Routing<T>& a, T* v, int64_t b_begin, int64_t b_end,
-                                    T* work) {
-  const int64_t I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R;
-  const int64_t M = MC > 0 ? MC : a.sz.M;
-  const int64_t JM = J * M;
-  const int64_t JNM = J * N * M;
-  T* uh = work;                            // [J, M]
-  T* l = uh + JM;                          // [J]
-  T* V = l + J;                            // [G, J, M] V^{t-1}
-  T* s = V + kSampleGroup * JM;            // [G, J, M]
-  T* mx = s + kSampleGroup * JM;           // [G, J] running max of the logits (in_caps)
-  T* norm = mx + kSampleGroup * J;         // [G, J] running softmax denominator (in_caps)
-  for (int64_t g0 = b_begin; g0 < b_end; g0 += kSampleGroup) {
-    const int64_t G = std::min(kSampleGroup, b_end - g0);
-    for (int64_t k = 0; k < G * JM; ++k) V[k] = T(0);
+// ut[(i * nv + v) * N + n][k] = u[b0 + v L + k, i, n] for the nv vectors of samples from b0
+// (lanes past the batch are zero: their u_hat is 0 and every state stays finite).
+template <typename T, typename V>
+void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
+  constexpr int64_t L = Lanes<T>::L;
+  const int64_t I = a.sz.I, N = a.sz.N;
+  const int64_t nb = std::min(nv * L, a.sz.B - b0);
+  if (nb < nv * L) std::fill(ut, ut + I * nv * N, V{});
+  for (int64_t g = 0; g < nb; ++g) {
+    const T* ub = a.u + (b0 + g) * I * N;
+    const int64_t v = g / L, k = g % L;
+    for (int64_t i = 0; i < I; ++i) {
+      for (int64_t n = 0; n < N; ++n) ut[(i * nv + v) * N + n][k] = ub[i * N + n];
+    }
+  }
+}
+
+// Forward for groups [grp_begin, grp_end) of kGroupVectors sample vectors.
+template <typename T>
+CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t grp_begin,
+                                   int64_t grp_end) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::L, KV = kGroupVectors;
+  const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
+  const int64_t JM = J * M, JNM = J * N * M;
+  Buffer<V> ut(I * KV * N), uh(JM), l(J), dots(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
+      norm(KV * J);
+  for (int64_t grp = grp_begin; grp < grp_end; ++grp) {
+    const int64_t b0 = grp * KV * L;
+    gather_samples(a, b0, KV, ut.data());
+    std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
-      for (int64_t k = 0; k < G * JM; ++k) s[k] = T(0);
-      for (int64_t k = 0; k < G * J; ++k) {
-        mx[k] = -std::numeric_limits<T>::infinity();
-        norm[k] = T(0);
-      }
+      std::fill(S.begin(), S.end(), V{});
+      std::fill(mx.begin(), mx.end(), splat<V>(-std::numeric_limits<T>::infinity()));
+      std::fill(norm.begin(), norm.end(), V{});
       for (int64_t i = 0; i < I; ++i) {
         const T* w_i = a.w + i * JNM;
         const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        for (int64_t g = 0; g < G; ++g) {
-          predict<T, MC>(a.u + ((g0 + g) * I + i) * N, w_i, uh, J, N, M);
-          logits(uh, V + g * JM, prior_i, t == 0, l, J, M);
-          T* s_g = s + g * JM;
+        for (int64_t v = 0; v < KV; ++v) {
+          const V* ur = &ut[(i * KV + v) * N];
+          if (t == 0) {
+            predict<0, T, V>(w_i, ur, uh.data(), J, N, M, nullptr, nullptr, nullptr);
+            logits<T, V>(prior_i, nullptr, l.data(), J);
+          } else {
+            predict<1, T, V>(w_i, ur, uh.data(), J, N, M, &Vs[v * JM], nullptr, dots.data());
+            logits<T, V>(prior_i, dots.data(), l.data(), J);
+          }
+          V* Sv = &S[v * JM];
           if (!a.in_caps) {
-            softmax(l, J);
-            for (int64_t j = 0; j < J; ++j) axpy(l[j], uh + j * M, s_g + j * M, M);
+            softmax<T>(l.data(), J);
+            for (int64_t j = 0; j < J; ++j) {
+              for (int64_t m = 0; m < M; ++m) Sv[j * M + m] += l[j] * uh[j * M + m];
+            }
           } else {
             // Softmax over i in the same sweep (online, as in flash attention): s_j and the
-            // denominator are rescaled whenever the running maximum of the logits grows.
-            T* mx_g = mx + g * J;
-            T* norm_g = norm + g * J;
+            // denominator are rescaled by exp(old max - new max) as the maximum grows.
             for (int64_t j = 0; j < J; ++j) {
-              if (l[j] > mx_g[j]) {
-                const T scale = std::exp(mx_g[j] - l[j]);
-                norm_g[j] *= scale;
-                for (int64_t m = 0; m < M; ++m) s_g[j * M + m] *= scale;
-                mx_g[j] = l[j];
+              V& mxj = mx[v * J + j];
+              const V top = vmax(l[j], mxj);
+              const V scale = vexp(mxj - top);
+              const V p = vexp(l[j] - top);
+              norm[v * J + j] = norm[v * J + j] * scale + p;
+              mxj = top;
+              for (int64_t m = 0; m < M; ++m) {
+                Sv[j * M + m] = Sv[j * M + m] * scale + p * uh[j * M + m];
               }
-              const T p = std::exp(l[j] - mx_g[j]);
-              norm_g[j] += p;
-              axpy(p, uh + j * M, s_g + j * M, M);
             }
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t bt = (g0 + g) * R + t;
-        T* s_g = s + g * JM;
-        T* V_g = V + g * JM;
+      // Per sample: normalise (in_caps), save s^t and V^{t-1}, squash, V^t = V^{t-1} + v^t.
+      for (int64_t g = 0; g < KV * L && b0 + g < B; ++g) {
+        const int64_t v = g / L, b = b0 + g;
+        const int k = static_cast<int>(g % L);
+        const int64_t bt = b * R + t;
+        V* Sv = &S[v * JM];
+        V* Vv = &Vs[v * JM];
         if (a.in_caps) {
           for (int64_t j = 0; j < J; ++j) {
-            const T inv = T(1) / norm[g * J + j];
-            for (int64_t m = 0; m < M; ++m) s_g[j * M + m] *= inv;
-            a.lse[bt * J + j] = mx[g * J + j] + std::log(norm[g * J + j]);
+            const T nj = norm[v * J + j][k];
+            for (int64_t m = 0; m < M; ++m) Sv[j * M + m][k] /= nj;
+            a.lse[bt * J + j] = mx[v * J + j][k] + std::log(nj);
           }
         }
-        for (int64_t k = 0; k < JM; ++k) {
-          a.V[bt * JM + k] = V_g[k];
-          a.s[bt * JM + k] = s_g[k];
+        for (int64_t q = 0; q < JM; ++q) {
+          a.V[bt * JM + q] = Vv[q][k];
+          a.s[bt * JM + q] = Sv[q][k];
         }
-        // v^t (kept in s_g) and V^t = V^{t-1} + v^t; the last v^t is the output.
-        for (int64_t j = 0; j < J; ++j) squash(s_g + j * M, s_g + j * M, M);
-        for (int64_t k = 0; k < JM; ++k) V_g[k] += s_g[k];
+        // v^t overwrites s^t (saved above); the last v^t is the output.
+        for (int64_t j = 0; j < J; ++j) squash_lane<T>(Sv + j * M, Sv + j * M, k, M);
+        for (int64_t q = 0; q < JM; ++q) Vv[q][k] += Sv[q][k];
         if (t == R - 1) {
-          for (int64_t k = 0; k < JM; ++k) v[(g0 + g) * JM + k] = s_g[k];
+          for (int64_t q = 0; q < JM; ++q) v_out[b * JM + q] = Sv[q][k];
         }
       }
     }
   }
 }
 
-// Backward phase 1 for samples [b_begin, b_end), in groups as the forward: ds^t [B, R, J, M]
-// and dss^t = ds^t . s^t [B, R, J] for every t (only t = R when `sweeps` is false: nothing
-// then needs the earlier iterations). Each sweep t = R..2 recomputes u_hat and accumulates
-// A_j = sum_i dl^t_ij u_hat_ij = dL/dV^{t-1}_j.
-template <typename T, int MC>
-CAPSNET_KERNEL void backward_states_samples(const Routing<T>& a, const T* g_out, T* ds, T* dss,
-                                            bool sweeps, int64_t b_begin, int64_t b_end,
-                                            T* work) {
-  const int64_t I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R;
-  const int64_t M = MC > 0 ? MC : a.sz.M;
-  const int64_t JM = J * M;
-  const int64_t JNM = J * N * M;
-  T* uh = work;                  // [J, M]
-  T* l = uh + JM;                // [J]
-  T* e = l + J;                  // [J]
-  T* dl = e + J;                 // [J]
-  T* D = dl + J;                 // [G, J, M] dL/dV^t from the later iterations
-  T* A = D + kSampleGroup * JM;  // [G, J, M]
-  for (int64_t g0 = b_begin; g0 < b_end; g0 += kSampleGroup) {
-    const int64_t G = std::min(kSampleGroup, b_end - g0);
-    for (int64_t g = 0; g < G; ++g) {
-      // t = R: dL/dv^R = grad_v and nothing from later iterations.
-      const int64_t bt = (g0 + g) * R + R - 1;
+// Which backward sweeps run and what they produce.
+struct BackwardPlan {
+  bool detach_inner, need_uhat_grad, need_dp;
+  // D = dL/dV is carried backwards (ds^t for t < R-1 is needed).
+  bool carry() const { return !detach_inner || need_dp; }
+  // Sweep t (recomputing u_hat) runs: with D carried, t >= 1 always and t = 0 for dprior
+  // (beta^0); with detach_inner and no dprior only alpha^{R-1} is needed.
+  bool sweep(int64_t t, int64_t R) const {
+    if (carry()) return t >= 1 || need_dp;
+    return t == R - 1;
+  }
+  // alpha^t enters du_hat.
+  bool alpha_used(int64_t t, int64_t R) const {
+    return need_uhat_grad && (!detach_inner || t == R - 1);
+  }
+};
+
+// Per-chunk state of the backward, in sample vectors (index v < VC, the chunk's vectors).
+template <typename T>
+struct BackwardChunk {
+  using V = typename Lanes<T>::V;
+  int64_t b0, VC;
+  Buffer<V> ut;           // [I, VC, N] the chunk's u
+  Buffer<V> S, Vp;        // [R, VC, J, M] s^t and V^{t-1}
+  Buffer<V> lse;          // [R, VC, J] (in_caps)
+  Buffer<V> DS;           // [R, VC, J, M] ds^t
+  Buffer<V> dss;          // [R, VC, J] ds^t . s^t
+  Buffer<V> alpha, beta;  // [R, I, J, VC]: c^t and dl^t per sample
+};
+
+// Backward phase 1 for the chunk's vectors [v_begin, v_end) (a multiple of kGroupVectors
+// apart, except at the end): ds^t for every t, alpha and beta for the sweeps the plan runs.
+template <typename T>
+CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, const T* g_out,
+                                    const BackwardPlan& plan, int64_t v_begin, int64_t v_end) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::L;
+  const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
+  const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
+  const int64_t nv = v_end - v_begin;
+  Buffer<V> uh(JM), l(J), e(J), dots(2 * J), D(nv * JM), A(nv * JM), g(JM);
+  auto state = [&](int64_t t, int64_t v) { return (t * VC + v) * JM; };
+  auto scalars = [&](int64_t t, int64_t v) { return (t * VC + v) * J; };
+  // Every lane gets a finite ds^t: padded lanes have s = 0 and grad_v = 0.
+  auto squash_backward_vector = [&](int64_t t, int64_t v, const V* dv) {
+    for (int k = 0; k < L; ++k) {
       for (int64_t j = 0; j < J; ++j) {
-        squash_backward(a.s + bt * JM + j * M, g_out + (g0 + g) * JM + j * M, ds + bt * JM + j * M, M);
-        dss[bt * J + j] = dot(ds + bt * JM + j * M, a.s + bt * JM + j * M, M);
+        c.dss[scalars(t, v) + j][k] = squash_backward_lane<T>(
+            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M);
       }
     }
-    if (!sweeps) continue;
-    for (int64_t k = 0; k < G * JM; ++k) D[k] = T(0);
-    // V^0 is a constant: the first iteration passes nothing further back, so no sweep t = 1.
-    for (int64_t t = R - 1; t >= 1; --t) {
-      for (int64_t k = 0; k < G * JM; ++k) A[k] = T(0);
-      for (int64_t i = 0; i < I; ++i) {
-        const T* w_i = a.w + i * JNM;
-        const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t bt = (g0 + g) * R + t;
-          const T* ds_t = ds + bt * JM;
-          predict<T, MC>(a.u + ((g0 + g) * I + i) * N, w_i, uh, J, N, M);
-          logits(uh, a.V + bt * JM, prior_i, false, l, J, M);
-          couplings(l, a.in_caps ? a.lse + bt * J : nullptr, a.in_caps, J);
-          for (int64_t j = 0; j < J; ++j) e[j] = dot(ds_t + j * M, uh + j * M, M);
-          logit_grads(l, e, dss + bt * J, a.in_caps, dl, J);
-          T* A_g = A + g * JM;
-          for (int64_t j = 0; j < J; ++j) axpy(dl[j], uh + j * M, A_g + j * M, M);
+  };
+  for (int64_t v = v_begin; v < v_end; ++v) {
+    g.assign(JM, V{});
+    for (int64_t k = 0; k < L && c.b0 + v * L + k < B; ++k) {
+      for (int64_t q = 0; q < JM; ++q) g[q][k] = g_out[(c.b0 + v * L + k) * JM + q];
+    }
+    squash_backward_vector(R - 1, v, g.data());
+  }
+  std::fill(D.begin(), D.end(), V{});
+  for (int64_t t = R - 1; t >= 0; --t) {
+    const bool sweep = plan.sweep(t, R);
+    const bool need_A = t >= 1 && plan.carry();
+    if (!sweep && !plan.alpha_used(t, R)) continue;
+    std::fill(A.begin(), A.end(), V{});
+    for (int64_t i = 0; i < I; ++i) {
+      const T* w_i = a.w + i * JNM;
+      const T* prior_i = a.prior ? a.prior + i * J : nullptr;
+      for (int64_t v = v_begin; v < v_end; ++v) {
+        V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
+        V* beta = &c.beta[((t * I + i) * J) * VC + v];
+        const V* ds = &c.DS[state(t, v)];
+        const V* ur = &c.ut[(i * VC + v) * N];
+        if (sweep && t > 0) {
+          // dots [0, J): u_hat . V^{t-1} (agreement); [J, 2J): e = u_hat . ds^t.
+          predict<2, T, V>(w_i, ur, uh.data(), J, N, M, &c.Vp[state(t, v)], ds, dots.data());
+          logits<T, V>(prior_i, dots.data(), l.data(), J);
+          std::copy(&dots[J], &dots[2 * J], e.data());
+        } else if (sweep) {
+          predict<1, T, V>(w_i, ur, uh.data(), J, N, M, ds, nullptr, e.data());
+          logits<T, V>(prior_i, nullptr, l.data(), J);
+        } else {
+          // alpha^0 alone: the first logits are the prior, u_hat is not needed.
+          logits<T, V>(prior_i, nullptr, l.data(), J);
+        }
+        if (a.in_caps) {
+          for (int64_t j = 0; j < J; ++j) l[j] = vexp(l[j] - c.lse[scalars(t, v) + j]);
+        } else {
+          softmax<T>(l.data(), J);
+        }
+        for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
+        if (!sweep) continue;
+        // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
+        if (a.in_caps) {
+          // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j.
+          for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
+        } else {
+          V ce{};
+          for (int64_t j = 0; j < J; ++j) ce += l[j] * e[j];
+          for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - ce);
+        }
+        for (int64_t j = 0; j < J; ++j) beta[j * VC] = e[j];
+        if (need_A) {
+          V* Av = &A[(v - v_begin) * JM];
+          for (int64_t j = 0; j < J; ++j) {
+            for (int64_t m = 0; m < M; ++m) Av[j * M + m] += e[j] * uh[j * M + m];
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        // dL/dv^{t-1} = D (only through V^{t-1}, which feeds every later iteration).
-        T* D_g = D + g * JM;
-        for (int64_t k = 0; k < JM; ++k) D_g[k] += A[g * JM + k];
-        const int64_t bt = (g0 + g) * R + t - 1;
-        for (int64_t j = 0; j < J; ++j) {
-          squash_backward(a.s + bt * JM + j * M, D_g + j * M, ds + bt * JM + j * M, M);
-          dss[bt * J + j] = dot(ds + bt * JM + j * M, a.s + bt * JM + j * M, M);
-        }
-      }
+    }
+    if (!need_A) continue;
+    // dL/dv^{t-1} = D, the sum of A over the later sweeps (V^{t-1} feeds every later one).
+    for (int64_t v = v_begin; v < v_end; ++v) {
+      V* Dv = &D[(v - v_begin) * JM];
+      for (int64_t q = 0; q < JM; ++q) Dv[q] += A[(v - v_begin) * JM + q];
+      squash_backward_vector(t - 1, v, Dv);
     }
   }
 }
 
-// Backward phase 2 for input-capsule tiles [tile_begin, tile_end): du [B, I, N],
-// dW [I, J, N, M], dprior [I, J] (null = not wanted). Each tile owns its rows of dW and dprior
-// and visits the samples in order, so the sums do not depend on the thread count.
-template <typename T, int MC>
-CAPSNET_KERNEL void backward_inputs_tiles(const Routing<T>& a, const T* ds, const T* dss, T* du,
-                                          T* dw, T* dprior, bool detach_inner,
-                                          int64_t tile_begin, int64_t tile_end, T* work) {
-  const int64_t I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R, B = a.sz.B;
-  const int64_t M = MC > 0 ? MC : a.sz.M;
-  const int64_t JM = J * M;
-  const int64_t JNM = J * N * M;
-  const bool need_uhat_grad = du != nullptr || dw != nullptr;
-  T* uh = work;
-  T* duh = work + JM;
-  T* acc = work + 2 * JM;  // [N, M]
-  T* l = acc + N * M;
-  T* e = l + J;
-  T* dl = e + J;
-  T* dp = dl + J;  // [kCapsTile, J]
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int64_t i0 = tile * kCapsTile;
-    const int64_t i1 = std::min(I, i0 + kCapsTile);
-    if (dw != nullptr) {
-      for (int64_t k = i0 * JNM; k < i1 * JNM; ++k) dw[k] = T(0);
+// Unaligned loads and stores of a vector of M values, for the phase-2 loops that are
+// vectorised over the pose dimension (m) rather than over samples.
+template <typename T>
+struct Unaligned {
+  typedef T V __attribute__((vector_size(32), aligned(alignof(T)), may_alias));
+};
+
+template <typename T, typename V>
+CAPSNET_INLINE T hsum(V x) {
+  T sum = 0;
+  for (int64_t k = 0; k < Lanes<T>::L; ++k) sum += x[k];
+  return sum;
+}
+
+// du[b, i, n0 .. n0 + NB) = sum_j W[i, j, n, :] . du_hat_j, MV vectors per capsule, NB x MV
+// accumulators in registers.
+template <int NB, int MV, typename T>
+CAPSNET_INLINE void du_block(const T* w_i, const T* d, T* du_bi, int64_t n0, int64_t J,
+                             int64_t N) {
+  using U = typename Unaligned<T>::V;
+  constexpr int64_t L = Lanes<T>::L, M = MV * L;
+  typename Lanes<T>::V acc[NB][MV] = {};
+  for (int64_t j = 0; j < J; ++j) {
+    const U* dj = reinterpret_cast<const U*>(d + j * M);
+#pragma GCC unroll 8
+    for (int nb = 0; nb < NB; ++nb) {
+      const U* w = reinterpret_cast<const U*>(w_i + (j * N + n0 + nb) * M);
+#pragma GCC unroll 4
+      for (int q = 0; q < MV; ++q) acc[nb][q] += w[q] * dj[q];
     }
-    for (int64_t k = 0; k < kCapsTile * J; ++k) dp[k] = T(0);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T* u_bi = a.u + (b * I + i) * N;
-        const T* w_i = a.w + i * JNM;
-        const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        predict<T, MC>(u_bi, w_i, uh, J, N, M);
-        if (need_uhat_grad) {
-          for (int64_t k = 0; k < JM; ++k) duh[k] = T(0);
-        }
+  }
+#pragma GCC unroll 8
+  for (int nb = 0; nb < NB; ++nb) {
+    typename Lanes<T>::V x = acc[nb][0];
+    for (int q = 1; q < MV; ++q) x += acc[nb][q];
+    du_bi[n0 + nb] = hsum<T>(x);
+  }
+}
+
+// dW[i, j, n0 .. n0 + NB, :] (+)= sum over the chunk's samples g of u[g, i, n] du_hat[g, j, :].
+template <int NB, int MV, typename T>
+CAPSNET_INLINE void dw_block(const T* u_i, int64_t u_stride, const T* duh_j, int64_t duh_stride,
+                             int64_t nb_samples, T* out, int64_t n0, bool first) {
+  using U = typename Unaligned<T>::V;
+  constexpr int64_t L = Lanes<T>::L, M = MV * L;
+  typename Lanes<T>::V acc[NB][MV] = {};
+  for (int64_t g = 0; g < nb_samples; ++g) {
+    const U* dj = reinterpret_cast<const U*>(duh_j + g * duh_stride);
+    const T* ug = u_i + g * u_stride + n0;
+#pragma GCC unroll 8
+    for (int nb = 0; nb < NB; ++nb) {
+#pragma GCC unroll 4
+      for (int q = 0; q < MV; ++q) acc[nb][q] += ug[nb] * dj[q];
+    }
+  }
+#pragma GCC unroll 8
+  for (int nb = 0; nb < NB; ++nb) {
+    U* o = reinterpret_cast<U*>(out + (n0 + nb) * M);
+#pragma GCC unroll 4
+    for (int q = 0; q < MV; ++q) o[q] = first ? acc[nb][q] : o[q] + acc[nb][q];
+  }
+}
+
+// Backward phase 2 for input capsules [i_begin, i_end) and the chunk's samples: du rows, and
+// dW[i] and dprior[i] accumulated over the chunks in order (first chunk: written).
+// MV > 0: M = MV x L, so the loops over m are whole vectors with register accumulators;
+// MV = 0: any M, plain loops.
+template <typename T, int MV>
+CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T>& c,
+                                    const BackwardPlan& plan, const T* ds, T* du, T* dw,
+                                    T* dprior, bool first_chunk, int64_t i_begin,
+                                    int64_t i_end) {
+  constexpr int64_t L = Lanes<T>::L;
+  // Registers for about 8 accumulators.
+  constexpr int NB = MV >= 8 ? 1 : (MV > 0 ? 8 / MV : 1);
+  const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R, M = a.sz.M;
+  const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
+  const int64_t nb = std::min(VC * L, B - c.b0);
+  const T* alpha = reinterpret_cast<const T*>(c.alpha.data());  // [R, I, J, VC L]
+  const T* beta = reinterpret_cast<const T*>(c.beta.data());
+  const int64_t CS = VC * L;
+  std::vector<T> duh(nb * JM), acc(N * M), dp(J);
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    const T* w_i = a.w + i * JNM;
+    for (int64_t j = 0; j < J; ++j) dp[j] = T(0);
+    for (int64_t g = 0; g < nb; ++g) {
+      const int64_t b = c.b0 + g;
+      if (plan.need_dp) {
         for (int64_t t = 0; t < R; ++t) {
-          // detach_inner: u_hat has a gradient only through the last weighted sum.
-          const bool uhat_grad = need_uhat_grad && (!detach_inner || t == R - 1);
-          if (!uhat_grad && dprior == nullptr) continue;
-          const int64_t bt = b * R + t;
-          const T* Vp = a.V + bt * JM;
-          const T* ds_t = ds + bt * JM;
-          logits(uh, Vp, prior_i, t == 0, l, J, M);
-          couplings(l, a.in_caps ? a.lse + bt * J : nullptr, a.in_caps, J);
-          for (int64_t j = 0; j < J; ++j) e[j] = dot(ds_t + j * M, uh + j * M, M);
-          logit_grads(l, e, dss + bt * J, a.in_caps, dl, J);
-          if (uhat_grad) {
-            for (int64_t j = 0; j < J; ++j) {
-              axpy(l[j], ds_t + j * M, duh + j * M, M);
-              if (!detach_inner && t > 0) axpy(dl[j], Vp + j * M, duh + j * M, M);
-            }
+          if (!plan.sweep(t, R)) continue;
+          for (int64_t j = 0; j < J; ++j) dp[j] += beta[((t * I + i) * J + j) * CS + g];
+        }
+      }
+      if (!plan.need_uhat_grad) continue;
+      // du_hat_bij = sum_t alpha^t_bij ds^t_bj + beta^t_bij V^{t-1}_bj.
+      T* d = &duh[g * JM];
+      for (int64_t j = 0; j < J; ++j) {
+        if constexpr (MV > 0) {
+          using U = typename Unaligned<T>::V;
+          typename Lanes<T>::V dj[MV] = {};
+          for (int64_t t = 0; t < R; ++t) {
+            if (!plan.alpha_used(t, R)) continue;
+            const int64_t at = ((t * I + i) * J + j) * CS + g;
+            const T al = alpha[at];
+            const T be = !plan.detach_inner && t > 0 ? beta[at] : T(0);
+            const U* dsj = reinterpret_cast<const U*>(ds + ((b * R + t) * J + j) * M);
+            const U* Vj = reinterpret_cast<const U*>(a.V + ((b * R + t) * J + j) * M);
+#pragma GCC unroll 4
+            for (int q = 0; q < MV; ++q) dj[q] += al * dsj[q] + be * Vj[q];
           }
-          if (dprior != nullptr) {
-            for (int64_t j = 0; j < J; ++j) dp[(i - i0) * J + j] += dl[j];
+#pragma GCC unroll 4
+          for (int q = 0; q < MV; ++q) reinterpret_cast<U*>(d + j * M)[q] = dj[q];
+        } else {
+          T* dj = d + j * M;
+          std::fill(dj, dj + M, T(0));
+          for (int64_t t = 0; t < R; ++t) {
+            if (!plan.alpha_used(t, R)) continue;
+            const int64_t at = ((t * I + i) * J + j) * CS + g;
+            const T al = alpha[at];
+            const T be = !plan.detach_inner && t > 0 ? beta[at] : T(0);
+            const T* dsj = ds + ((b * R + t) * J + j) * M;
+            const T* Vj = a.V + ((b * R + t) * J + j) * M;
+            for (int64_t m = 0; m < M; ++m) dj[m] += al * dsj[m] + be * Vj[m];
           }
         }
-        if (du != nullptr) {
-          // du[n] = sum_j W[i, j, n, :] . du_hat_j: accumulate over j in vectors of M, then
-          // one horizontal sum per n.
-          for (int64_t k = 0; k < N * M; ++k) acc[k] = T(0);
-          for (int64_t j = 0; j < J; ++j) {
-            for (int64_t n = 0; n < N; ++n) {
-              const T* w = w_i + (j * N + n) * M;
-              const T* d = duh + j * M;
-#pragma omp simd
-              for (int64_t m = 0; m < M; ++m) acc[n * M + m] += w[m] * d[m];
-            }
-          }
+      }
+      if (du == nullptr) continue;
+      T* du_bi = du + (b * I + i) * N;
+      if constexpr (MV > 0) {
+        int64_t n0 = 0;
+        for (; n0 + NB <= N; n0 += NB) du_block<NB, MV>(w_i, d, du_bi, n0, J, N);
+        for (; n0 < N; ++n0) du_block<1, MV>(w_i, d, du_bi, n0, J, N);
+      } else {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t j = 0; j < J; ++j) {
           for (int64_t n = 0; n < N; ++n) {
-            T sum = 0;
-            for (int64_t m = 0; m < M; ++m) sum += acc[n * M + m];
-            du[(b * I + i) * N + n] = sum;
+            const T* w = w_i + (j * N + n) * M;
+            for (int64_t m = 0; m < M; ++m) acc[n * M + m] += w[m] * d[j * M + m];
           }
         }
-        if (dw != nullptr) {
-          T* dw_i = dw + i * JNM;
-          for (int64_t j = 0; j < J; ++j) {
-            for (int64_t n = 0; n < N; ++n) axpy(u_bi[n], duh + j * M, dw_i + (j * N + n) * M, M);
+        for (int64_t n = 0; n < N; ++n) {
+          T sum = 0;
+          for (int64_t m = 0; m < M; ++m) sum += acc[n * M + m];
+          du_bi[n] = sum;
+        }
+      }
+    }
+    if (dw != nullptr) {
+      T* dw_i = dw + i * JNM;
+      const T* u_i = a.u + (c.b0 * I + i) * N;
+      for (int64_t j = 0; j < J; ++j) {
+        T* out = dw_i + j * N * M;
+        if constexpr (MV > 0) {
+          int64_t n0 = 0;
+          for (; n0 + NB <= N; n0 += NB) {
+            dw_block<NB, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+          }
+          for (; n0 < N; ++n0) dw_block<1, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+        } else {
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t m = 0; m < M; ++m) {
+              T sum = 0;
+              for (int64_t g = 0; g < nb; ++g) sum += u_i[g * I * N + n] * duh[g * JM + j * M + m];
+              out[n * M + m] = first_chunk ? sum : out[n * M + m] + sum;
+            }
           }
         }
       }
     }
     if (dprior != nullptr) {
-      for (int64_t k = 0; k < (i1 - i0) * J; ++k) dprior[i0 * J + k] = dp[k];
+      for (int64_t j = 0; j < J; ++j) {
+        dprior[i * J + j] = (first_chunk ? T(0) : dprior[i * J + j]) + dp[j];
+      }
     }
   }
 }
 
-// Calls body(std::integral_constant<int, MC>) with MC = M for the pose sizes worth
-// specialising (16: the paper's digit capsules), MC = 0 (any M) otherwise.
-template <typename Body>
-void dispatch_pose_size(int64_t M, const Body& body) {
-  switch (M) {
-    case 16: body(std::integral_constant<int, 16>()); break;
-    case 8: body(std::integral_constant<int, 8>()); break;
-    case 4: body(std::integral_constant<int, 4>()); break;
-    default: body(std::integral_constant<int, 0>());
+// Calls body(std::integral_constant<int, MV>) with MV = M / L (vectors per capsule) when M is
+// 1, 2 or 4 vectors of T (16: the paper's digit capsules), MV = 0 (any M) otherwise.
+template <typename T, typename Body>
+void dispatch_pose_vectors(int64_t M, const Body& body) {
+  constexpr int64_t L = Lanes<T>::L;
+  if (M == L) {
+    body(std::integral_constant<int, 1>());
+  } else if (M == 2 * L) {
+    body(std::integral_constant<int, 2>());
+  } else if (M == 4 * L) {
+    body(std::integral_constant<int, 4>());
+  } else {
+    body(std::integral_constant<int, 0>());
   }
 }
 
 template <typename T>
 void forward_kernel(const Routing<T>& a, T* v) {
-  const RoutingSizes& sz = a.sz;
-  const int64_t JM = sz.J * sz.M;
-  at::parallel_for(0, sz.B, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<T> work(JM + sz.J + kSampleGroup * (2 * JM + 2 * sz.J));
-    dispatch_pose_size(sz.M, [&](auto mc) {
-      constexpr int MC = decltype(mc)::value;
-      forward_samples<T, MC>(a, v, b_begin, b_end, work.data());
-    });
+  const int64_t group = kGroupVectors * Lanes<T>::L;
+  const int64_t groups = (a.sz.B + group - 1) / group;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    forward_groups<T>(a, v, begin, end);
   });
 }
 
 template <typename T>
-void backward_kernel(const Routing<T>& a, const T* g, T* ds, T* dss, T* du, T* dw, T* dprior,
+void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T* dprior,
                      bool detach_inner) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::L;
   const RoutingSizes& sz = a.sz;
-  const int64_t JM = sz.J * sz.M;
-  // With detach_inner only the prior's gradient needs the iterations before the last.
-  const bool sweeps = !detach_inner || dprior != nullptr;
-  at::parallel_for(0, sz.B, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<T> work(JM + 3 * sz.J + kSampleGroup * 2 * JM);
-    dispatch_pose_size(sz.M, [&](auto mc) {
-      constexpr int MC = decltype(mc)::value;
-      backward_states_samples<T, MC>(a, g, ds, dss, sweeps, b_begin, b_end, work.data());
+  const int64_t I = sz.I, J = sz.J, N = sz.N, M = sz.M, R = sz.R, JM = J * M;
+  const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr};
+  const int64_t vectors = (sz.B + L - 1) / L;
+  if (vectors == 0) {  // B = 0: the sums over the batch are empty
+    if (dw != nullptr) std::fill(dw, dw + I * J * N * M, T(0));
+    if (dprior != nullptr) std::fill(dprior, dprior + I * J, T(0));
+    return;
+  }
+  BackwardChunk<T> c;
+  for (int64_t v0 = 0; v0 < vectors; v0 += kChunkVectors) {
+    c.b0 = v0 * L;
+    c.VC = std::min(kChunkVectors, vectors - v0);
+    const int64_t VC = c.VC;
+    c.ut.resize(I * VC * N);
+    gather_samples(a, c.b0, VC, c.ut.data());
+    c.S.assign(R * VC * JM, V{});
+    c.Vp.assign(R * VC * JM, V{});
+    c.lse.assign(R * VC * J, V{});
+    c.DS.assign(R * VC * JM, V{});
+    c.dss.assign(R * VC * J, V{});
+    c.alpha.resize(R * I * J * VC);
+    c.beta.resize(R * I * J * VC);
+    for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
+      const int64_t b = c.b0 + g, v = g / L, k = g % L;
+      for (int64_t t = 0; t < R; ++t) {
+        for (int64_t q = 0; q < JM; ++q) {
+          c.S[(t * VC + v) * JM + q][k] = a.s[(b * R + t) * JM + q];
+          c.Vp[(t * VC + v) * JM + q][k] = a.V[(b * R + t) * JM + q];
+        }
+        if (a.in_caps) {
+          for (int64_t j = 0; j < J; ++j) c.lse[(t * VC + v) * J + j][k] = a.lse[(b * R + t) * J + j];
+        }
+      }
+    }
+    at::parallel_for(0, (VC + kGroupVectors - 1) / kGroupVectors, 1,
+                     [&](int64_t begin, int64_t end) {
+                       backward_sweeps<T>(a, c, g, plan, begin * kGroupVectors,
+                                          std::min(VC, end * kGroupVectors));
+                     });
+    // ds^t per sample, as phase 2 reads it.
+    for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
+      const int64_t b = c.b0 + g, v = g / L, k = g % L;
+      for (int64_t t = 0; t < R; ++t) {
+        for (int64_t q = 0; q < JM; ++q) ds_out[(b * R + t) * JM + q] = c.DS[(t * VC + v) * JM + q][k];
+      }
+    }
+    const bool first = v0 == 0;
+    at::parallel_for(0, I, 8, [&](int64_t begin, int64_t end) {
+      dispatch_pose_vectors<T>(M, [&](auto mv) {
+        constexpr int MV = decltype(mv)::value;
+        backward_inputs<T, MV>(a, c, plan, ds_out, du, dw, dprior, first, begin, end);
+      });
     });
-  });
-  const int64_t tiles = (sz.I + kCapsTile - 1) / kCapsTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<T> work(2 * JM + sz.N * sz.M + 3 * sz.J + kCapsTile * sz.J);
-    dispatch_pose_size(sz.M, [&](auto mc) {
-      constexpr int MC = decltype(mc)::value;
-      backward_inputs_tiles<T, MC>(a, ds, dss, du, dw, dprior, detach_inner, tile_begin,
-                                   tile_end, work.data());
-    });
-  });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
@@ -520,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
       const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
                          call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
                          call.sz, softmax_in_caps};
-      backward_kernel<T>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), call.dss.data_ptr<T>(),
+      backward_kernel<T>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(),
                          call.need_du ? call.du.data_ptr<T>() : nullptr,
                          call.need_dw ? call.dw.data_ptr<T>() : nullptr,
                          call.need_dp ? call.dp.data_ptr<T>() : nullptr, detach_inner);
