@@ -37,13 +37,19 @@
 
 #include "routing_common.h"
 
+// The 32-byte vector helpers are always inlined, so the ABI of passing them by value (which
+// GCC warns differs with and without AVX) never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace capsnet_fused {
 namespace {
 
 constexpr double kSquashEps = 1e-8;
 // Sample vectors per forward / backward-phase-1 task: W[i] is reused from L1 for all of them,
-// while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it.
+// while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it. Small
+// batches (fewer than 4 vectors) use groups of one vector, so that both cores get work.
 constexpr int64_t kGroupVectors = 2;
+inline int64_t group_vectors(int64_t vectors) { return vectors >= 4 ? kGroupVectors : 1; }
 // Sample vectors per backward chunk: the chunk's alpha and beta take 2 R I J x 32 samples
 // (8.8 MB at the MNIST shape with r = 3, float32).
 constexpr int64_t kChunkVectors = 4;
@@ -299,19 +305,20 @@ void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
   }
 }
 
-// Forward for groups [grp_begin, grp_end) of kGroupVectors sample vectors.
+// Forward for groups [grp_begin, grp_end) of KV sample vectors (the last one may be shorter).
 template <typename T>
-CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t grp_begin,
+CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, int64_t grp_begin,
                                    int64_t grp_end) {
   using V = typename Lanes<T>::V;
-  constexpr int64_t L = Lanes<T>::L, KV = kGroupVectors;
+  constexpr int64_t L = Lanes<T>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M;
   Buffer<V> ut(I * KV * N), uh(JM), l(J), dots(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
       norm(KV * J);
   for (int64_t grp = grp_begin; grp < grp_end; ++grp) {
     const int64_t b0 = grp * KV * L;
-    gather_samples(a, b0, KV, ut.data());
+    const int64_t nv = std::min(KV, (B - b0 + L - 1) / L);
+    gather_samples(a, b0, nv, ut.data());
     std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
@@ -320,8 +327,8 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t grp_be
       for (int64_t i = 0; i < I; ++i) {
         const T* w_i = a.w + i * JNM;
         const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        for (int64_t v = 0; v < KV; ++v) {
-          const V* ur = &ut[(i * KV + v) * N];
+        for (int64_t v = 0; v < nv; ++v) {
+          const V* ur = &ut[(i * nv + v) * N];
           if (t == 0) {
             predict<0, T, V>(w_i, ur, uh.data(), J, N, M, nullptr, nullptr, nullptr);
             logits<T, V>(prior_i, nullptr, l.data(), J);
@@ -411,8 +418,7 @@ struct BackwardChunk {
   Buffer<V> alpha, beta;  // [R, I, J, VC]: c^t and dl^t per sample
 };
 
-// Backward phase 1 for the chunk's vectors [v_begin, v_end) (a multiple of kGroupVectors
-// apart, except at the end): ds^t for every t, alpha and beta for the sweeps the plan runs.
+// Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta for the sweeps the plan runs.
 template <typename T>
 CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, const T* g_out,
                                     const BackwardPlan& plan, int64_t v_begin, int64_t v_end) {
@@ -696,10 +702,10 @@ void dispatch_pose_vectors(int64_t M, const Body& body) {
 
 template <typename T>
 void forward_kernel(const Routing<T>& a, T* v) {
-  const int64_t group = kGroupVectors * Lanes<T>::L;
-  const int64_t groups = (a.sz.B + group - 1) / group;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    forward_groups<T>(a, v, begin, end);
+  const int64_t vectors = (a.sz.B + Lanes<T>::L - 1) / Lanes<T>::L;
+  const int64_t KV = group_vectors(vectors);
+  at::parallel_for(0, (vectors + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
+    forward_groups<T>(a, v, KV, begin, end);
   });
 }
 
@@ -743,11 +749,10 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
         }
       }
     }
-    at::parallel_for(0, (VC + kGroupVectors - 1) / kGroupVectors, 1,
-                     [&](int64_t begin, int64_t end) {
-                       backward_sweeps<T>(a, c, g, plan, begin * kGroupVectors,
-                                          std::min(VC, end * kGroupVectors));
-                     });
+    const int64_t KV = group_vectors(VC);
+    at::parallel_for(0, (VC + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
+      backward_sweeps<T>(a, c, g, plan, begin * KV, std::min(VC, end * KV));
+    });
     // ds^t per sample, as phase 2 reads it.
     for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
       const int64_t b = c.b0 + g, v = g / L, k = g % L;

@@ -61,6 +61,28 @@ def test_matches_reference(shape, variant, dtype):
     assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
 
 
+# Batches that fill several sample vectors (8 float32 / 4 float64 lanes), groups of two
+# vectors, several backward chunks (32 float32 / 16 float64 samples) and a ragged last vector;
+# pose sizes of one, two and four vectors and a size that is none of those.
+BATCH_SHAPES = [
+    Shape(77, 13, 5, 4, 16, 3),
+    Shape(45, 9, 3, 3, 8, 2),
+    Shape(33, 6, 4, 5, 32, 1),
+    Shape(20, 5, 2, 2, 7, 4),
+]
+
+
+@pytest.mark.parametrize("shape", BATCH_SHAPES, ids=[s.id for s in BATCH_SHAPES])
+@variant_params
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_large_batches_match_reference(shape, variant, dtype):
+    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+    kwargs = routing_kwargs(shape, variant)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
+
+
 GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
 GRADCHECK_SHAPES = [Shape(2, 6, 3, 3, 4, 3), Shape(1, 4, 2, 2, 16, 2)]
 
@@ -240,7 +262,7 @@ def test_torch_compile_capsnet_fullgraph():
 
 
 def test_threads_do_not_change_results():
-    shape = Shape(6, 70, 5, 4, 16, 3)
+    shape = Shape(70, 40, 5, 4, 16, 3)
     u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
     kwargs = dict(iterations=3, softmax_over="in_caps")
     threads = torch.get_num_threads()
