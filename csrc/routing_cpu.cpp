@@ -6,12 +6,13 @@
 // exp is a vector polynomial instead of L x J calls to libm.
 //
 // Forward: parallel over groups of kGroupVectors x L samples. Each sweep walks the input
-// capsules once; W[i] (5 KB at the MNIST shape) is read once per group and sweep and reused
-// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer.
-// (A sample's u_hat, 737 KB at the MNIST shape, does not fit this machine's 512 KB L2, and
-// caching a group's u_hat in L3 or memory costs more than recomputing it: see the README.)
-// Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per (t, j) are saved:
-// O(B R J M), never a B x I x J x M tensor.
+// capsules once; each weight W[i, j, n, m] is broadcast once and multiplied into both vectors
+// of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer (a sample's u_hat, 737 KB
+// at the MNIST shape, does not fit this machine's 512 KB L2, and keeping a group's u_hat in L3
+// or memory between sweeps would cost more than recomputing it: see the README). The weighted
+// u_hat of kCapsBlock input capsules is added to s in one pass. Only s^t, V^{t-1} and
+// (softmax over in_caps) the log-sum-exp per (t, j) are saved: O(B R J M), never a
+// B x I x J x M tensor.
 //
 // Backward, per chunk of kChunkVectors x L samples, in two phases; every output element is
 // written by one thread in a fixed order, so the results are bitwise identical whatever the
@@ -49,7 +50,12 @@ constexpr double kSquashEps = 1e-8;
 // while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it. Small
 // batches (fewer than 4 vectors) use groups of one vector, so that both cores get work.
 constexpr int64_t kGroupVectors = 2;
+// The most vectors a backward-phase-1 task can be given (two groups: see backward_kernel).
+constexpr int64_t kMaxGroupVectors = 2 * kGroupVectors;
 inline int64_t group_vectors(int64_t vectors) { return vectors >= 4 ? kGroupVectors : 1; }
+// Input capsules whose weighted u_hat is added to s (or, backward, to A) in one pass: one load
+// and store of the running sum per kCapsBlock products (stores are the slow part on this CPU).
+constexpr int64_t kCapsBlock = 4;
 // Sample vectors per backward chunk: the chunk's alpha and beta take 2 R I J x 32 samples
 // (8.8 MB at the MNIST shape with r = 3, float32).
 constexpr int64_t kChunkVectors = 4;
@@ -111,9 +117,12 @@ class Buffer {
   int64_t size_ = 0, capacity_ = 0;
 };
 
+// Every lane x (a broadcast; `V{} + x` would also add 0, which is not free: -0 + 0 = +0).
 template <typename V, typename T>
 CAPSNET_INLINE V splat(T x) {
-  return V{} + x;
+  V r;
+  for (size_t k = 0; k < sizeof(V) / sizeof(T); ++k) r[k] = x;
+  return r;
 }
 
 // Lane-wise max that keeps a NaN in `b` (the running value) and ignores one in `a` only for
@@ -187,68 +196,89 @@ CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int
   return dss;
 }
 
-// u_hat_i [J, M] = sum_n u_i[n] W_i[:, n, :] for one vector of samples: ur [N] vectors,
-// w_i = W[i] [J, N, M]. Blocks of K outputs are accumulated in registers (K independent FMA
-// chains; each u_i[n] vector is loaded once per block and each weight is broadcast). While
-// the block is in registers, its dot products with NDOT other [J, M] arrays (V^{t-1} for the
-// logits, ds^t for the agreement gradient) are added to dots[d][j], summed as a tree so that
-// no long chain of dependent FMAs forms.
-template <int K, int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict_block(const T* __restrict w, const V* __restrict ur,
-                                  V* __restrict out, int64_t N, int64_t M,
-                                  const V* const* with, V* dots) {
-  V acc[K];
+// The operands of one sample vector in predict: u_i, where u_hat_i goes, and the arrays whose
+// dot products with u_hat_i are wanted.
+template <typename V>
+struct PredictArgs {
+  const V* ur;       // [N] u_i
+  V* uh;             // [J, M] u_hat_i
+  const V* with[2];  // [J, M] each (NDOT of them): V^{t-1} for the logits, ds^t
+  V* dots;           // [NDOT, J]: dots[d * J + j] = u_hat_ij . with[d][j]
+};
+
+// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for NV sample vectors at once. The
+// K x NV outputs are accumulated in registers (independent FMA chains); each weight is
+// broadcast once and used for all NV vectors, and each u_i[n] vector is loaded once per block.
+// While the block is in registers, its dot products with the `with` arrays are added to
+// dj[v][d], summed as a tree so that no long chain of dependent FMAs forms.
+template <int K, int NV, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* args, int64_t jm,
+                                  int64_t N, int64_t M, V (&dj)[NV][2]) {
+  V acc[NV][K];
 #pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) acc[k] = V{};
+  for (int k = 0; k < K; ++k) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[v][k] = V{};
+  }
   for (int64_t n = 0; n < N; ++n) {
-    const V un = ur[n];
+    V un[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) un[v] = args[v].ur[n];
     const T* wn = w + n * M;
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) acc[k] += wn[k] * un;
-  }
-#pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) out[k] = acc[k];
+    for (int k = 0; k < K; ++k) {
+      const V wk = splat<V>(wn[k]);
 #pragma GCC unroll 2
-  for (int d = 0; d < NDOT; ++d) {
-    V p[K];
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) p[k] = acc[k] * with[d][k];
-#pragma GCC unroll 3
-    for (int h = K / 2; h >= 1; h /= 2) {
-#pragma GCC unroll 4
-      for (int k = 0; k < h; ++k) p[k] += p[k + h];
+      for (int v = 0; v < NV; ++v) acc[v][k] += wk * un[v];
     }
-    dots[d] += p[0];
+  }
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) args[v].uh[jm + k] = acc[v][k];
+#pragma GCC unroll 2
+    for (int d = 0; d < NDOT; ++d) {
+      V p[K];
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) p[k] = acc[v][k] * args[v].with[d][jm + k];
+#pragma GCC unroll 3
+      for (int h = K / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 4
+        for (int k = 0; k < h; ++k) p[k] += p[k + h];
+      }
+      dj[v][d] += p[0];
+    }
   }
 }
 
-// uh [J, M] = u_hat_i; dots[d * J + j] = u_hat_ij . with_d[j] for d < NDOT.
-template <int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict(const T* __restrict w_i, const V* __restrict ur, V* __restrict uh,
-                            int64_t J, int64_t N, int64_t M, const V* with0, const V* with1,
-                            V* dots) {
-  const V* with_all[2] = {with0, with1};
+// u_hat_i [J, M] (and its NDOT dot products per j) for NV sample vectors; w_i = W[i] [J, N, M].
+// About 8 accumulator registers: blocks of 8 outputs for one vector, 4 for two.
+template <int NV, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>* args, int64_t J,
+                            int64_t N, int64_t M) {
+  constexpr int KB = NV == 1 ? 8 : 4;
   for (int64_t j = 0; j < J; ++j) {
     const T* w = w_i + j * N * M;
-    V* out = uh + j * M;
-    V dj[NDOT > 0 ? NDOT : 1] = {};
-    const V* with[2] = {};
-    for (int d = 0; d < NDOT; ++d) with[d] = with_all[d] + j * M;
+    V dj[NV][2] = {};
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) {
-      predict_block<8, NDOT>(w + m, ur, out + m, N, M, with, dj);
-      for (int d = 0; d < NDOT; ++d) with[d] += 8;
+    for (; m + KB <= M; m += KB) predict_block<KB, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
+    if constexpr (KB > 4) {
+      for (; m + 4 <= M; m += 4) predict_block<4, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
     }
-    for (; m + 4 <= M; m += 4) {
-      predict_block<4, NDOT>(w + m, ur, out + m, N, M, with, dj);
-      for (int d = 0; d < NDOT; ++d) with[d] += 4;
+    for (; m < M; ++m) predict_block<1, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (int v = 0; v < NV; ++v) {
+      for (int d = 0; d < NDOT; ++d) args[v].dots[d * J + j] = dj[v][d];
     }
-    for (; m < M; ++m) {
-      predict_block<1, NDOT>(w + m, ur, out + m, N, M, with, dj);
-      for (int d = 0; d < NDOT; ++d) with[d] += 1;
-    }
-    for (int d = 0; d < NDOT; ++d) dots[d * J + j] = dj[d];
   }
+}
+
+// predict for the vectors of args [0, nv), two at a time.
+template <int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_vectors(const T* w_i, const PredictArgs<V>* args, int64_t nv,
+                                    int64_t J, int64_t N, int64_t M) {
+  int64_t v = 0;
+  for (; v + 2 <= nv; v += 2) predict<2, NDOT>(w_i, args + v, J, N, M);
+  if (v < nv) predict<1, NDOT>(w_i, args + v, J, N, M);
 }
 
 // Routing logits of one input capsule: l[j] = prior_ij (+ agreement[j] after the first
@@ -275,6 +305,37 @@ CAPSNET_INLINE void softmax(V* l, int64_t J) {
   for (int64_t j = 0; j < J; ++j) l[j] *= inv;
 }
 
+// acc[j, m] = acc[j, m] (x scale[j] when given) + sum_{ib < nb} p[ib, j] uh[ib, j, m] for a block
+// of nb input capsules (NB = nb when known at compile time, else 0).
+template <int NB, typename V>
+CAPSNET_INLINE void accumulate_block(V* __restrict acc, const V* scale, const V* __restrict uh,
+                                     const V* __restrict p, int64_t nb, int64_t J, int64_t M) {
+  const int64_t JM = J * M;
+  const int64_t n = NB > 0 ? NB : nb;
+  for (int64_t j = 0; j < J; ++j) {
+    V pj[kCapsBlock];
+    for (int64_t ib = 0; ib < n; ++ib) pj[ib] = p[ib * J + j];
+    const V sc = scale != nullptr ? scale[j] : V{};
+    for (int64_t m = 0; m < M; ++m) {
+      V x = acc[j * M + m];
+      if (scale != nullptr) x *= sc;
+#pragma GCC unroll 4
+      for (int64_t ib = 0; ib < n; ++ib) x += pj[ib] * uh[ib * JM + j * M + m];
+      acc[j * M + m] = x;
+    }
+  }
+}
+
+template <typename V>
+CAPSNET_INLINE void accumulate_block(V* acc, const V* scale, const V* uh, const V* p, int64_t nb,
+                                     int64_t J, int64_t M) {
+  if (nb == kCapsBlock) {
+    accumulate_block<kCapsBlock>(acc, scale, uh, p, nb, J, M);
+  } else {
+    accumulate_block<0>(acc, scale, uh, p, nb, J, M);
+  }
+}
+
 // Pointers and sizes of one call; kernels assume contiguous tensors in the compute dtype.
 template <typename T>
 struct Routing {
@@ -296,11 +357,12 @@ void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
   const int64_t I = a.sz.I, N = a.sz.N;
   const int64_t nb = std::min(nv * L, a.sz.B - b0);
   if (nb < nv * L) std::fill(ut, ut + I * nv * N, V{});
-  for (int64_t g = 0; g < nb; ++g) {
-    const T* ub = a.u + (b0 + g) * I * N;
-    const int64_t v = g / L, k = g % L;
-    for (int64_t i = 0; i < I; ++i) {
-      for (int64_t n = 0; n < N; ++n) ut[(i * nv + v) * N + n][k] = ub[i * N + n];
+  // Input capsule by input capsule, so that the writes stay within one [nv, N] block.
+  for (int64_t i = 0; i < I; ++i) {
+    for (int64_t g = 0; g < nb; ++g) {
+      const T* ub = a.u + ((b0 + g) * I + i) * N;
+      V* dst = ut + (i * nv + g / L) * N;
+      for (int64_t n = 0; n < N; ++n) dst[n][g % L] = ub[n];
     }
   }
 }
@@ -313,8 +375,8 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
   constexpr int64_t L = Lanes<T>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M;
-  Buffer<V> ut(I * KV * N), uh(JM), l(J), dots(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
-      norm(KV * J);
+  Buffer<V> ut(I * KV * N), uh(KV * kCapsBlock * JM), l(KV * kCapsBlock * J), dots(KV * J),
+      scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J), norm(KV * J);
   for (int64_t grp = grp_begin; grp < grp_end; ++grp) {
     const int64_t b0 = grp * KV * L;
     const int64_t nv = std::min(KV, (B - b0 + L - 1) / L);
@@ -324,38 +386,51 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
       std::fill(S.begin(), S.end(), V{});
       std::fill(mx.begin(), mx.end(), splat<V>(-std::numeric_limits<T>::infinity()));
       std::fill(norm.begin(), norm.end(), V{});
-      for (int64_t i = 0; i < I; ++i) {
-        const T* w_i = a.w + i * JNM;
-        const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        for (int64_t v = 0; v < nv; ++v) {
-          const V* ur = &ut[(i * nv + v) * N];
-          if (t == 0) {
-            predict<0, T, V>(w_i, ur, uh.data(), J, N, M, nullptr, nullptr, nullptr);
-            logits<T, V>(prior_i, nullptr, l.data(), J);
-          } else {
-            predict<1, T, V>(w_i, ur, uh.data(), J, N, M, &Vs[v * JM], nullptr, dots.data());
-            logits<T, V>(prior_i, dots.data(), l.data(), J);
+      for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
+        const int64_t nb = std::min(kCapsBlock, I - i0);
+        // u_hat and logits of the block's input capsules, for every vector of the group.
+        for (int64_t ib = 0; ib < nb; ++ib) {
+          const int64_t i = i0 + ib;
+          PredictArgs<V> args[kMaxGroupVectors];
+          for (int64_t v = 0; v < nv; ++v) {
+            args[v] = {&ut[(i * nv + v) * N], &uh[(v * kCapsBlock + ib) * JM],
+                       {&Vs[v * JM], nullptr}, &dots[v * J]};
           }
+          if (t == 0) {
+            predict_vectors<0>(a.w + i * JNM, args, nv, J, N, M);
+          } else {
+            predict_vectors<1>(a.w + i * JNM, args, nv, J, N, M);
+          }
+          for (int64_t v = 0; v < nv; ++v) {
+            V* l_i = &l[(v * kCapsBlock + ib) * J];
+            logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
+                         l_i, J);
+            if (!a.in_caps) softmax<T>(l_i, J);
+          }
+        }
+        for (int64_t v = 0; v < nv; ++v) {
+          const V* uh_v = &uh[v * kCapsBlock * JM];
+          V* l_v = &l[v * kCapsBlock * J];
           V* Sv = &S[v * JM];
           if (!a.in_caps) {
-            softmax<T>(l.data(), J);
-            for (int64_t j = 0; j < J; ++j) {
-              for (int64_t m = 0; m < M; ++m) Sv[j * M + m] += l[j] * uh[j * M + m];
-            }
+            accumulate_block<V>(Sv, nullptr, uh_v, l_v, nb, J, M);
           } else {
             // Softmax over i in the same sweep (online, as in flash attention): s_j and the
             // denominator are rescaled by exp(old max - new max) as the maximum grows.
             for (int64_t j = 0; j < J; ++j) {
               V& mxj = mx[v * J + j];
-              const V top = vmax(l[j], mxj);
-              const V scale = vexp(mxj - top);
-              const V p = vexp(l[j] - top);
-              norm[v * J + j] = norm[v * J + j] * scale + p;
-              mxj = top;
-              for (int64_t m = 0; m < M; ++m) {
-                Sv[j * M + m] = Sv[j * M + m] * scale + p * uh[j * M + m];
+              V top = mxj;
+              for (int64_t ib = 0; ib < nb; ++ib) top = vmax(l_v[ib * J + j], top);
+              scale[j] = vexp(mxj - top);
+              V sum = norm[v * J + j] * scale[j];
+              for (int64_t ib = 0; ib < nb; ++ib) {
+                l_v[ib * J + j] = vexp(l_v[ib * J + j] - top);
+                sum += l_v[ib * J + j];
               }
+              norm[v * J + j] = sum;
+              mxj = top;
             }
+            accumulate_block<V>(Sv, scale.data(), uh_v, l_v, nb, J, M);
           }
         }
       }
@@ -427,7 +502,9 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, co
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
   const int64_t nv = v_end - v_begin;
-  Buffer<V> uh(JM), l(J), e(J), dots(2 * J), D(nv * JM), A(nv * JM), g(JM);
+  TORCH_CHECK(nv <= kMaxGroupVectors, "capsnet_fused: internal error, ", nv, " vectors per task");
+  Buffer<V> uh(nv * kCapsBlock * JM), l(J), eb(nv * kCapsBlock * J), dots(nv * 2 * J),
+      D(nv * JM), A(nv * JM), g(JM);
   auto state = [&](int64_t t, int64_t v) { return (t * VC + v) * JM; };
   auto scalars = [&](int64_t t, int64_t v) { return (t * VC + v) * J; };
   // Every lane gets a finite ds^t: padded lanes have s = 0 and grad_v = 0.
@@ -452,48 +529,62 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, co
     const bool need_A = t >= 1 && plan.carry();
     if (!sweep && !plan.alpha_used(t, R)) continue;
     std::fill(A.begin(), A.end(), V{});
-    for (int64_t i = 0; i < I; ++i) {
-      const T* w_i = a.w + i * JNM;
-      const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-      for (int64_t v = v_begin; v < v_end; ++v) {
-        V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
-        V* beta = &c.beta[((t * I + i) * J) * VC + v];
-        const V* ds = &c.DS[state(t, v)];
-        const V* ur = &c.ut[(i * VC + v) * N];
-        if (sweep && t > 0) {
-          // dots [0, J): u_hat . V^{t-1} (agreement); [J, 2J): e = u_hat . ds^t.
-          predict<2, T, V>(w_i, ur, uh.data(), J, N, M, &c.Vp[state(t, v)], ds, dots.data());
-          logits<T, V>(prior_i, dots.data(), l.data(), J);
-          std::copy(&dots[J], &dots[2 * J], e.data());
-        } else if (sweep) {
-          predict<1, T, V>(w_i, ur, uh.data(), J, N, M, ds, nullptr, e.data());
-          logits<T, V>(prior_i, nullptr, l.data(), J);
-        } else {
-          // alpha^0 alone: the first logits are the prior, u_hat is not needed.
-          logits<T, V>(prior_i, nullptr, l.data(), J);
-        }
-        if (a.in_caps) {
-          for (int64_t j = 0; j < J; ++j) l[j] = vexp(l[j] - c.lse[scalars(t, v) + j]);
-        } else {
-          softmax<T>(l.data(), J);
-        }
-        for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
-        if (!sweep) continue;
-        // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
-        if (a.in_caps) {
-          // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j.
-          for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
-        } else {
-          V ce{};
-          for (int64_t j = 0; j < J; ++j) ce += l[j] * e[j];
-          for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - ce);
-        }
-        for (int64_t j = 0; j < J; ++j) beta[j * VC] = e[j];
-        if (need_A) {
-          V* Av = &A[(v - v_begin) * JM];
-          for (int64_t j = 0; j < J; ++j) {
-            for (int64_t m = 0; m < M; ++m) Av[j * M + m] += e[j] * uh[j * M + m];
+    for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
+      const int64_t nb = std::min(kCapsBlock, I - i0);
+      for (int64_t ib = 0; ib < nb; ++ib) {
+        const int64_t i = i0 + ib;
+        const T* prior_i = a.prior ? a.prior + i * J : nullptr;
+        if (sweep) {
+          // t > 0: dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t;
+          // t = 0: dots [0, J) = u_hat . ds^t.
+          PredictArgs<V> args[kMaxGroupVectors];
+          for (int64_t v = 0; v < nv; ++v) {
+            const V* ds = &c.DS[state(t, v_begin + v)];
+            args[v] = {&c.ut[(i * VC + v_begin + v) * N], &uh[(v * kCapsBlock + ib) * JM],
+                       {t > 0 ? &c.Vp[state(t, v_begin + v)] : ds, ds}, &dots[v * 2 * J]};
           }
+          if (t > 0) {
+            predict_vectors<2>(a.w + i * JNM, args, nv, J, N, M);
+          } else {
+            predict_vectors<1>(a.w + i * JNM, args, nv, J, N, M);
+          }
+        }
+        for (int64_t v = v_begin; v < v_end; ++v) {
+          const V* dots_v = &dots[(v - v_begin) * 2 * J];
+          V* e = &eb[((v - v_begin) * kCapsBlock + ib) * J];
+          if (sweep) {
+            logits<T, V>(prior_i, t > 0 ? dots_v : nullptr, l.data(), J);
+            std::copy(dots_v + (t > 0 ? J : 0), dots_v + (t > 0 ? 2 * J : J), e);
+          } else {
+            // alpha^0 alone: the first logits are the prior, u_hat is not needed.
+            logits<T, V>(prior_i, nullptr, l.data(), J);
+          }
+          if (a.in_caps) {
+            for (int64_t j = 0; j < J; ++j) l[j] = vexp(l[j] - c.lse[scalars(t, v) + j]);
+          } else {
+            softmax<T>(l.data(), J);
+          }
+          V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
+          for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
+          if (!sweep) continue;
+          // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
+          if (a.in_caps) {
+            // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j.
+            for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
+          } else {
+            V ce{};
+            for (int64_t j = 0; j < J; ++j) ce += l[j] * e[j];
+            for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - ce);
+          }
+          V* beta = &c.beta[((t * I + i) * J) * VC + v];
+          for (int64_t j = 0; j < J; ++j) beta[j * VC] = e[j];
+        }
+      }
+      if (need_A) {
+        // A_j += sum_i dl^t_ij u_hat_ij over the block.
+        for (int64_t v = 0; v < nv; ++v) {
+          accumulate_block<V>(&A[v * JM], nullptr, &uh[v * kCapsBlock * JM],
+                              &eb[v * kCapsBlock * J], nb, J, M);
         }
       }
     }
