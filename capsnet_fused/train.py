@@ -79,6 +79,7 @@ class TrainConfig:
     primary_dim: int = 8
     digit_dim: int = 16
     decoder_hidden: tuple[int, int] = (512, 1024)
+    digit_init_scale: float = 0.01
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -111,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"need lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}")
+        if not self.digit_init_scale > 0:
+            raise ValueError(f"digit_init_scale must be > 0, got {self.digit_init_scale}")
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
 
@@ -258,6 +261,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("H1", "H2"),
         help=f"decoder hidden sizes (default {d.decoder_hidden[0]} {d.decoder_hidden[1]})",
     )
+    model.add_argument(
+        "--digit-init-scale",
+        type=float,
+        help=f"DigitCaps weights start at this x randn (default {d.digit_init_scale})",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
@@ -289,6 +297,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> CapsN
         learn_prior=config.learn_prior,
         detach_inner=config.detach_inner,
         backend=config.backend,
+        digit_init_scale=config.digit_init_scale,
     )
 
 

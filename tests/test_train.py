@@ -289,3 +289,14 @@ def test_config_validation():
         TrainConfig(softmax_over="rows").validate()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         TrainConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="digit_init_scale must be > 0"):
+        TrainConfig(digit_init_scale=0.0).validate()
+
+
+def test_digit_init_scale_sets_the_router_weights():
+    torch.manual_seed(0)
+    small = build_model(TrainConfig(), (1, 28, 28)).digit.weight
+    torch.manual_seed(0)
+    large = build_model(TrainConfig(digit_init_scale=0.1), (1, 28, 28)).digit.weight
+    assert abs(small.std().item() - 0.01) < 1e-3
+    torch.testing.assert_close(large, small * 10)
