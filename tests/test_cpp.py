@@ -289,3 +289,12 @@ def test_cuda_matches_reference():
             kwargs = routing_kwargs(shape, variant)
             out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
             assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-11)
+
+
+def test_flush_to_zero_is_restored_after_the_kernels():
+    # The kernels flush float32 denormals to zero while they run (csrc/routing_cpu.cpp) and
+    # must hand the thread back in its previous floating-point mode.
+    u, weight, prior, grad = make_inputs(Shape(9, 7, 3, 4, 16, 2), True, dtype=torch.float32)
+    run_with_grads(cpp_routing, u, weight, prior, grad, iterations=2)
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.5).item() != 0.0
