@@ -6,8 +6,8 @@
 // exp is a vector polynomial instead of L x J calls to libm.
 //
 // Forward: parallel over groups of kGroupVectors x L samples. Each sweep walks the input
-// capsules once; each weight W[i, j, n, m] is broadcast once and multiplied into both vectors
-// of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer (a sample's u_hat, 737 KB
+// capsules once; W[i] (5 KB at the MNIST shape) is read once per group and sweep and reused
+// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer (a sample's u_hat, 737 KB
 // at the MNIST shape, does not fit this machine's 512 KB L2, and keeping a group's u_hat in L3
 // or memory between sweeps would cost more than recomputing it: see the README). The weighted
 // u_hat of kCapsBlock input capsules is added to s in one pass. Only s^t, V^{t-1} and
@@ -225,79 +225,60 @@ struct PredictArgs {
   V* dots;           // [NDOT, J]: dots[d * J + j] = u_hat_ij . with[d][j]
 };
 
-// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for NV sample vectors at once. The
-// K x NV outputs are accumulated in registers (independent FMA chains); each weight is
-// broadcast once and used for all NV vectors, and each u_i[n] vector is loaded once per block.
-// While the block is in registers, its dot products with the `with` arrays are added to
-// dj[v][d], summed as a tree so that no long chain of dependent FMAs forms.
-template <int K, int NV, int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* args, int64_t jm,
-                                  int64_t N, int64_t M, V (&dj)[NV][2]) {
-  V acc[NV][K];
+// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for one sample vector. The K outputs
+// are accumulated in registers (K independent FMA chains; each u_i[n] vector is loaded once
+// per block and each weight broadcast). While the block is in registers, its dot products with
+// the `with` arrays are added to dj[d], summed as a tree so that no long chain of dependent
+// FMAs forms. (Broadcasting each weight once for two sample vectors, 4 x 2 accumulators, ran
+// 30% slower here.)
+template <int K, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>& args, int64_t jm,
+                                  int64_t N, int64_t M, V (&dj)[2]) {
+  V acc[K];
 #pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) {
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[v][k] = V{};
-  }
+  for (int k = 0; k < K; ++k) acc[k] = V{};
   for (int64_t n = 0; n < N; ++n) {
-    V un[NV];
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) un[v] = args[v].ur[n];
+    const V un = args.ur[n];
     const T* wn = w + n * M;
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) {
-      const V wk = splat<V>(wn[k]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[v][k] += wk * un[v];
-    }
+    for (int k = 0; k < K; ++k) acc[k] += wn[k] * un;
   }
-#pragma GCC unroll 2
-  for (int v = 0; v < NV; ++v) {
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) args[v].uh[jm + k] = acc[v][k];
+  for (int k = 0; k < K; ++k) args.uh[jm + k] = acc[k];
 #pragma GCC unroll 2
-    for (int d = 0; d < NDOT; ++d) {
-      V p[K];
+  for (int d = 0; d < NDOT; ++d) {
+    V p[K];
 #pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) p[k] = acc[v][k] * args[v].with[d][jm + k];
+    for (int k = 0; k < K; ++k) p[k] = acc[k] * args.with[d][jm + k];
 #pragma GCC unroll 3
-      for (int h = K / 2; h >= 1; h /= 2) {
+    for (int h = K / 2; h >= 1; h /= 2) {
 #pragma GCC unroll 4
-        for (int k = 0; k < h; ++k) p[k] += p[k + h];
-      }
-      dj[v][d] += p[0];
+      for (int k = 0; k < h; ++k) p[k] += p[k + h];
     }
+    dj[d] += p[0];
   }
 }
 
-// u_hat_i [J, M] (and its NDOT dot products per j) for NV sample vectors; w_i = W[i] [J, N, M].
-// About 8 accumulator registers: blocks of 8 outputs for one vector, 4 for two.
-template <int NV, int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>* args, int64_t J,
+// u_hat_i [J, M] and its NDOT dot products per j for one sample vector; w_i = W[i] [J, N, M].
+template <int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>& args, int64_t J,
                             int64_t N, int64_t M) {
-  constexpr int KB = NV == 1 ? 8 : 4;
   for (int64_t j = 0; j < J; ++j) {
     const T* w = w_i + j * N * M;
-    V dj[NV][2] = {};
+    V dj[2] = {};
     int64_t m = 0;
-    for (; m + KB <= M; m += KB) predict_block<KB, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
-    if constexpr (KB > 4) {
-      for (; m + 4 <= M; m += 4) predict_block<4, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
-    }
-    for (; m < M; ++m) predict_block<1, NV, NDOT>(w + m, args, j * M + m, N, M, dj);
-    for (int v = 0; v < NV; ++v) {
-      for (int d = 0; d < NDOT; ++d) args[v].dots[d * J + j] = dj[v][d];
-    }
+    for (; m + 8 <= M; m += 8) predict_block<8, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (; m + 4 <= M; m += 4) predict_block<4, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (; m < M; ++m) predict_block<1, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (int d = 0; d < NDOT; ++d) args.dots[d * J + j] = dj[d];
   }
 }
 
-// predict for the vectors of args [0, nv), two at a time.
+// predict for the vectors of args [0, nv), each W[i] read from L1 after the first.
 template <int NDOT, typename T, typename V>
 CAPSNET_INLINE void predict_vectors(const T* w_i, const PredictArgs<V>* args, int64_t nv,
                                     int64_t J, int64_t N, int64_t M) {
-  int64_t v = 0;
-  for (; v + 2 <= nv; v += 2) predict<2, NDOT>(w_i, args + v, J, N, M);
-  if (v < nv) predict<1, NDOT>(w_i, args + v, J, N, M);
+  for (int64_t v = 0; v < nv; ++v) predict<NDOT>(w_i, args[v], J, N, M);
 }
 
 // Routing logits of one input capsule: l[j] = prior_ij (+ agreement[j] after the first
