@@ -7,12 +7,12 @@
 //
 // Forward: parallel over groups of kGroupVectors x L samples. Each sweep walks the input
 // capsules once; W[i] (5 KB at the MNIST shape) is read once per group and sweep and reused
-// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1 buffer (a sample's u_hat, 737 KB
-// at the MNIST shape, does not fit this machine's 512 KB L2, and keeping a group's u_hat in L3
-// or memory between sweeps would cost more than recomputing it: see the README). The weighted
-// u_hat of kCapsBlock input capsules is added to s in one pass. Only s^t, V^{t-1} and
-// (softmax over in_caps) the log-sum-exp per (t, j) are saved: O(B R J M), never a
-// B x I x J x M tensor.
+// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1
+// buffer (a sample's u_hat, 737 KB at the MNIST shape, does not fit this machine's 512 KB L2,
+// and keeping a group's u_hat in L3 or memory between sweeps would cost more than recomputing
+// it: see the README). The weighted u_hat of kCapsBlock input capsules is added to s in one
+// pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per (t, j) are saved:
+// O(B R J M), never a B x I x J x M tensor.
 //
 // Backward, per chunk of kChunkVectors x L samples, in two phases; every output element is
 // written by one thread in a fixed order, so the results are bitwise identical whatever the
@@ -86,7 +86,8 @@ struct Lanes {
   static constexpr int64_t L = 32 / sizeof(T);
 };
 
-// std::vector does not honour the 32-byte alignment of the vector types here; this does.
+// A 32-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
+// and the aligned vector stores crashed).
 template <typename V>
 class Buffer {
  public:
@@ -313,7 +314,7 @@ CAPSNET_INLINE void accumulate_block(V* __restrict acc, const V* scale, const V*
   const int64_t JM = J * M;
   const int64_t n = NB > 0 ? NB : nb;
   for (int64_t j = 0; j < J; ++j) {
-    V pj[kCapsBlock];
+    V pj[kCapsBlock] = {};
     for (int64_t ib = 0; ib < n; ++ib) pj[ib] = p[ib * J + j];
     const V sc = scale != nullptr ? scale[j] : V{};
     for (int64_t m = 0; m < M; ++m) {
@@ -493,7 +494,8 @@ struct BackwardChunk {
   Buffer<V> alpha, beta;  // [R, I, J, VC]: c^t and dl^t per sample
 };
 
-// Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta for the sweeps the plan runs.
+// Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta
+// for the sweeps the plan runs.
 template <typename T>
 CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, const T* g_out,
                                     const BackwardPlan& plan, int64_t v_begin, int64_t v_end) {
@@ -755,7 +757,9 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T>&
           for (; n0 + NB <= N; n0 += NB) {
             dw_block<NB, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
           }
-          for (; n0 < N; ++n0) dw_block<1, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+          for (; n0 < N; ++n0) {
+            dw_block<1, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+          }
         } else {
           for (int64_t n = 0; n < N; ++n) {
             for (int64_t m = 0; m < M; ++m) {
@@ -837,7 +841,9 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
           c.Vp[(t * VC + v) * JM + q][k] = a.V[(b * R + t) * JM + q];
         }
         if (a.in_caps) {
-          for (int64_t j = 0; j < J; ++j) c.lse[(t * VC + v) * J + j][k] = a.lse[(b * R + t) * J + j];
+          for (int64_t j = 0; j < J; ++j) {
+            c.lse[(t * VC + v) * J + j][k] = a.lse[(b * R + t) * J + j];
+          }
         }
       }
     }
@@ -850,7 +856,9 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
     for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
       const int64_t b = c.b0 + g, v = g / L, k = g % L;
       for (int64_t t = 0; t < R; ++t) {
-        for (int64_t q = 0; q < JM; ++q) ds_out[(b * R + t) * JM + q] = c.DS[(t * VC + v) * JM + q][k];
+        for (int64_t q = 0; q < JM; ++q) {
+          ds_out[(b * R + t) * JM + q] = c.DS[(t * VC + v) * JM + q][k];
+        }
       }
     }
     const bool first = v0 == 0;

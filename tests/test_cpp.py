@@ -19,6 +19,7 @@ from capsnet_fused import _cpp_op as cpp_op
 from capsnet_fused.models import CapsNet
 from capsnet_fused.ops import available_backends
 from tests.helpers import (
+    SHAPES,
     VARIANTS,
     Shape,
     assert_matches_reference,
@@ -26,7 +27,6 @@ from tests.helpers import (
     reference64,
     rel_error,
     run_with_grads,
-    shape_params,
     variant_id,
     variant_params,
 )
@@ -49,18 +49,6 @@ def routing_kwargs(shape: Shape, variant) -> dict:
     return dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
 
 
-@shape_params
-@variant_params
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_matches_reference(shape, variant, dtype):
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
-    kwargs = routing_kwargs(shape, variant)
-    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
-    assert out[0].dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 1e-11
-    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
-
-
 # Batches that fill several sample vectors (8 float32 / 4 float64 lanes), groups of two
 # vectors, several backward chunks (32 float32 / 16 float64 samples) and a ragged last vector;
 # pose sizes of one, two and four vectors and a size that is none of those.
@@ -70,15 +58,17 @@ BATCH_SHAPES = [
     Shape(33, 6, 4, 5, 32, 1),
     Shape(20, 5, 2, 2, 7, 4),
 ]
+CPP_SHAPES = SHAPES + BATCH_SHAPES
 
 
-@pytest.mark.parametrize("shape", BATCH_SHAPES, ids=[s.id for s in BATCH_SHAPES])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=[s.id for s in CPP_SHAPES])
 @variant_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_large_batches_match_reference(shape, variant, dtype):
+def test_matches_reference(shape, variant, dtype):
     u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
     kwargs = routing_kwargs(shape, variant)
     out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    assert out[0].dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
 
