@@ -78,12 +78,14 @@ constexpr int64_t kChunkVectors = 4;
 #define CAPSNET_KERNEL
 #endif
 
-// A vector of L samples (GCC vector extension): one AVX register in the x86-64-v3 clone, a
-// pair of SSE registers in the baseline one.
-template <typename T>
+// A vector of L values (GCC vector extension) in Bytes bytes: with 32, one AVX register in the
+// x86-64-v3 clone and a pair of SSE registers in the baseline one. Batches that fit one 16-byte
+// vector (4 float32 / 2 float64 samples) use 16-byte sample vectors: on this CPU a 256-bit FMA
+// is two 128-bit ones, so half-empty 32-byte vectors would cost twice the time.
+template <typename T, int Bytes = 32>
 struct Lanes {
-  typedef T V __attribute__((vector_size(32)));
-  static constexpr int64_t L = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(Bytes)));
+  static constexpr int64_t L = Bytes / sizeof(T);
 };
 
 // A 32-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
@@ -152,37 +154,35 @@ CAPSNET_INLINE V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
-typedef float F8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-typedef double D4 __attribute__((vector_size(32)));
-
 // exp for float32 lanes (Cephes expf: range reduction by ln 2 and a degree-6 polynomial,
 // about 1 ulp). Inputs below -87 give 0 (the kernels only take exp of non-positive numbers,
-// differences from a running maximum); NaN stays NaN.
-CAPSNET_INLINE F8 vexp(F8 x) {
-  const F8 lo = splat<F8>(-87.0f);
-  const F8 xc = x < lo ? lo : x;
-  // k = round(x / ln 2) with the 1.5 x 2^23 trick (exact for |k| < 2^22).
-  const F8 k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  F8 r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  F8 p = splat<F8>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const F8 y = p * r * r + r + 1.0f;
-  const I8 bits = (__builtin_convertvector(k, I8) + 127) << 23;
-  const F8 out = y * __builtin_bit_cast(F8, bits);
-  return x < lo ? F8{} : out;
-}
-
-// float64 lanes: libm per lane (float64 is the checking dtype, not the fast path).
-CAPSNET_INLINE D4 vexp(D4 x) {
-  D4 y;
-  for (int k = 0; k < 4; ++k) y[k] = std::exp(x[k]);
-  return y;
+// differences from a running maximum); NaN stays NaN. float64 lanes: libm per lane (float64 is
+// the checking dtype, not the fast path).
+template <typename T, typename V>
+CAPSNET_INLINE V vexp(V x) {
+  if constexpr (std::is_same_v<T, float>) {
+    typedef int32_t IV __attribute__((vector_size(sizeof(V))));
+    const V lo = splat<V>(-87.0f);
+    const V xc = x < lo ? lo : x;
+    // k = round(x / ln 2) with the 1.5 x 2^23 trick (exact for |k| < 2^22).
+    const V k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    V r = xc - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    V p = splat<V>(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const V y = p * r * r + r + 1.0f;
+    const IV bits = (__builtin_convertvector(k, IV) + 127) << 23;
+    const V out = y * __builtin_bit_cast(V, bits);
+    return x < lo ? V{} : out;
+  } else {
+    V y;
+    for (size_t k = 0; k < sizeof(V) / sizeof(T); ++k) y[k] = std::exp(x[k]);
+    return y;
+  }
 }
 
 // v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors.
@@ -299,7 +299,7 @@ CAPSNET_INLINE void softmax(V* l, int64_t J) {
   for (int64_t j = 1; j < J; ++j) mx = vmax(l[j], mx);
   V sum{};
   for (int64_t j = 0; j < J; ++j) {
-    l[j] = vexp(l[j] - mx);
+    l[j] = vexp<T>(l[j] - mx);
     sum += l[j];
   }
   const V inv = splat<V>(T(1)) / sum;
@@ -354,7 +354,7 @@ struct Routing {
 // (lanes past the batch are zero: their u_hat is 0 and every state stays finite).
 template <typename T, typename V>
 void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
-  constexpr int64_t L = Lanes<T>::L;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t I = a.sz.I, N = a.sz.N;
   const int64_t nb = std::min(nv * L, a.sz.B - b0);
   if (nb < nv * L) std::fill(ut, ut + I * nv * N, V{});
@@ -369,11 +369,11 @@ void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
 }
 
 // Forward for groups [grp_begin, grp_end) of KV sample vectors (the last one may be shorter).
-template <typename T>
+template <typename T, int SB>
 CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, int64_t grp_begin,
                                    int64_t grp_end) {
-  using V = typename Lanes<T>::V;
-  constexpr int64_t L = Lanes<T>::L;
+  using V = typename Lanes<T, SB>::V;
+  constexpr int64_t L = Lanes<T, SB>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M;
   Buffer<V> ut(I * KV * N), uh(KV * kCapsBlock * JM), l(KV * kCapsBlock * J), dots(KV * J),
@@ -422,10 +422,10 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
               V& mxj = mx[v * J + j];
               V top = mxj;
               for (int64_t ib = 0; ib < nb; ++ib) top = vmax(l_v[ib * J + j], top);
-              scale[j] = vexp(mxj - top);
+              scale[j] = vexp<T>(mxj - top);
               V sum = norm[v * J + j] * scale[j];
               for (int64_t ib = 0; ib < nb; ++ib) {
-                l_v[ib * J + j] = vexp(l_v[ib * J + j] - top);
+                l_v[ib * J + j] = vexp<T>(l_v[ib * J + j] - top);
                 sum += l_v[ib * J + j];
               }
               norm[v * J + j] = sum;
@@ -481,10 +481,11 @@ struct BackwardPlan {
   }
 };
 
-// Per-chunk state of the backward, in sample vectors (index v < VC, the chunk's vectors).
-template <typename T>
+// Per-chunk state of the backward, in sample vectors of SB bytes (index v < VC).
+template <typename T, int SB>
 struct BackwardChunk {
-  using V = typename Lanes<T>::V;
+  using V = typename Lanes<T, SB>::V;
+  static constexpr int64_t L = Lanes<T, SB>::L;
   int64_t b0, VC;
   Buffer<V> ut;           // [I, VC, N] the chunk's u
   Buffer<V> S, Vp;        // [R, VC, J, M] s^t and V^{t-1}
@@ -496,11 +497,12 @@ struct BackwardChunk {
 
 // Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta
 // for the sweeps the plan runs.
-template <typename T>
-CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, const T* g_out,
-                                    const BackwardPlan& plan, int64_t v_begin, int64_t v_end) {
-  using V = typename Lanes<T>::V;
-  constexpr int64_t L = Lanes<T>::L;
+template <typename T, int SB>
+CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c,
+                                    const T* g_out, const BackwardPlan& plan, int64_t v_begin,
+                                    int64_t v_end) {
+  using V = typename Lanes<T, SB>::V;
+  constexpr int64_t L = Lanes<T, SB>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
   const int64_t nv = v_end - v_begin;
@@ -562,7 +564,7 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T>& c, co
             logits<T, V>(prior_i, nullptr, l.data(), J);
           }
           if (a.in_caps) {
-            for (int64_t j = 0; j < J; ++j) l[j] = vexp(l[j] - c.lse[scalars(t, v) + j]);
+            for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - c.lse[scalars(t, v) + j]);
           } else {
             softmax<T>(l.data(), J);
           }
@@ -667,12 +669,12 @@ CAPSNET_INLINE void dw_block(const T* u_i, int64_t u_stride, const T* duh_j, int
 // dW[i] and dprior[i] accumulated over the chunks in order (first chunk: written).
 // MV > 0: M = MV x L, so the loops over m are whole vectors with register accumulators;
 // MV = 0: any M, plain loops.
-template <typename T, int MV>
-CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T>& c,
+template <typename T, int MV, int SB>
+CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, SB>& c,
                                     const BackwardPlan& plan, const T* ds, T* du, T* dw,
                                     T* dprior, bool first_chunk, int64_t i_begin,
                                     int64_t i_end) {
-  constexpr int64_t L = Lanes<T>::L;
+  constexpr int64_t L = Lanes<T, SB>::L;  // samples per vector of the chunk
   // Registers for about 8 accumulators.
   constexpr int NB = MV >= 8 ? 1 : (MV > 0 ? 8 / MV : 1);
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R, M = a.sz.M;
@@ -795,21 +797,21 @@ void dispatch_pose_vectors(int64_t M, const Body& body) {
   }
 }
 
-template <typename T>
+template <typename T, int SB>
 void forward_kernel(const Routing<T>& a, T* v) {
-  const int64_t vectors = (a.sz.B + Lanes<T>::L - 1) / Lanes<T>::L;
+  const int64_t vectors = (a.sz.B + Lanes<T, SB>::L - 1) / Lanes<T, SB>::L;
   const int64_t KV = group_vectors(vectors);
   at::parallel_for(0, (vectors + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    forward_groups<T>(a, v, KV, begin, end);
+    forward_groups<T, SB>(a, v, KV, begin, end);
   });
 }
 
-template <typename T>
+template <typename T, int SB>
 void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T* dprior,
                      bool detach_inner) {
-  using V = typename Lanes<T>::V;
-  constexpr int64_t L = Lanes<T>::L;
+  using V = typename Lanes<T, SB>::V;
+  constexpr int64_t L = Lanes<T, SB>::L;
   const RoutingSizes& sz = a.sz;
   const int64_t I = sz.I, J = sz.J, N = sz.N, M = sz.M, R = sz.R, JM = J * M;
   const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr};
@@ -819,7 +821,7 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
     if (dprior != nullptr) std::fill(dprior, dprior + I * J, T(0));
     return;
   }
-  BackwardChunk<T> c;
+  BackwardChunk<T, SB> c;
   for (int64_t v0 = 0; v0 < vectors; v0 += kChunkVectors) {
     c.b0 = v0 * L;
     c.VC = std::min(kChunkVectors, vectors - v0);
@@ -850,7 +852,7 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
     const int64_t KV = group_vectors(VC);
     at::parallel_for(0, (VC + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz;
-      backward_sweeps<T>(a, c, g, plan, begin * KV, std::min(VC, end * KV));
+      backward_sweeps<T, SB>(a, c, g, plan, begin * KV, std::min(VC, end * KV));
     });
     // ds^t per sample, as phase 2 reads it.
     for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
@@ -866,7 +868,7 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
       const FlushDenormals ftz;
       dispatch_pose_vectors<T>(M, [&](auto mv) {
         constexpr int MV = decltype(mv)::value;
-        backward_inputs<T, MV>(a, c, plan, ds_out, du, dw, dprior, first, begin, end);
+        backward_inputs<T, MV, SB>(a, c, plan, ds_out, du, dw, dprior, first, begin, end);
       });
     });
   }
@@ -881,7 +883,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
                        call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
                        call.sz, softmax_in_caps};
-    forward_kernel<T>(a, call.v.data_ptr<T>());
+    if (call.sz.B <= Lanes<T, 16>::L) {
+      forward_kernel<T, 16>(a, call.v.data_ptr<T>());
+    } else {
+      forward_kernel<T, 32>(a, call.v.data_ptr<T>());
+    }
   });
   return finish_forward(call, u.scalar_type());
 }
@@ -900,10 +906,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
       const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
                          call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
                          call.sz, softmax_in_caps};
-      backward_kernel<T>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(),
-                         call.need_du ? call.du.data_ptr<T>() : nullptr,
-                         call.need_dw ? call.dw.data_ptr<T>() : nullptr,
-                         call.need_dp ? call.dp.data_ptr<T>() : nullptr, detach_inner);
+      T* du = call.need_du ? call.du.data_ptr<T>() : nullptr;
+      T* dw = call.need_dw ? call.dw.data_ptr<T>() : nullptr;
+      T* dp = call.need_dp ? call.dp.data_ptr<T>() : nullptr;
+      if (call.sz.B <= Lanes<T, 16>::L) {
+        backward_kernel<T, 16>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du, dw, dp,
+                               detach_inner);
+      } else {
+        backward_kernel<T, 32>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du, dw, dp,
+                               detach_inner);
+      }
     });
   }
   return finish_backward(call, u, weight, prior);
