@@ -54,8 +54,6 @@ constexpr double kSquashEps = 1e-8;
 // while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it. Small
 // batches (fewer than 4 vectors) use groups of one vector, so that both cores get work.
 constexpr int64_t kGroupVectors = 2;
-// The most vectors a backward-phase-1 task can be given (two groups: see backward_kernel).
-constexpr int64_t kMaxGroupVectors = 2 * kGroupVectors;
 inline int64_t group_vectors(int64_t vectors) { return vectors >= 4 ? kGroupVectors : 1; }
 // Input capsules whose weighted u_hat is added to s (or, backward, to A) in one pass: one load
 // and store of the running sum per kCapsBlock products (stores are the slow part on this CPU).
@@ -275,13 +273,6 @@ CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>& args,
   }
 }
 
-// predict for the vectors of args [0, nv), each W[i] read from L1 after the first.
-template <int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict_vectors(const T* w_i, const PredictArgs<V>* args, int64_t nv,
-                                    int64_t J, int64_t N, int64_t M) {
-  for (int64_t v = 0; v < nv; ++v) predict<NDOT>(w_i, args[v], J, N, M);
-}
-
 // Routing logits of one input capsule: l[j] = prior_ij (+ agreement[j] after the first
 // iteration: u_hat_ij . V^{t-1}_j; V^0 = 0, so the first iteration's logits are the prior).
 template <typename T, typename V>
@@ -392,17 +383,15 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
         // u_hat and logits of the block's input capsules, for every vector of the group.
         for (int64_t ib = 0; ib < nb; ++ib) {
           const int64_t i = i0 + ib;
-          PredictArgs<V> args[kMaxGroupVectors];
           for (int64_t v = 0; v < nv; ++v) {
-            args[v] = {&ut[(i * nv + v) * N], &uh[(v * kCapsBlock + ib) * JM],
-                       {&Vs[v * JM], nullptr}, &dots[v * J]};
-          }
-          if (t == 0) {
-            predict_vectors<0>(a.w + i * JNM, args, nv, J, N, M);
-          } else {
-            predict_vectors<1>(a.w + i * JNM, args, nv, J, N, M);
-          }
-          for (int64_t v = 0; v < nv; ++v) {
+            // W[i] comes from L1 for every vector after the first.
+            const PredictArgs<V> args{&ut[(i * nv + v) * N], &uh[(v * kCapsBlock + ib) * JM],
+                                      {&Vs[v * JM], nullptr}, &dots[v * J]};
+            if (t == 0) {
+              predict<0>(a.w + i * JNM, args, J, N, M);
+            } else {
+              predict<1>(a.w + i * JNM, args, J, N, M);
+            }
             V* l_i = &l[(v * kCapsBlock + ib) * J];
             logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
                          l_i, J);
@@ -506,7 +495,6 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
   const int64_t nv = v_end - v_begin;
-  TORCH_CHECK(nv <= kMaxGroupVectors, "capsnet_fused: internal error, ", nv, " vectors per task");
   Buffer<V> uh(nv * kCapsBlock * JM), l(J), eb(nv * kCapsBlock * J), dots(nv * 2 * J),
       D(nv * JM), A(nv * JM), g(JM);
   auto state = [&](int64_t t, int64_t v) { return (t * VC + v) * JM; };
@@ -541,16 +529,17 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
         if (sweep) {
           // t > 0: dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t;
           // t = 0: dots [0, J) = u_hat . ds^t.
-          PredictArgs<V> args[kMaxGroupVectors];
           for (int64_t v = 0; v < nv; ++v) {
             const V* ds = &c.DS[state(t, v_begin + v)];
-            args[v] = {&c.ut[(i * VC + v_begin + v) * N], &uh[(v * kCapsBlock + ib) * JM],
-                       {t > 0 ? &c.Vp[state(t, v_begin + v)] : ds, ds}, &dots[v * 2 * J]};
-          }
-          if (t > 0) {
-            predict_vectors<2>(a.w + i * JNM, args, nv, J, N, M);
-          } else {
-            predict_vectors<1>(a.w + i * JNM, args, nv, J, N, M);
+            const PredictArgs<V> args{&c.ut[(i * VC + v_begin + v) * N],
+                                      &uh[(v * kCapsBlock + ib) * JM],
+                                      {t > 0 ? &c.Vp[state(t, v_begin + v)] : ds, ds},
+                                      &dots[v * 2 * J]};
+            if (t > 0) {
+              predict<2>(a.w + i * JNM, args, J, N, M);
+            } else {
+              predict<1>(a.w + i * JNM, args, J, N, M);
+            }
           }
         }
         for (int64_t v = v_begin; v < v_end; ++v) {
