@@ -1,8 +1,9 @@
 """The "cpp" routing backend: fused C++ (CPU) and CUDA kernels from capsnet_fused._C.
 
 The ops capsnet_fused::cpp_routing_fwd and cpp_routing_bwd are defined in csrc/ (TORCH_LIBRARY);
-this module gives them fake (meta) implementations and autograd, and satisfies the backend
-contract of capsnet_fused.ops: unavailable_reason(device, dtype) and routing(...).
+this module loads them, registers their fakes and autograd (capsnet_fused._op_glue, shared
+with the Triton backend), and satisfies the backend contract of capsnet_fused.ops:
+unavailable_reason(device, dtype) and routing(...).
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]; R iterations.
 The forward saves s and V [B, R, J, M] (and lse [B, R, J] for softmax over in_caps), never a
@@ -23,6 +24,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from capsnet_fused import _op_glue
 
 JIT_ENV = "CAPSNET_FUSED_JIT"
 _BUILD_HINT = "run pip install --no-build-isolation -e . (or set CAPSNET_FUSED_JIT=1)"
@@ -88,67 +91,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the cpp backend runs on cpu and cuda, not {device.type}"
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _fwd_fake(u, weight, prior, iterations, softmax_in_caps, detach_inner):
-    batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
-    state = u.new_empty(batch, iterations, out_caps, out_d, dtype=_state_dtype(u.dtype))
-    lse = u.new_empty(
-        batch, iterations if softmax_in_caps else 0, out_caps, dtype=_state_dtype(u.dtype)
-    )
-    return u.new_empty(batch, out_caps, out_d), state, torch.empty_like(state), lse
-
-
-def _bwd_fake(
-    grad_v, u, weight, prior, s, V, lse, iterations, softmax_in_caps, detach_inner,
-    need_du, need_dweight, need_dprior,
-):  # fmt: skip
-    du = u.new_empty(u.shape if need_du else (0,))
-    dweight = weight.new_empty(weight.shape if need_dweight else (0,))
-    if prior is not None and need_dprior:
-        dprior = prior.new_empty(prior.shape)
-    else:
-        dprior = u.new_empty((0,), dtype=prior.dtype if prior is not None else u.dtype)
-    return du, dweight, dprior
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    u, weight, prior, iterations, softmax_in_caps, detach_inner = inputs
-    _, s, V, lse = output
-    # The saved states are outputs only so that the backward can read them.
-    ctx.mark_non_differentiable(s, V, lse)
-    ctx.save_for_backward(u, weight, prior, s, V, lse)
-    ctx.routing_args = (iterations, softmax_in_caps, detach_inner)
-
-
-def _backward(ctx, grad_v, _grad_s, _grad_V, _grad_lse):
-    u, weight, prior, s, V, lse = ctx.saved_tensors
-    need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
-    need_dprior = need_dprior and prior is not None
-    if not (need_du or need_dweight or need_dprior):
-        return None, None, None, None, None, None
-    du, dweight, dprior = torch.ops.capsnet_fused.cpp_routing_bwd(
-        grad_v, u, weight, prior, s, V, lse, *ctx.routing_args,
-        need_du, need_dweight, need_dprior,
-    )  # fmt: skip
-    return (
-        du if need_du else None,
-        dweight if need_dweight else None,
-        dprior if need_dprior else None,
-        None,
-        None,
-        None,
-    )
-
-
 if _LOAD_ERROR is None:
-    torch.library.register_fake("capsnet_fused::cpp_routing_fwd")(_fwd_fake)
-    torch.library.register_fake("capsnet_fused::cpp_routing_bwd")(_bwd_fake)
-    torch.library.register_autograd(
-        "capsnet_fused::cpp_routing_fwd", _backward, setup_context=_setup_context
-    )
+    _op_glue.register("cpp")
 
 
 def routing(

@@ -1,10 +1,11 @@
 """The Triton routing backend as torch ops: capsnet_fused::triton_routing_fwd / _bwd.
 
-Both ops are torch.library.custom_op with a fake (meta) implementation, and the forward's
-autograd is registered to call the backward op, so opcheck passes and torch.compile
-(fullgraph=True) treats the routing as one opaque node forward and one backward. (triton_op
-with wrap_triton would let Inductor see the kernels, but its fake path runs the interpreted
-kernel on fake tensors, so it cannot be checked on a CPU machine.)
+Both ops are torch.library.custom_op; their fake (meta) implementations and the forward's
+autograd, which calls the backward op, are registered by capsnet_fused._op_glue (shared with the
+cpp backend), so opcheck passes and torch.compile (fullgraph=True) treats the routing as one
+opaque node forward and one backward. (triton_op with wrap_triton would let Inductor see the
+kernels, but its fake path runs the interpreted kernel on fake tensors, so it cannot be checked
+on a CPU machine.)
 
 Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
 routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from capsnet_fused.triton import INTERPRETED, acc_dtype, routing_backward, routing_forward
+from capsnet_fused import _op_glue
+from capsnet_fused.triton import INTERPRETED, routing_backward, routing_forward
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly: tests only).
@@ -51,19 +53,6 @@ def routing_fwd(
     return routing_forward(u, weight, prior, iterations, softmax_in)
 
 
-@routing_fwd.register_fake
-def _(u, weight, prior, iterations, softmax_in, detach_inner):
-    batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
-    acc = acc_dtype(u.dtype)
-    state = (batch, iterations, out_caps, out_d)
-    return (
-        u.new_empty((batch, out_caps, out_d)),
-        u.new_empty(state, dtype=acc),
-        u.new_empty(state, dtype=acc),
-        u.new_empty((batch, iterations, out_caps if softmax_in else 0), dtype=acc),
-    )
-
-
 @torch.library.custom_op("capsnet_fused::triton_routing_bwd", mutates_args=())
 def routing_bwd(
     grad_v: torch.Tensor,
@@ -98,69 +87,7 @@ def routing_bwd(
     )
 
 
-@routing_bwd.register_fake
-def _(
-    grad_v,
-    u,
-    weight,
-    prior,
-    s,
-    v_prev,
-    lse,
-    iterations,
-    softmax_in,
-    detach_inner,
-    need_du,
-    need_dweight,
-    need_dprior,
-):
-    need_dprior = need_dprior and prior is not None
-    return (
-        u.new_empty(u.shape if need_du else (0,)),
-        weight.new_empty(weight.shape if need_dweight else (0,)),
-        u.new_empty(
-            prior.shape if need_dprior else (0,), dtype=prior.dtype if need_dprior else u.dtype
-        ),
-    )
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    u, weight, prior, iterations, softmax_in, detach_inner = inputs
-    _, s, v_prev, lse = output
-    ctx.mark_non_differentiable(s, v_prev, lse)
-    ctx.save_for_backward(u, weight, prior, s, v_prev, lse)
-    ctx.iterations, ctx.softmax_in, ctx.detach_inner = iterations, softmax_in, detach_inner
-
-
-def _backward(ctx, grad_v, _grad_s, _grad_v_prev, _grad_lse):
-    u, weight, prior, s, v_prev, lse = ctx.saved_tensors
-    need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
-    du, dweight, dprior = torch.ops.capsnet_fused.triton_routing_bwd(
-        grad_v,
-        u,
-        weight,
-        prior,
-        s,
-        v_prev,
-        lse,
-        ctx.iterations,
-        ctx.softmax_in,
-        ctx.detach_inner,
-        need_du,
-        need_dweight,
-        need_dprior and prior is not None,
-    )
-    return (
-        du if need_du else None,
-        dweight if need_dweight else None,
-        dprior if need_dprior and prior is not None else None,
-        None,
-        None,
-        None,
-    )
-
-
-routing_fwd.register_autograd(_backward, setup_context=_setup_context)
+_op_glue.register("triton")
 
 
 def routing(

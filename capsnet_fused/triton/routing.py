@@ -170,7 +170,7 @@ def routing_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One kernel launch: v [B, J, M] (u's dtype) and the state saved for the backward.
 
-    Returns (v, s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, R, 0] when the
+    Returns (v, s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J] when the
     softmax is over output capsules); saved tensors are float32 (float64 for float64 inputs).
     With `record`, the launch is appended there instead of run (meta tensors work).
     """
@@ -183,7 +183,7 @@ def routing_forward(
     v = _new((batch, out_caps, out_d), u.dtype, u.device)
     s = _new(state_shape, acc, u.device)
     v_prev = _new(state_shape, acc, u.device)
-    lse = _new((batch, iterations, out_caps if softmax_in else 0), acc, u.device)
+    lse = _new((batch, iterations if softmax_in else 0, out_caps), acc, u.device)
     if batch == 0:
         return v, s, v_prev, lse
     cfg = choose_config(in_caps, out_caps, in_d, out_d)

@@ -1,0 +1,87 @@
+"""What the fused backends' torch ops share: their fake implementations and their autograd.
+
+Each fused backend defines a pair of ops with the same signatures (the cpp pair in csrc/ops.cpp,
+the Triton pair as torch.library.custom_op):
+
+    <prefix>_routing_fwd(u, weight, prior, iterations, softmax_in, detach_inner)
+        -> (v [B, J, M], s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J])
+    <prefix>_routing_bwd(grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in,
+                         detach_inner, need_du, need_dweight, need_dprior)
+        -> (du [B, I, N], dweight [I, J, N, M], dprior [I, J]); a gradient not needed is [0]
+
+s, v_prev and lse are the states the backward reads (lse only with the softmax over in_caps),
+in the state dtype; they are outputs only so that autograd can save them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and saved-state dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(u, weight, prior, iterations, softmax_in, detach_inner):
+    batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
+    state = (batch, iterations, out_caps, out_d)
+    lse = (batch, iterations if softmax_in else 0, out_caps)
+    acc = state_dtype(u.dtype)
+    return (
+        u.new_empty((batch, out_caps, out_d)),
+        u.new_empty(state, dtype=acc),
+        u.new_empty(state, dtype=acc),
+        u.new_empty(lse, dtype=acc),
+    )
+
+
+def _bwd_fake(
+    grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in, detach_inner,
+    need_du, need_dweight, need_dprior,
+):  # fmt: skip
+    need_dprior = need_dprior and prior is not None
+    return (
+        u.new_empty(u.shape if need_du else (0,)),
+        weight.new_empty(weight.shape if need_dweight else (0,)),
+        u.new_empty(prior.shape if need_dprior else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, weight, prior, iterations, softmax_in, detach_inner = inputs
+    _, s, v_prev, lse = output
+    ctx.mark_non_differentiable(s, v_prev, lse)
+    ctx.save_for_backward(u, weight, prior, s, v_prev, lse)
+    ctx.routing_args = (iterations, softmax_in, detach_inner)
+
+
+def register(prefix: str) -> None:
+    """Register the fakes of capsnet_fused::<prefix>_routing_fwd / _bwd and the forward's
+    autograd, which calls the backward op (so torch.compile sees one opaque node each way)."""
+    fwd_name = f"capsnet_fused::{prefix}_routing_fwd"
+    bwd_name = f"capsnet_fused::{prefix}_routing_bwd"
+    bwd_op = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_bwd")
+
+    def backward(ctx, grad_v, _grad_s, _grad_v_prev, _grad_lse):
+        u, weight, prior, s, v_prev, lse = ctx.saved_tensors
+        need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
+        need_dprior = need_dprior and prior is not None
+        if not (need_du or need_dweight or need_dprior):
+            return None, None, None, None, None, None
+        du, dweight, dprior = bwd_op(
+            grad_v, u, weight, prior, s, v_prev, lse, *ctx.routing_args,
+            need_du, need_dweight, need_dprior,
+        )  # fmt: skip
+        return (
+            du if need_du else None,
+            dweight if need_dweight else None,
+            dprior if need_dprior else None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_fake(fwd_name)(_fwd_fake)
+    torch.library.register_fake(bwd_name)(_bwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
