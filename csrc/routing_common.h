@@ -108,12 +108,12 @@ inline ForwardCall prepare_forward(const at::Tensor& u, const at::Tensor& weight
       new_output({sz.B, softmax_in_caps ? sz.R : 0, sz.J}, opts)};
 }
 
-// One backward call. du, dw, dp are [0]-shaped where not wanted; ds and dss are scratch.
+// One backward call. du, dw, dp are [0]-shaped where not wanted; ds [B, R, J, M] is scratch.
 struct BackwardCall {
   RoutingSizes sz;
   at::ScalarType dtype;  // compute dtype
   bool need_du, need_dw, need_dp;
-  at::Tensor g, u, w, prior, s, V, lse, ds, dss, du, dw, dp;
+  at::Tensor g, u, w, prior, s, V, lse, ds, du, dw, dp;
   bool any() const { return need_du || need_dw || need_dp; }
 };
 
@@ -146,7 +146,6 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_v, const at::Tensor&
     call.V = V.contiguous();
     call.lse = lse.contiguous();
     call.ds = new_output({sz.B, sz.R, sz.J, sz.M}, opts);
-    call.dss = new_output({sz.B, sz.R, sz.J}, opts);
   }
   return call;
 }

@@ -52,13 +52,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cuda(
                                              softmax_in_caps, need_du, need_dweight, need_dprior);
   if (call.any()) {
     void* stream = current_stream(u.device());
+    // Scratch of the CUDA kernels: ds^t . s^t per (b, t, j).
+    const at::Tensor dss = at::empty({call.sz.B, call.sz.R, call.sz.J}, call.ds.options());
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_bwd_cuda", [&] {
       using T = scalar_t;
       check_launch(
           cuda::routing_backward<T>(
               call.g.data_ptr<T>(), call.u.data_ptr<T>(), call.w.data_ptr<T>(),
               ptr_or_null<T>(call.prior), call.s.data_ptr<T>(), call.V.data_ptr<T>(),
-              call.lse.data_ptr<T>(), call.ds.data_ptr<T>(), call.dss.data_ptr<T>(),
+              call.lse.data_ptr<T>(), call.ds.data_ptr<T>(), dss.data_ptr<T>(),
               call.need_du ? call.du.data_ptr<T>() : nullptr,
               call.need_dw ? call.dw.data_ptr<T>() : nullptr,
               call.need_dp ? call.dp.data_ptr<T>() : nullptr, cuda_sizes(call.sz),
