@@ -95,16 +95,4 @@ if _LOAD_ERROR is None:
     _op_glue.register("cpp")
 
 
-def routing(
-    u: torch.Tensor,
-    weight: torch.Tensor,
-    prior: torch.Tensor | None,
-    iterations: int,
-    softmax_over: str,
-    detach_inner: bool,
-) -> torch.Tensor:
-    """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
-    v, _, _, _ = torch.ops.capsnet_fused.cpp_routing_fwd(
-        u, weight, prior, iterations, softmax_over == "in_caps", detach_inner
-    )
-    return v
+routing = _op_glue.make_routing("cpp")

@@ -85,3 +85,23 @@ def register(prefix: str) -> None:
     torch.library.register_fake(fwd_name)(_fwd_fake)
     torch.library.register_fake(bwd_name)(_bwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+
+
+def make_routing(prefix: str):
+    """The backend's routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
+    (the contract of capsnet_fused.ops), calling capsnet_fused::<prefix>_routing_fwd."""
+
+    def routing(
+        u: torch.Tensor,
+        weight: torch.Tensor,
+        prior: torch.Tensor | None,
+        iterations: int,
+        softmax_over: str,
+        detach_inner: bool,
+    ) -> torch.Tensor:
+        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
+        forward = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_fwd")
+        v, _, _, _ = forward(u, weight, prior, iterations, softmax_over == "in_caps", detach_inner)
+        return v
+
+    return routing

@@ -90,16 +90,4 @@ def routing_bwd(
 _op_glue.register("triton")
 
 
-def routing(
-    u: torch.Tensor,
-    weight: torch.Tensor,
-    prior: torch.Tensor | None,
-    iterations: int,
-    softmax_over: str,
-    detach_inner: bool,
-) -> torch.Tensor:
-    """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
-    outputs = torch.ops.capsnet_fused.triton_routing_fwd(
-        u, weight, prior, iterations, softmax_over == "in_caps", detach_inner
-    )
-    return outputs[0]
+routing = _op_glue.make_routing("triton")
