@@ -40,11 +40,12 @@ def _bwd_fake(
     grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in, detach_inner,
     need_du, need_dweight, need_dprior,
 ):  # fmt: skip
+    # Each gradient has its input's dtype, also when it is not needed and comes back as [0].
     need_dprior = need_dprior and prior is not None
     return (
         u.new_empty(u.shape if need_du else (0,)),
         weight.new_empty(weight.shape if need_dweight else (0,)),
-        u.new_empty(prior.shape if need_dprior else (0,)),
+        (u if prior is None else prior).new_empty(prior.shape if need_dprior else (0,)),
     )
 
 

@@ -248,17 +248,18 @@ def routing_backward(
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     device = u.device
-    empty = torch.empty(0, dtype=u.dtype, device=device)
-    du = _new(u.shape, u.dtype, device) if need_du else empty
+    # Each gradient has its input's dtype, also when it is not needed and comes back empty.
+    prior_dtype = u.dtype if prior is None else prior.dtype
+    du = _new(u.shape if need_du else (0,), u.dtype, device)
     # dW and dprior are sums over the batch: zero (not garbage) when B = 0.
     if need_dweight:
         dweight = _zeros_or_new(batch, weight.shape, weight.dtype, device)
     else:
-        dweight = empty.clone()
+        dweight = torch.empty(0, dtype=weight.dtype, device=device)
     if need_dprior:
         dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
     else:
-        dprior = empty.clone()
+        dprior = torch.empty(0, dtype=prior_dtype, device=device)
     if batch == 0 or not (need_du or need_dweight or need_dprior):
         return du, dweight, dprior
 
