@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from capsnet_fused._op_glue import state_dtype
 from capsnet_fused.triton.kernels import (
     routing_bwd_grads_kernel,
     routing_bwd_sweep_kernel,
@@ -137,9 +138,8 @@ def _run(launch: KernelLaunch, record: list[KernelLaunch] | None) -> None:
         record.append(launch)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and saved-state) dtype: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Accumulation (and saved-state) dtype: float64 for float64 inputs, else float32.
+acc_dtype = state_dtype
 
 
 def _tl_acc(dtype: torch.dtype):
