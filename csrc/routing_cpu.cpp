@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE__)
@@ -122,7 +123,6 @@ class Buffer {
   int64_t size_ = 0, capacity_ = 0;
 };
 
-// Every lane x (a broadcast; `V{} + x` would also add 0, which is not free: -0 + 0 = +0).
 // Flush-to-zero and denormals-are-zero for the lifetime of the object, on the calling thread.
 // Saturated couplings (c near e^-87) times u_hat give float32 denormals, which cost this CPU
 // about a hundred cycles each: one sweep with them ran at half speed. Values below 1.2e-38
@@ -138,6 +138,7 @@ class FlushDenormals {
 #endif
 };
 
+// Every lane x (a broadcast; `V{} + x` would also add 0, which is not free: -0 + 0 = +0).
 template <typename V, typename T>
 CAPSNET_INLINE V splat(T x) {
   V r;
@@ -673,6 +674,12 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
   const T* beta = reinterpret_cast<const T*>(c.beta.data());
   const int64_t CS = VC * L;
   std::vector<T> duh(nb * JM), acc(N * M), dp(J);
+  // The coefficients of du_hat_bij for iteration t: alpha^t and beta^t (0 with detach_inner,
+  // and at t = 0, where V^{-1} = 0), for sample g of the chunk.
+  auto coefficients = [&](int64_t t, int64_t i, int64_t j, int64_t g) {
+    const int64_t at = ((t * I + i) * J + j) * CS + g;
+    return std::pair<T, T>(alpha[at], !plan.detach_inner && t > 0 ? beta[at] : T(0));
+  };
   for (int64_t i = i_begin; i < i_end; ++i) {
     const T* w_i = a.w + i * JNM;
     for (int64_t j = 0; j < J; ++j) dp[j] = T(0);
@@ -693,9 +700,7 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
           typename Lanes<T>::V dj[MV] = {};
           for (int64_t t = 0; t < R; ++t) {
             if (!plan.alpha_used(t, R)) continue;
-            const int64_t at = ((t * I + i) * J + j) * CS + g;
-            const T al = alpha[at];
-            const T be = !plan.detach_inner && t > 0 ? beta[at] : T(0);
+            const auto [al, be] = coefficients(t, i, j, g);
             const U* dsj = reinterpret_cast<const U*>(ds + ((b * R + t) * J + j) * M);
             const U* Vj = reinterpret_cast<const U*>(a.V + ((b * R + t) * J + j) * M);
 #pragma GCC unroll 4
@@ -708,9 +713,7 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
           std::fill(dj, dj + M, T(0));
           for (int64_t t = 0; t < R; ++t) {
             if (!plan.alpha_used(t, R)) continue;
-            const int64_t at = ((t * I + i) * J + j) * CS + g;
-            const T al = alpha[at];
-            const T be = !plan.detach_inner && t > 0 ? beta[at] : T(0);
+            const auto [al, be] = coefficients(t, i, j, g);
             const T* dsj = ds + ((b * R + t) * J + j) * M;
             const T* Vj = a.V + ((b * R + t) * J + j) * M;
             for (int64_t m = 0; m < M; ++m) dj[m] += al * dsj[m] + be * Vj[m];
