@@ -58,8 +58,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def register(prefix: str) -> None:
-    """Register the fakes of capsnet_fused::<prefix>_routing_fwd / _bwd and the forward's
-    autograd, which calls the backward op (so torch.compile sees one opaque node each way)."""
+    """Register the fakes of capsnet_fused::<prefix>_routing_fwd / _bwd, the forward's
+    autograd, which calls the backward op (so torch.compile sees one opaque node each way), and
+    the backward's, which raises: double backward is not supported."""
     fwd_name = f"capsnet_fused::{prefix}_routing_fwd"
     bwd_name = f"capsnet_fused::{prefix}_routing_bwd"
     bwd_op = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_bwd")
@@ -83,9 +84,20 @@ def register(prefix: str) -> None:
             None,
         )
 
+    def double_backward(ctx, *_grads):
+        raise RuntimeError(
+            f"{bwd_name} is not differentiable: the fused routing backends give first-order "
+            f"gradients only. For double backward (differentiating a gradient taken with "
+            f"create_graph=True) use backend='reference'."
+        )
+
     torch.library.register_fake(fwd_name)(_fwd_fake)
     torch.library.register_fake(bwd_name)(_bwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    # Without an autograd kernel, differentiating the backward op would silently give zero.
+    torch.library.register_autograd(
+        bwd_name, double_backward, setup_context=lambda ctx, inputs, output: None
+    )
 
 
 def make_routing(prefix: str):

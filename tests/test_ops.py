@@ -101,3 +101,23 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert v.dtype == torch.bfloat16
     ref = cf.reference_routing(u.double(), weight.double())
     assert (v.double() - ref).norm() / ref.norm() < 0.05
+
+
+FUSED_ON_CPU = [name for name in cf.available_backends("cpu", torch.float64) if name != "reference"]
+
+
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+def test_double_backward_is_an_error_not_a_silent_zero(backend):
+    u, weight, prior, _ = (t.requires_grad_() for t in make_inputs(SHAPES[0], True))
+
+    def first_order(backend, create_graph):
+        v = cf.dynamic_routing(u, weight, prior=prior, backend=backend)
+        return torch.autograd.grad(v.pow(2).sum(), (u, weight), create_graph=create_graph)
+
+    # create_graph=True alone is fine and gives the same first-order gradients...
+    fused = first_order(backend, create_graph=True)
+    for got, want in zip(fused, first_order("reference", create_graph=False), strict=True):
+        torch.testing.assert_close(got, want)
+    # ...differentiating them raises instead of silently treating the gradient as constant.
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='reference'"):
+        torch.autograd.grad(fused[0].pow(2).sum(), weight)
