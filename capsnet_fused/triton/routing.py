@@ -138,10 +138,6 @@ def _run(launch: KernelLaunch, record: list[KernelLaunch] | None) -> None:
         record.append(launch)
 
 
-# Accumulation (and saved-state) dtype: float64 for float64 inputs, else float32.
-acc_dtype = state_dtype
-
-
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -178,7 +174,7 @@ def routing_forward(
     prior = None if prior is None else prior.contiguous()
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
-    acc = acc_dtype(u.dtype)
+    acc = state_dtype(u.dtype)
     state_shape = (batch, iterations, out_caps, out_d)
     v = _new((batch, out_caps, out_d), u.dtype, u.device)
     s = _new(state_shape, acc, u.device)
@@ -264,7 +260,7 @@ def routing_backward(
         return du, dweight, dprior
 
     cfg = choose_config(in_caps, out_caps, in_d, out_d)
-    acc = acc_dtype(u.dtype)
+    acc = state_dtype(u.dtype)
     ds = _new(s.shape, acc, device)
     alpha = _new((batch, iterations, in_caps, out_caps), acc, device)
     beta = _new((batch, iterations, in_caps, out_caps), acc, device)
