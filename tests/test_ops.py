@@ -298,6 +298,8 @@ def _transform_calls(backend):
     }
 
 
+# torch's jvp decompositions still go through torch.jit.script, which warns that it is deprecated.
+@pytest.mark.filterwarnings("ignore:.torch.jit.script. is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("transform", list(_transform_calls("reference")))
 @pytest.mark.parametrize("backend", FUSED_ON_CPU)
 def test_function_transforms_are_refused_by_fused_backends(backend, transform):
