@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,26 +256,37 @@ def test_visualize_without_matplotlib_fails_cleanly(trained_run, tmp_path, capsy
     assert not target.exists()
 
 
-def test_sigterm_stops_training_with_a_checkpoint(trained_run, tmp_path):
-    # A real process and a real signal, as a scheduler sends it before preempting a job.
+@pytest.mark.parametrize(
+    "signum, workers",
+    [(signal.SIGTERM, 0), (signal.SIGINT, 2)],
+    ids=["SIGTERM-to-the-process", "SIGINT-to-the-group-with-workers"],
+)
+def test_signal_stops_training_with_a_checkpoint(trained_run, tmp_path, signum, workers):
+    # A real process and a real signal: SIGTERM as a scheduler sends it before preempting a
+    # job; SIGINT to the whole process group as Ctrl-C in a terminal sends it, DataLoader
+    # workers included (they leave it to the main process).
     data_dir, _ = trained_run
     out = tmp_path / "run"
-    args = [*TINY, "--epochs", "100000", "--checkpoint-every", "1"]
+    args = [*TINY, "--epochs", "100000", "--checkpoint-every", "1", "--num-workers", str(workers)]
     command = [sys.executable, "-m", "capsnet_fused.cli", "train", *args]
     command += ["--data-dir", str(data_dir), "--out", str(out)]
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while not (out / "checkpoint.pt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 143, err
-    assert f"stopped by SIGTERM; {out / 'checkpoint.pt'} holds" in err
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert err.count(f"{name} received: stopping after the current step") == 1, err
+    assert f"stopped by {name}; {out / 'checkpoint.pt'} holds" in err
     assert f"Continue with: capsnet-fused train --resume {out}" in err
     assert "Traceback" not in err
     state = load_checkpoint(out)
