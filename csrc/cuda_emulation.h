@@ -522,28 +522,34 @@ inline bool run_block(Worker& w, Block& b, const Schedule& schedule) {
 
 inline size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
-// Stacks for `threads` fibers, each above a guard page, so that an overflow faults.
-inline bool allocate_worker(Worker& w, unsigned threads, size_t shared_bytes) {
+// Stacks for `threads` fibers, each above a guard page so that an overflow faults, and
+// `shared_bytes` of shared memory. Kept when large enough: mapping and first touching stacks
+// for every launch cost milliseconds.
+inline bool prepare_worker(Worker& w, unsigned threads, size_t shared_bytes) {
+  if (w.fibers.size() < threads) {
+    if (w.stacks != nullptr) munmap(w.stacks, w.stacks_bytes);
+    w.stacks = nullptr;
 #if defined(CUDA_EMU_ASAN) || defined(CUDA_EMU_TSAN)
-  w.stack_size = 512 * 1024;
+    w.stack_size = 512 * 1024;
 #else
-  w.stack_size = 128 * 1024;
+    w.stack_size = 128 * 1024;
 #endif
-  const size_t page = page_size();
-  const size_t slot = w.stack_size + page;
-  w.stacks_bytes = slot * threads;
-  void* mem = mmap(nullptr, w.stacks_bytes, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (mem == MAP_FAILED) return false;
-  w.stacks = static_cast<char*>(mem);
-  w.fibers = std::vector<Fiber>(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    char* base = w.stacks + slot * t;
-    mprotect(base, page, PROT_NONE);
-    w.fibers[t].stack_lo = base + page;
-    w.fibers[t].stack_size = w.stack_size;
+    const size_t page = page_size();
+    const size_t slot = w.stack_size + page;
+    w.stacks_bytes = slot * threads;
+    void* mem = mmap(nullptr, w.stacks_bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) return false;
+    w.stacks = static_cast<char*>(mem);
+    w.fibers = std::vector<Fiber>(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      char* base = w.stacks + slot * t;
+      mprotect(base, page, PROT_NONE);
+      w.fibers[t].stack_lo = base + page;
+      w.fibers[t].stack_size = w.stack_size;
+    }
   }
-  w.shared_storage.assign(shared_bytes + 256, 0);
+  if (w.shared_storage.size() < shared_bytes + 256) w.shared_storage.assign(shared_bytes + 256, 0);
   const uintptr_t raw = reinterpret_cast<uintptr_t>(w.shared_storage.data());
   w.shared = reinterpret_cast<unsigned char*>((raw + 255) & ~uintptr_t{255});
 #ifdef CUDA_EMU_TSAN
@@ -552,9 +558,36 @@ inline bool allocate_worker(Worker& w, unsigned threads, size_t shared_bytes) {
   return true;
 }
 
-inline void release_worker(Worker& w) {
-  if (w.stacks != nullptr) munmap(w.stacks, w.stacks_bytes);
-  w.stacks = nullptr;
+// Workers (stacks and shared memory) handed from launch to launch.
+struct WorkerPool {
+  std::mutex mutex;
+  std::vector<Worker*> free;
+  ~WorkerPool() {
+    for (Worker* w : free) {
+      if (w->stacks != nullptr) munmap(w->stacks, w->stacks_bytes);
+      delete w;
+    }
+  }
+};
+
+inline WorkerPool& worker_pool() {
+  static WorkerPool pool;
+  return pool;
+}
+
+inline Worker* acquire_worker() {
+  WorkerPool& pool = worker_pool();
+  const std::lock_guard<std::mutex> lock(pool.mutex);
+  if (pool.free.empty()) return new Worker();
+  Worker* w = pool.free.back();
+  pool.free.pop_back();
+  return w;
+}
+
+inline void release_worker(Worker* w) {
+  WorkerPool& pool = worker_pool();
+  const std::lock_guard<std::mutex> lock(pool.mutex);
+  pool.free.push_back(w);
 }
 
 inline void log_launch(const char* name, dim3 grid, dim3 block, size_t shared) {
@@ -602,8 +635,10 @@ inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_bytes
   std::mutex error_mutex;
   std::string error;
   auto work = [&]() {
-    Worker w;
-    if (!allocate_worker(w, static_cast<unsigned>(threads), shared_bytes)) {
+    Worker* worker = acquire_worker();
+    Worker& w = *worker;
+    if (!prepare_worker(w, static_cast<unsigned>(threads), shared_bytes)) {
+      release_worker(worker);
       const std::lock_guard<std::mutex> lock(error_mutex);
       error = "cannot allocate fiber stacks";
       return;
@@ -633,7 +668,7 @@ inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_bytes
       }
     }
     tl_worker = nullptr;
-    release_worker(w);
+    release_worker(worker);
   };
   const unsigned workers = worker_count(blocks);
   if (workers <= 1) {

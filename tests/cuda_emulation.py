@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from capsnet_fused import _op_glue
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
