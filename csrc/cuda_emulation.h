@@ -48,6 +48,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -142,7 +143,7 @@ struct Fiber {
   uint3 thread_idx{0, 0, 0};
   unsigned warp = 0, lane = 0;
   std::atomic<int> state{0};
-  unsigned wait_generation = 0;
+  std::atomic<unsigned> wait_generation{0};
   unsigned shuffles = 0;  // parity of the shuffle slot to use next
   void* tsan_fiber = nullptr;
   void* asan_fake_stack = nullptr;
@@ -174,7 +175,6 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::string error;
   char tsan_token[2] = {0, 0};
-  char tsan_begin = 0, tsan_end = 0;
 };
 
 // One OS thread running blocks: the fibers (one per CUDA thread), their stacks, shared memory.
@@ -194,10 +194,26 @@ struct Worker {
   void* main_fake_stack = nullptr;
   void* main_tsan_fiber = nullptr;
   Block* block = nullptr;
+  // ThreadSanitizer: released by the scheduler when a block starts, acquired by its threads
+  // first thing; released by each thread at its end, acquired by the scheduler after the block.
+  // Blocks that one worker runs are therefore ordered (its stacks and shared memory are reused);
+  // blocks on different workers (CUDA_EMU_THREADS >= 2) are not.
+  char tsan_begin = 0, tsan_end = 0;
+
+  Worker() = default;
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+  ~Worker();
 };
 
-inline thread_local Worker* tl_worker = nullptr;
-inline thread_local Fiber* tl_fiber = nullptr;
+// The worker of this OS thread and the running fiber. Atomic only for ThreadSanitizer's sake: a
+// fiber reads them before it can acquire anything, and the switch into a fiber, on purpose,
+// tells TSan of no ordering between the scheduler and the fiber.
+inline thread_local std::atomic<Worker*> tl_worker{nullptr};
+inline thread_local std::atomic<Fiber*> tl_fiber{nullptr};
+
+inline Worker& current_worker() { return *tl_worker.load(std::memory_order_relaxed); }
+inline Fiber& current_fiber() { return *tl_fiber.load(std::memory_order_relaxed); }
 inline thread_local std::string tl_last_error;
 inline thread_local int tl_last_code = 0;
 
@@ -249,7 +265,8 @@ __attribute__((naked, noinline)) static void switch_stack(void** /*from*/, void*
 
 // Fiber -> scheduler. `final` when the fiber has finished (its fake stack is released).
 inline void to_scheduler(Fiber& f, bool final) {
-  Worker& w = *tl_worker;
+  Worker& w = current_worker();
+  void* const target = w.main_sp;
 #ifdef CUDA_EMU_TSAN
   // With synchronisation: the scheduler may read what the fiber wrote (its bookkeeping); the
   // switch back into a fiber has none, so no order between CUDA threads comes from here.
@@ -262,7 +279,7 @@ inline void to_scheduler(Fiber& f, bool final) {
   (void)final;
 #endif
 #if defined(__x86_64__)
-  switch_stack(&f.sp, w.main_sp);
+  switch_stack(&f.sp, target);
 #else
   swapcontext(&f.context, &w.main_context);
 #endif
@@ -273,7 +290,9 @@ inline void to_scheduler(Fiber& f, bool final) {
 
 // Scheduler -> fiber f, back when f yields or finishes.
 inline void to_fiber(Worker& w, Fiber& f) {
-  tl_fiber = &f;
+  // Read before __tsan_switch_to_fiber: TSan counts every access after it as the fiber's.
+  void* const target = f.sp;
+  tl_fiber.store(&f, std::memory_order_relaxed);
 #ifdef CUDA_EMU_ASAN
   __sanitizer_start_switch_fiber(&w.main_fake_stack, f.stack_lo, f.stack_size);
 #endif
@@ -281,24 +300,28 @@ inline void to_fiber(Worker& w, Fiber& f) {
   __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(__x86_64__)
-  switch_stack(&w.main_sp, f.sp);
+  switch_stack(&w.main_sp, target);
 #else
   swapcontext(&w.main_context, &f.context);
 #endif
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(w.main_fake_stack, nullptr, nullptr);
 #endif
-  tl_fiber = nullptr;
+  tl_fiber.store(nullptr, std::memory_order_relaxed);
 }
 
-[[noreturn]] inline void fail(const std::string& message) {
-  Fiber& f = *tl_fiber;
-  Block& b = *tl_worker->block;
-  if (b.error.empty()) {
-    b.error = message + " (block " + std::to_string(b.block_idx.x) + "," +
-              std::to_string(b.block_idx.y) + "," + std::to_string(b.block_idx.z) +
-              ", thread " + std::to_string(f.thread_idx.x) + "," +
-              std::to_string(f.thread_idx.y) + "," + std::to_string(f.thread_idx.z) + ")";
+// Ends the calling CUDA thread with an error that the launch returns. Takes C strings: the
+// fiber never resumes, so a std::string temporary of the caller would never be destroyed.
+[[noreturn]] inline void fail(const char* what, const char* detail = "") {
+  Fiber& f = current_fiber();
+  {
+    Block& b = *current_worker().block;
+    if (b.error.empty()) {
+      b.error = std::string(what) + detail + " (block " + std::to_string(b.block_idx.x) + "," +
+                std::to_string(b.block_idx.y) + "," + std::to_string(b.block_idx.z) +
+                ", thread " + std::to_string(f.thread_idx.x) + "," +
+                std::to_string(f.thread_idx.y) + "," + std::to_string(f.thread_idx.z) + ")";
+    }
   }
   f.state.store(static_cast<int>(State::kDone), std::memory_order_relaxed);
   to_scheduler(f, true);
@@ -306,15 +329,15 @@ inline void to_fiber(Worker& w, Fiber& f) {
 }
 
 [[noreturn]] inline void fiber_main() {
-  Worker& w = *tl_worker;
-  Fiber& f = *tl_fiber;
+  Worker& w = current_worker();
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &w.main_stack_bottom, &w.main_stack_size);
 #endif
+  tsan_acquire(&w.tsan_begin);
+  Fiber& f = current_fiber();
   Block& b = *w.block;
-  tsan_acquire(&b.tsan_begin);
   (*b.body)();
-  tsan_release(&b.tsan_end);
+  tsan_release(&w.tsan_end);
   b.exited.fetch_add(1, std::memory_order_relaxed);
   f.state.store(static_cast<int>(State::kDone), std::memory_order_relaxed);
   to_scheduler(f, true);
@@ -351,7 +374,8 @@ inline void init_fiber(Worker& w, Fiber& f) {
 #endif
   (void)w;
 #ifdef CUDA_EMU_TSAN
-  f.tsan_fiber = __tsan_create_fiber(0);
+  // Kept from block to block: blocks that one worker runs are ordered anyway (run_block).
+  if (f.tsan_fiber == nullptr) f.tsan_fiber = __tsan_create_fiber(0);
 #endif
   f.asan_fake_stack = nullptr;
   f.state.store(static_cast<int>(State::kReady), std::memory_order_relaxed);
@@ -359,16 +383,16 @@ inline void init_fiber(Worker& w, Fiber& f) {
 }
 
 inline void yield_until_released(Fiber& f, State state, unsigned generation) {
-  f.wait_generation = generation;
+  f.wait_generation.store(generation, std::memory_order_relaxed);
   f.state.store(static_cast<int>(state), std::memory_order_relaxed);
   to_scheduler(f, false);
 }
 
 // __syncthreads: every thread of the block arrives, then all continue.
 inline void sync_block() {
-  Worker& w = *tl_worker;
+  Worker& w = current_worker();
   Block& b = *w.block;
-  Fiber& f = *tl_fiber;
+  Fiber& f = current_fiber();
   if (b.exited.load(std::memory_order_relaxed) != 0) {
     fail("__syncthreads reached after some threads of the block returned");
   }
@@ -385,18 +409,18 @@ inline void sync_block() {
 }
 
 inline Warp& checked_warp(unsigned mask, const char* what) {
-  Block& b = *tl_worker->block;
-  Fiber& f = *tl_fiber;
-  if (mask != kFullMask) fail(std::string(what) + " with a mask other than 0xffffffff");
+  Block& b = *current_worker().block;
+  Fiber& f = current_fiber();
+  if (mask != kFullMask) fail(what, " with a mask other than 0xffffffff");
   Warp& warp = b.warps[f.warp];
-  if (warp.size != 32) fail(std::string(what) + " in a partial warp");
+  if (warp.size != 32) fail(what, " in a partial warp");
   return warp;
 }
 
 // A barrier of the 32 lanes of the caller's warp; `memory_order` when it orders memory
 // (__syncwarp) rather than only exchanging values (shuffles).
 inline void sync_warp_lanes(Warp& warp, WarpSync kind) {
-  Fiber& f = *tl_fiber;
+  Fiber& f = current_fiber();
   const unsigned gen = warp.generation.load(std::memory_order_relaxed);
   const bool orders_memory = kind == WarpSync::kSyncwarp;
   if (orders_memory) tsan_release(&warp.tsan_token[gen & 1]);
@@ -419,7 +443,7 @@ inline T shuffle(unsigned mask, T value, unsigned src_lane, const char* what) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "shuffles of 4- and 8-byte values");
   static_assert(std::is_trivially_copyable_v<T>);
   Warp& warp = checked_warp(mask, what);
-  Fiber& f = *tl_fiber;
+  Fiber& f = current_fiber();
   const unsigned set = f.shuffles++ & 1;
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
@@ -457,9 +481,11 @@ inline bool runnable(const Block& b, const Fiber& f) {
     case State::kReady:
       return true;
     case State::kBlockBarrier:
-      return b.generation.load(std::memory_order_relaxed) != f.wait_generation;
+      return b.generation.load(std::memory_order_relaxed) !=
+             f.wait_generation.load(std::memory_order_relaxed);
     case State::kWarpBarrier:
-      return b.warps[f.warp].generation.load(std::memory_order_relaxed) != f.wait_generation;
+      return b.warps[f.warp].generation.load(std::memory_order_relaxed) !=
+             f.wait_generation.load(std::memory_order_relaxed);
     case State::kDone:
       return false;
   }
@@ -474,7 +500,6 @@ inline bool run_block(Worker& w, Block& b, const Schedule& schedule) {
   for (unsigned t = 0; t < n; ++t) order[t] = schedule.kind == Schedule::kReverse ? n - 1 - t : t;
   std::mt19937_64 rng(schedule.seed * 0x9E3779B97F4A7C15ull + b.block_idx.x +
                       (uint64_t{b.block_idx.y} << 21) + (uint64_t{b.block_idx.z} << 42));
-  tsan_release(&b.tsan_begin);
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = w.fibers[t];
     f.thread_idx = {t % b.block.x, (t / b.block.x) % b.block.y, t / (b.block.x * b.block.y)};
@@ -482,6 +507,8 @@ inline bool run_block(Worker& w, Block& b, const Schedule& schedule) {
     f.lane = t % 32;
     init_fiber(w, f);
   }
+  // Kernel start: everything written so far happens before every CUDA thread of the block.
+  tsan_release(&w.tsan_begin);
   unsigned done = 0;
   while (done < n) {
     if (schedule.kind == Schedule::kRandom) std::shuffle(order.begin(), order.end(), rng);
@@ -509,25 +536,32 @@ inline bool run_block(Worker& w, Block& b, const Schedule& schedule) {
       break;
     }
   }
-  tsan_acquire(&b.tsan_end);
-#ifdef CUDA_EMU_TSAN
-  for (unsigned t = 0; t < n; ++t) {
-    if (w.fibers[t].tsan_fiber != nullptr) __tsan_destroy_fiber(w.fibers[t].tsan_fiber);
-    w.fibers[t].tsan_fiber = nullptr;
-  }
-#endif
+  tsan_acquire(&w.tsan_end);
   w.block = nullptr;
   return b.error.empty();
 }
 
 inline size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
+inline void destroy_fibers(Worker& w) {
+#ifdef CUDA_EMU_TSAN
+  for (Fiber& f : w.fibers) {
+    if (f.tsan_fiber != nullptr) __tsan_destroy_fiber(f.tsan_fiber);
+    f.tsan_fiber = nullptr;
+  }
+#endif
+  if (w.stacks != nullptr) munmap(w.stacks, w.stacks_bytes);
+  w.stacks = nullptr;
+}
+
+inline Worker::~Worker() { destroy_fibers(*this); }
+
 // Stacks for `threads` fibers, each above a guard page so that an overflow faults, and
-// `shared_bytes` of shared memory. Kept when large enough: mapping and first touching stacks
-// for every launch cost milliseconds.
+// `shared_bytes` of shared memory. A worker keeps them from launch to launch: mapping and first
+// touching stacks for every launch cost milliseconds.
 inline bool prepare_worker(Worker& w, unsigned threads, size_t shared_bytes) {
   if (w.fibers.size() < threads) {
-    if (w.stacks != nullptr) munmap(w.stacks, w.stacks_bytes);
+    destroy_fibers(w);
     w.stacks = nullptr;
 #if defined(CUDA_EMU_ASAN) || defined(CUDA_EMU_TSAN)
     w.stack_size = 512 * 1024;
@@ -558,38 +592,6 @@ inline bool prepare_worker(Worker& w, unsigned threads, size_t shared_bytes) {
   return true;
 }
 
-// Workers (stacks and shared memory) handed from launch to launch.
-struct WorkerPool {
-  std::mutex mutex;
-  std::vector<Worker*> free;
-  ~WorkerPool() {
-    for (Worker* w : free) {
-      if (w->stacks != nullptr) munmap(w->stacks, w->stacks_bytes);
-      delete w;
-    }
-  }
-};
-
-inline WorkerPool& worker_pool() {
-  static WorkerPool pool;
-  return pool;
-}
-
-inline Worker* acquire_worker() {
-  WorkerPool& pool = worker_pool();
-  const std::lock_guard<std::mutex> lock(pool.mutex);
-  if (pool.free.empty()) return new Worker();
-  Worker* w = pool.free.back();
-  pool.free.pop_back();
-  return w;
-}
-
-inline void release_worker(Worker* w) {
-  WorkerPool& pool = worker_pool();
-  const std::lock_guard<std::mutex> lock(pool.mutex);
-  pool.free.push_back(w);
-}
-
 inline void log_launch(const char* name, dim3 grid, dim3 block, size_t shared) {
   const char* path = std::getenv("CUDA_EMU_LOG");
   if (path == nullptr || path[0] == '\0') return;
@@ -616,6 +618,109 @@ inline unsigned worker_count(uint64_t blocks) {
   return static_cast<unsigned>(std::min<uint64_t>(n, blocks));
 }
 
+// One launch: the blocks left to run, shared by the workers that run them.
+struct Job {
+  const char* name;
+  dim3 grid, block;
+  uint64_t threads, blocks;
+  size_t shared_bytes;
+  const std::function<void()>* body;
+  Schedule schedule;
+  std::atomic<uint64_t> next{0};
+  std::mutex error_mutex;
+  std::string error;
+};
+
+inline void run_job(Worker& w, Job& job) {
+  if (!prepare_worker(w, static_cast<unsigned>(job.threads), job.shared_bytes)) {
+    const std::lock_guard<std::mutex> lock(job.error_mutex);
+    job.error = "cannot allocate fiber stacks";
+    return;
+  }
+  for (uint64_t id = job.next.fetch_add(1); id < job.blocks; id = job.next.fetch_add(1)) {
+    Block b;
+    b.grid = job.grid;
+    b.block = job.block;
+    b.block_idx = {static_cast<unsigned>(id % job.grid.x),
+                   static_cast<unsigned>((id / job.grid.x) % job.grid.y),
+                   static_cast<unsigned>(id / (uint64_t{job.grid.x} * job.grid.y))};
+    b.threads = static_cast<unsigned>(job.threads);
+    b.warps = std::vector<Warp>((job.threads + 31) / 32);
+    for (size_t k = 0; k < b.warps.size(); ++k) {
+      b.warps[k].size = static_cast<unsigned>(std::min<uint64_t>(32, job.threads - 32 * k));
+    }
+    b.body = job.body;
+    // CUDA leaves shared memory uninitialised: all-ones bytes are NaN in float and double.
+    std::memset(w.shared, 0xFF, job.shared_bytes);
+    b.shared = w.shared;
+    if (!run_block(w, b, job.schedule)) {
+      const std::lock_guard<std::mutex> lock(job.error_mutex);
+      if (job.error.empty()) job.error = b.error;
+      job.next.store(job.blocks);
+      break;
+    }
+  }
+}
+
+// OS threads that run blocks besides the launching thread. They live as long as the process
+// (never destroyed: no shutdown ordering to get wrong) and keep their workers, so fibers and
+// stacks are made once per thread; ThreadSanitizer then also sees every fiber created by the
+// thread that runs it.
+struct ThreadPool {
+  std::mutex launch_mutex;  // one multi-threaded launch at a time
+  std::mutex mutex;
+  std::condition_variable wake, done;
+  std::vector<std::thread> threads;
+  Job* job = nullptr;
+  uint64_t generation = 0;
+  unsigned wanted = 0, finished = 0;
+
+  void loop(unsigned index) {
+    Worker w;
+    tl_worker.store(&w, std::memory_order_relaxed);
+    uint64_t seen = 0;
+    for (;;) {
+      Job* current = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        wake.wait(lock, [&] { return generation != seen; });
+        seen = generation;
+        if (index >= wanted) continue;
+        current = job;
+      }
+      run_job(w, *current);
+      const std::lock_guard<std::mutex> lock(mutex);
+      if (++finished == wanted) done.notify_all();
+    }
+  }
+
+  // Runs `job` on `helpers` pool threads while the caller runs it on `caller`.
+  void run(Job& j, unsigned helpers, Worker& caller) {
+    const std::lock_guard<std::mutex> serial(launch_mutex);
+    {
+      const std::lock_guard<std::mutex> lock(mutex);
+      while (threads.size() < helpers) {
+        const unsigned index = static_cast<unsigned>(threads.size());
+        threads.emplace_back([this, index] { loop(index); });
+        threads.back().detach();
+      }
+      job = &j;
+      wanted = helpers;
+      finished = 0;
+      ++generation;
+    }
+    wake.notify_all();
+    run_job(caller, j);
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [&] { return finished == wanted; });
+  }
+};
+
+inline ThreadPool& thread_pool() {
+  static ThreadPool* pool = new ThreadPool();
+  return *pool;
+}
+
 // Runs body() as every thread of every block of the grid.
 inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_bytes,
                     const std::function<void()>& body) {
@@ -630,56 +735,28 @@ inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_bytes
                          " threads, " + std::to_string(shared_bytes) + " bytes of shared memory");
   }
   log_launch(name, grid, block, shared_bytes);
-  const Schedule schedule = schedule_from_env();
-  std::atomic<uint64_t> next{0};
-  std::mutex error_mutex;
-  std::string error;
-  auto work = [&]() {
-    Worker* worker = acquire_worker();
-    Worker& w = *worker;
-    if (!prepare_worker(w, static_cast<unsigned>(threads), shared_bytes)) {
-      release_worker(worker);
-      const std::lock_guard<std::mutex> lock(error_mutex);
-      error = "cannot allocate fiber stacks";
-      return;
-    }
-    tl_worker = &w;
-    for (uint64_t id = next.fetch_add(1); id < blocks; id = next.fetch_add(1)) {
-      Block b;
-      b.grid = grid;
-      b.block = block;
-      b.block_idx = {static_cast<unsigned>(id % grid.x),
-                     static_cast<unsigned>((id / grid.x) % grid.y),
-                     static_cast<unsigned>(id / (uint64_t{grid.x} * grid.y))};
-      b.threads = static_cast<unsigned>(threads);
-      b.warps = std::vector<Warp>((threads + 31) / 32);
-      for (size_t k = 0; k < b.warps.size(); ++k) {
-        b.warps[k].size = static_cast<unsigned>(std::min<uint64_t>(32, threads - 32 * k));
-      }
-      b.body = &body;
-      // CUDA leaves shared memory uninitialised: all-ones bytes are NaN in float and double.
-      std::memset(w.shared, 0xFF, shared_bytes);
-      b.shared = w.shared;
-      if (!run_block(w, b, schedule)) {
-        const std::lock_guard<std::mutex> lock(error_mutex);
-        if (error.empty()) error = b.error;
-        next.store(blocks);
-        break;
-      }
-    }
-    tl_worker = nullptr;
-    release_worker(worker);
-  };
+  Job job;
+  job.name = name;
+  job.grid = grid;
+  job.block = block;
+  job.threads = threads;
+  job.blocks = blocks;
+  job.shared_bytes = shared_bytes;
+  job.body = &body;
+  job.schedule = schedule_from_env();
+  // The launching thread is a worker too, with its own fibers.
+  static thread_local Worker caller;
+  Worker* const outer = tl_worker.load(std::memory_order_relaxed);
+  tl_worker.store(&caller, std::memory_order_relaxed);
   const unsigned workers = worker_count(blocks);
   if (workers <= 1) {
-    work();
+    run_job(caller, job);
   } else {
-    std::vector<std::thread> pool;
-    for (unsigned k = 0; k < workers; ++k) pool.emplace_back(work);
-    for (auto& t : pool) t.join();
+    thread_pool().run(job, workers - 1, caller);
   }
-  if (!error.empty()) {
-    return set_error(cudaErrorLaunchFailure, std::string(name) + ": " + error);
+  tl_worker.store(outer, std::memory_order_relaxed);
+  if (!job.error.empty()) {
+    return set_error(cudaErrorLaunchFailure, std::string(name) + ": " + job.error);
   }
   return cudaSuccess;
 }
@@ -696,12 +773,12 @@ int launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
   return detail::run_grid(name, grid, block, shared_bytes, body);
 }
 
-inline unsigned char* dynamic_shared() { return detail::tl_worker->block->shared; }
+inline unsigned char* dynamic_shared() { return detail::current_worker().block->shared; }
 
-inline const uint3& thread_idx() { return detail::tl_fiber->thread_idx; }
-inline const uint3& block_idx() { return detail::tl_worker->block->block_idx; }
-inline const dim3& block_dim() { return detail::tl_worker->block->block; }
-inline const dim3& grid_dim() { return detail::tl_worker->block->grid; }
+inline const uint3& thread_idx() { return detail::current_fiber().thread_idx; }
+inline const uint3& block_idx() { return detail::current_worker().block->block_idx; }
+inline const dim3& block_dim() { return detail::current_worker().block->block; }
+inline const dim3& grid_dim() { return detail::current_worker().block->grid; }
 
 }  // namespace cuda_emu
 
@@ -727,7 +804,7 @@ inline T __shfl_sync(unsigned mask, T value, int src_lane, int width = warpSize)
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = warpSize) {
   if (width != warpSize) ::cuda_emu::detail::fail("__shfl_xor_sync with width != 32");
-  const unsigned lane = ::cuda_emu::detail::tl_fiber->lane;
+  const unsigned lane = ::cuda_emu::detail::current_fiber().lane;
   return ::cuda_emu::detail::shuffle(mask, value, lane ^ static_cast<unsigned>(lane_mask),
                                      "__shfl_xor_sync");
 }

@@ -1065,6 +1065,27 @@ int launch_sweep(const Plan& plan, const Params<T>& p, bool forward, void* strea
                        plan.sweep_backward_shared, stream, p);
 }
 
+template <typename T>
+int backward_combine(const Plan& plan, Params<T>& p, int k, bool chain, void* stream) {
+  const int last = p.R - 1;
+  p.k = k;
+  p.read_a = chain && k < last;
+  p.read_carry = chain && k < last - 1;
+  p.write_carry = chain && k > 0 && k < last;
+  return launch_combine(plan, p, false, stream);
+}
+
+template <typename T>
+int backward_sweep(const Plan& plan, Params<T>& p, int k, bool chain, bool need_uhat,
+                   void* stream) {
+  p.k = k;
+  // The first couplings come from c1 (or are uniform): no alpha^1.
+  p.store_alpha = need_uhat && k > 0 && (!p.detach_inner || k == p.R - 1);
+  p.need_beta = chain;
+  p.need_a = chain && k > 0;
+  return launch_sweep(plan, p, false, stream);
+}
+
 }  // namespace
 
 int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size_t elem_size,
@@ -1220,31 +1241,20 @@ int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
     // With detach_inner, du_hat needs only the last iteration's couplings; the rest of the
     // chain matters only for the prior's gradient.
     const bool chain = !(p.detach_inner && !need_dp);
-    auto combine = [&](int k) {
-      p.k = k;
-      p.read_a = chain && k < last;
-      p.read_carry = chain && k < last - 1;
-      p.write_carry = chain && k > 0 && k < last;
-      return launch_combine(plan, p, false, stream);
-    };
-    auto sweep = [&](int k) {
-      p.k = k;
-      // The first couplings come from c1 (or are uniform): no alpha^1.
-      p.store_alpha = need_uhat && k > 0 && (!p.detach_inner || k == last);
-      p.need_beta = chain;
-      p.need_a = chain && k > 0;
-      return launch_sweep(plan, p, false, stream);
-    };
     if (!chain) {
-      if ((err = combine(last)) != cudaSuccess) return err;
-      if (last > 0 && (err = sweep(last)) != cudaSuccess) return err;
+      if ((err = backward_combine(plan, p, last, chain, stream)) != cudaSuccess) return err;
+      if (last > 0 && (err = backward_sweep(plan, p, last, chain, need_uhat, stream)) != 0) {
+        return err;
+      }
     } else {
       for (int k = last; k >= 1; --k) {
-        if ((err = combine(k)) != cudaSuccess) return err;
-        if ((err = sweep(k)) != cudaSuccess) return err;
+        if ((err = backward_combine(plan, p, k, chain, stream)) != cudaSuccess) return err;
+        if ((err = backward_sweep(plan, p, k, chain, need_uhat, stream)) != 0) return err;
       }
-      if ((err = combine(0)) != cudaSuccess) return err;
-      if (need_dp && (err = sweep(0)) != cudaSuccess) return err;
+      if ((err = backward_combine(plan, p, 0, chain, stream)) != cudaSuccess) return err;
+      if (need_dp && (err = backward_sweep(plan, p, 0, chain, need_uhat, stream)) != 0) {
+        return err;
+      }
     }
   }
   // Also for B = 0: dW and dprior are then zero, written by their owners.
