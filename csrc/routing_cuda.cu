@@ -23,6 +23,17 @@
 //               du_hat from alpha, beta, ds and V, then du, dW and dprior of its capsules.
 // No float atomics: every reduction has one owner and a fixed order, so results are
 // deterministic (for given tiles). Nothing of size B x I x J x M is allocated.
+//
+// Thread mapping of the sweeps: a row (j, m) of a capsule is laid out over lanes with m padded
+// to MP (a power of two up to 32), so that the m-sums of the logits and of dL/dc are butterflies
+// within the MP lanes of a j (the softmax over j, a butterfly over the warp); per (sample,
+// capsule) a warp makes KP / 32 passes. The per-sample state (V^{t-1}, ds^t, the partial sums)
+// stays in shared memory, each element owned by one lane. Tiles are chosen by plan_routing
+// (two blocks per SM of an H100/H200 at the MNIST shape: 64 capsule blocks x 4 sample tiles of
+// 32 at B = 128); J x M is limited by shared memory (227 KB per block on sm_90: J * MP up to
+// about 2000 in float32), beyond which plan_routing refuses and the triton backend is the way.
+// bench/cuda_traffic.py counts each launch's bytes and FLOPs; tests/test_cuda_emulated.py runs
+// this file on the CPU (cuda_emulation.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -96,6 +107,8 @@ struct Params {
 };
 
 __host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
+
+__host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Offsets (elements) of a sweep block's shared arrays; the host sizes the launch with it.
 struct SweepLayout {
@@ -203,9 +216,11 @@ __device__ inline Group<T> load_group(const T* p) {
   return *reinterpret_cast<const Group<T>*>(p);
 }
 
-// Overflow-safe squash of one capsule (/work/notes/squash.md): a = max |s_m|, t = s / a,
-// v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), r = 1 / a^2, qt = |t|^2. A warp
-// computes it with lanes along m; Squash holds what the forward and backward share.
+// The overflow-safe squash of one capsule, the formulation every backend uses: a = max |s_m|,
+// t = s / a, v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), r = 1 / a^2, qt = |t|^2
+// (the same as |s|^2 / (1 + |s|^2) s / sqrt(|s|^2 + eps), which overflows in float32 once |s|
+// passes ~7e12). A warp computes it with lanes along m; Squash holds what the forward and
+// backward share.
 template <typename T>
 struct Squash {
   T a;   // max |s_m| (0: v = 0 and ds = 0)
@@ -236,7 +251,6 @@ __device__ inline Squash<T> warp_squash(const T* s_row, int M, int lane) {
   return q;
 }
 
-// ---------------------------------------------------------------------------------------------
 // prior softmax: c1 = softmax(prior) over j (out_caps: a thread per capsule) or over i (in_caps:
 // a warp per output capsule j, which also writes lse1[j]).
 
@@ -284,7 +298,6 @@ __global__ void prior_softmax_kernel(Params<T> p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
 // First iteration: part_first[split, b, c] = sum over the split's rows (i, n) of
 // u[b, i, n] c1[i, j] W[i, j, n, m], c = (j, m). Without a prior c1 is uniform and the combine
 // divides by J (out_caps) or I (in_caps).
@@ -349,7 +362,6 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(Params<T> p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
 // Sweeps. Block (capsule block, sample tile); warps take groups of 4 samples, lanes take the
 // columns (j, m) of a row, padded so that each j owns SW aligned lanes (m-reductions are
 // butterflies within them) or, for M > 32, whole passes.
@@ -401,8 +413,8 @@ __device__ inline SweepTile<T> sweep_tile(const Params<T>& p, bool backward) {
   return t;
 }
 
-// Zeroes the staged W (its padding columns stay zero) and loads rows [samples, KP] of a
-// [B, R, J, M] state at iteration k (zero for padding and samples past B).
+// Loads rows [samples, KP] of a [B, R, J, M] state at iteration k into shared memory, in the
+// sweep's column layout (zero in padding columns and for samples past B).
 template <typename T>
 __device__ inline void load_state_rows(const Params<T>& p, const T* state, T* rows, int64_t b0) {
   const int S = p.sweep_samples;
@@ -488,6 +500,7 @@ __global__ void sweep_forward_kernel(Params<T> p) {
   const int S = p.sweep_samples;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
+  // Zero once: staging writes only the real columns, so W's padding columns stay zero.
   for (int e = threadIdx.x; e < p.sweep_stage * p.N * p.KP; e += blockDim.x) t.w[e] = T(0);
   load_state_rows(p, p.V, t.V, t.b0);
   for (int e = threadIdx.x; e < S * p.KP; e += blockDim.x) t.acc[e] = T(0);
@@ -497,7 +510,7 @@ __global__ void sweep_forward_kernel(Params<T> p) {
   }
   __syncthreads();
   for (int64_t c0 = t.i_begin; c0 < t.i_end; c0 += p.sweep_stage) {
-    const int count = static_cast<int>(t.i_end - c0 < p.sweep_stage ? t.i_end - c0 : p.sweep_stage);
+    const int count = static_cast<int>(min64(t.i_end - c0, p.sweep_stage));
     stage_capsules(p, t, c0, count);
     __syncthreads();
     for (int g = warp; g < S / kGroup; g += warps) {
@@ -507,11 +520,10 @@ __global__ void sweep_forward_kernel(Params<T> p) {
           const int col = lane + pass * kWarpSize;
           T h[kGroup];
           predict(p, t, ci, g, col, h);
+          const T base = t.prior[ci * p.J + (col / p.MP < p.J ? col / p.MP : 0)];
           for (int s = 0; s < kGroup; ++s) {
             t.uh[s * p.KP + col] = h[s];
-            const T x = h[s] * t.V[(g * kGroup + s) * p.KP + col];
-            row_sum(p, x, lane, col, t.prior[ci * p.J + (col / p.MP < p.J ? col / p.MP : 0)],
-                    t.lg + s * p.J);
+            row_sum(p, h[s] * t.V[(g * kGroup + s) * p.KP + col], lane, col, base, t.lg + s * p.J);
           }
         }
         __syncwarp();
@@ -579,6 +591,7 @@ __global__ void sweep_backward_kernel(Params<T> p) {
   const int S = p.sweep_samples;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
+  // Zero once: staging writes only the real columns, so W's padding columns stay zero.
   for (int e = threadIdx.x; e < p.sweep_stage * p.N * p.KP; e += blockDim.x) t.w[e] = T(0);
   load_state_rows(p, p.V, t.V, t.b0);
   load_state_rows(p, p.ds, t.ds, t.b0);
@@ -602,7 +615,7 @@ __global__ void sweep_backward_kernel(Params<T> p) {
   }
   __syncthreads();
   for (int64_t c0 = t.i_begin; c0 < t.i_end; c0 += p.sweep_stage) {
-    const int count = static_cast<int>(t.i_end - c0 < p.sweep_stage ? t.i_end - c0 : p.sweep_stage);
+    const int count = static_cast<int>(min64(t.i_end - c0, p.sweep_stage));
     stage_capsules(p, t, c0, count);
     __syncthreads();
     for (int g = warp; g < S / kGroup; g += warps) {
@@ -679,7 +692,6 @@ __global__ void sweep_backward_kernel(Params<T> p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
 // Combines: a warp per (b, j), lanes along m; partials summed in capsule-block order.
 
 template <typename T>
@@ -763,11 +775,12 @@ __global__ void combine_backward_kernel(Params<T> p) {
   const int64_t bj = (b * p.J + j) * p.M;
   const bool last = p.k == p.R - 1;
   // dL/dv^t = [t = R] g + D, D = dL/dV^t = carry + A^{t+1}; ds_row holds dv until the squash.
+  const int64_t col = static_cast<int64_t>(j) * p.M;
   for (int m = lane; m < p.M; m += kWarpSize) {
     T a = 0;
     if (p.read_a) {
       for (int q = 0; q < p.sweep_blocks; ++q) {
-        a += p.part_a[(static_cast<int64_t>(q) * p.B + b) * p.JM + static_cast<int64_t>(j) * p.M + m];
+        a += p.part_a[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
       }
     }
     const T d = (p.read_carry ? p.carry[bj + m] : T(0)) + a;
@@ -791,7 +804,6 @@ __global__ void combine_backward_kernel(Params<T> p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
 // Gradients: block per grads_caps capsules, the owner of their dW and dprior; walks the
 // samples in order, grads_samples at a time.
 
@@ -921,7 +933,6 @@ __global__ void grads_kernel(Params<T> p) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
 // Host side.
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -1163,7 +1174,9 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
 
   // Gradients: up to 4 capsules per block while the grid keeps kMinBlocks blocks.
   const bool auto_grads_caps = t.grads_caps == 0, auto_grads_samples = t.grads_samples == 0;
-  if (auto_grads_caps) t.grads_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
+  if (auto_grads_caps) {
+    t.grads_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
+  }
   if (auto_grads_samples) t.grads_samples = 8;
   if (t.grads_warps == 0) t.grads_warps = 8;
   auto grads_bytes = [&]() {

@@ -179,7 +179,6 @@ int mode_routing(bool quick) {
   return failures == 0 ? 0 : 1;
 }
 
-// ---------------------------------------------------------------------------------------------
 // Kernels that misuse the execution model, for the emulation's self-checks.
 
 __global__ void neighbour_kernel(float* out, bool with_barrier) {
