@@ -11,7 +11,7 @@
 //                                   results with the thread order; divergent barriers, a barrier
 //                                   after early returns, shuffles in a partial warp and mixed
 //                                   warp operations are reported as launch errors; shuffles
-//                                   exchange the right values
+//                                   exchange the right values; atomicAdd counts across blocks
 //   cuda_emulation_check race       a kernel with a shared-memory race (ThreadSanitizer must
 //                                   report it: the positive control of the TSan run)
 //   cuda_emulation_check overflow   a kernel writing past a buffer (AddressSanitizer must
@@ -227,6 +227,8 @@ __global__ void mixed_warp_ops_kernel(float* out) {
   out[threadIdx.x] = x;
 }
 
+__global__ void count_kernel(int* counter) { atomicAdd(counter, 1); }
+
 __global__ void racy_kernel(float* out) {
   CAPSNET_DYNAMIC_SHARED(raw);
   float* sh = reinterpret_cast<float*>(raw);
@@ -301,6 +303,12 @@ int mode_selftest() {
   check(right, "shuffles exchange the right values");
   check(launch("empty", &warp_sum_kernel<float>, 0, 0, sums.data()) != 0,
         "a block of 0 threads is an error");
+  int counter = 0;
+  setenv("CUDA_EMU_THREADS", "2", 1);
+  check(capsnet_fused::cuda::launch_kernel("count", &count_kernel, dim3(7), dim3(96), 0, nullptr,
+                                           &counter) == 0,
+        "count launch");
+  check(counter == 7 * 96, "atomicAdd counts every thread of every block");
   std::printf("selftest: %d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
