@@ -281,6 +281,22 @@ def cpu(kernel_op: Callable[[], str] | None = None) -> dict:
     }
 
 
+def cuda_arch_coverage(major: int, minor: int, archs: list[str]) -> str:
+    """How the compiled targets `archs` (sm_XY, compute_XY) serve a GPU of compute capability
+    major.minor: machine code for sm_XY runs on X.Y' with Y' >= Y; PTX for compute_XY is
+    compiled by the driver for any capability >= X.Y."""
+    numbers = [
+        (kind, int(code[:-1]), int(code[-1]))
+        for kind, code in (arch.split("_", 1) for arch in archs if "_" in arch)
+        if code.isdigit() and len(code) >= 2
+    ]
+    if any(kind == "sm" and x == major and y <= minor for kind, x, y in numbers):
+        return "yes (machine code)"
+    if any(kind == "compute" and (x, y) <= (major, minor) for kind, x, y in numbers):
+        return "yes (PTX, compiled by the driver at first use)"
+    return f"NO: compiled for {' '.join(archs) or 'nothing'}"
+
+
 def gpus() -> dict:
     reason = _no_device_reason("cuda")
     devices = []
@@ -428,6 +444,9 @@ def format_report(report: dict) -> str:
             f"{dev['name']}, {dev['capability']}, {dev['sm_count']} SMs, "
             f"{dev['memory_bytes'] / (1 << 30):.1f} GiB",
         )
+        if recorded and recorded.get("cuda_kernels") and recorded.get("cuda_archs"):
+            major, minor = divmod(int(dev["capability"].removeprefix("sm_")), 10)
+            row("  cpp kernels", cuda_arch_coverage(major, minor, recorded["cuda_archs"]))
 
     if report["environment"]:
         section("Environment")

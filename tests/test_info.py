@@ -217,3 +217,39 @@ def test_cpu_list_parsing():
         "1.5 MiB",
         "unknown",
     ]
+
+
+@pytest.mark.parametrize(
+    "capability, archs, verdict",
+    [
+        ((9, 0), ["sm_80", "sm_90"], "yes (machine code)"),
+        ((8, 6), ["sm_80"], "yes (machine code)"),  # same major, higher minor
+        ((9, 0), ["compute_80", "sm_80"], "yes (PTX"),
+        ((9, 0), ["sm_80"], "NO: compiled for sm_80"),
+        ((8, 0), ["sm_86", "compute_90"], "NO: compiled for sm_86 compute_90"),
+        ((12, 0), ["sm_120", "sm_90"], "yes (machine code)"),
+    ],
+)
+def test_cuda_arch_coverage(capability, archs, verdict):
+    assert info.cuda_arch_coverage(*capability, archs).startswith(verdict)
+
+
+def test_gpu_lines_of_a_report_with_a_gpu():
+    report = info.collect()
+    report["gpu"] = {
+        "available": True,
+        "reason": None,
+        "devices": [
+            {
+                "index": 0,
+                "name": "NVIDIA H200",
+                "capability": "sm_90",
+                "sm_count": 132,
+                "memory_bytes": 150_000_000_000,
+            }
+        ],
+    }
+    report["build"]["recorded"] = {"torch": "2.11.0", "cuda_kernels": True, "cuda_archs": ["sm_80"]}
+    rows = _rows(info.format_report(report))
+    assert rows["cuda:0"] == "NVIDIA H200, sm_90, 132 SMs, 139.7 GiB"
+    assert rows["cpp kernels"] == "NO: compiled for sm_80"
