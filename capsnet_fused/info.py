@@ -108,7 +108,8 @@ def build() -> dict:
     else:
         origin = "JIT build (CAPSNET_FUSED_JIT=1)"
     try:
-        recorded = json.loads(BUILD_INFO_FILE.read_text())
+        # A record left beside a _C that is not the loaded one (a JIT build) would mislead.
+        recorded = json.loads(BUILD_INFO_FILE.read_text()) if extension is not None else None
     except FileNotFoundError:
         recorded = None
     except (OSError, ValueError) as exc:
