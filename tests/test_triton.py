@@ -4,10 +4,12 @@ On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before the 
 decorated and the kernels run on CPU tensors; with CUDA the same tests run on the GPU.
 """
 
+import math
+
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from capsnet_fused import (  # noqa: E402
     FusedRouter,
@@ -328,3 +330,110 @@ def test_compile_fullgraph_capsnet(device):
     torch.testing.assert_close(caps, caps_eager, rtol=1e-5, atol=1e-6)
     for g, g_eager in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-6)
+
+
+# The GPU's tiles visit capsules one at a time and split the batch into tiles of 16 or fewer;
+# run them under the interpreter on shapes where that makes several steps, blocks and splits.
+GPU_TILE_CASES = [
+    (Shape(3, 37, 10, 8, 16, 3), ("out_caps", True, False)),
+    (Shape(3, 37, 10, 8, 16, 3), ("in_caps", True, False)),
+    (Shape(20, 9, 3, 3, 5, 2), ("in_caps", False, True)),
+    (Shape(2, 19, 3, 3, 5, 4), ("out_caps", False, False)),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, variant", GPU_TILE_CASES, ids=[f"{s.id}-{variant_id(v)}" for s, v in GPU_TILE_CASES]
+)
+def test_gpu_tiles_match_reference(shape, variant, monkeypatch):
+    require("cpu")
+    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    cfg = launcher.choose_config(shape.B, shape.I, shape.J, shape.N, shape.M)
+    assert cfg.sweep_block_is == 1 and cfg.sweep_block_b <= 16
+    got, ref, _ = run_case(shape, variant, torch.float64, "cpu")
+    assert_matches_reference(got, ref, tol=1e-12)
+
+
+def test_tile_kind_env(monkeypatch):
+    monkeypatch.setenv(launcher.TILES_ENV, "bogus")
+    with pytest.raises(ValueError, match=launcher.TILES_ENV):
+        launcher.tile_kind()
+    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    assert launcher.tile_kind() == "gpu"
+    monkeypatch.delenv(launcher.TILES_ENV)
+    assert launcher.tile_kind() == ("interpreter" if launcher.INTERPRETED else "gpu")
+
+
+def test_grid_table():
+    """The grids in capsnet_fused/triton/routing.py's docstring are the ones chosen."""
+    table = {}
+    for line in launcher.__doc__.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].isdigit():
+            table[int(cells[0])] = [int(c.split("=")[-1]) for c in cells[1:]]
+    assert sorted(table) == [8, 128, 512]
+    for batch, want in table.items():
+        cfg = launcher.choose_config(batch, 1152, 10, 8, 16, "gpu")
+        got = [
+            math.prod(cfg.gemm_grid(batch, 1152, 8, 10, 16)),
+            math.prod(cfg.sweep_grid(batch, 1152)),
+            math.prod(cfg.combine_grid(batch, 10)),
+            triton.cdiv(1152, cfg.grads_block_i),
+        ]
+        assert got == want, batch
+        # At least one program per SM of an H100/H200 where the launch has the work for it.
+        assert min(got[:2] + got[3:]) >= 132 and (got[2] >= 132 or batch * 10 < 2 * 132)
+
+
+@pytest.mark.parametrize(
+    "variant, with_dprior, launches",
+    [
+        # forward 2R; backward: R combines, R - 1 sweeps, grads
+        (("out_caps", False, False), False, (6, 6)),
+        # + softmax(prior) each way, + the first iteration's backward sweep for dprior
+        (("in_caps", True, False), True, (7, 8)),
+        # detach_inner without a prior gradient: the last iteration's couplings only
+        (("out_caps", False, True), False, (6, 3)),
+    ],
+    ids=["plain", "prior", "detach"],
+)
+def test_launch_counts(variant, with_dprior, launches):
+    """At most 2R + 2 launches forward and 2R + 3 backward (R = 3 here)."""
+    softmax_over, with_prior, detach_inner = variant
+    shape = Shape(2, 37, 10, 8, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")
+    record = []
+    first_couplings = launcher.first_couplings
+
+    def counted(*args):
+        if args[0] is not None:
+            record.append("softmax(prior)")
+        return first_couplings(*args)
+
+    launcher.first_couplings = counted
+    try:
+        _, s, v_prev, lse = launcher.routing_forward(
+            u, weight, prior, 3, softmax_over == "in_caps", record
+        )
+        forward = len(record)
+        launcher.routing_backward(
+            grad, u, weight, prior, s, v_prev, lse, 3, softmax_over == "in_caps", detach_inner,
+            True, True, with_dprior, record=record,
+        )  # fmt: skip
+    finally:
+        launcher.first_couplings = first_couplings
+    assert (forward, len(record) - forward) == launches
+    assert forward <= 2 * 3 + 2 and len(record) - forward <= 2 * 3 + 3
+
+
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_deterministic(softmax_over):
+    """No float atomics: two runs give bitwise identical outputs and gradients."""
+    require("cpu")
+    shape = Shape(3, 37, 5, 4, 12, 3)
+    u, weight, prior, grad = make_inputs(shape, True, torch.float32, "cpu")
+    kwargs = dict(iterations=3, softmax_over=softmax_over)
+    first = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
+    second = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
+        assert torch.equal(a, b)
