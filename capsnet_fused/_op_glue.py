@@ -16,6 +16,8 @@ in the state dtype; they are outputs only so that autograd can save them.
 from __future__ import annotations
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +102,28 @@ def register(prefix: str) -> None:
     )
 
 
+def _refuse_function_transforms(prefix: str, tensors) -> None:
+    """Raise where the fused ops would give a wrong derivative or torch's obscure error.
+
+    Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) would silently drop
+    the tangent: the ops have no jvp rule. torch.func.grad / vjp / jacrev fail inside torch
+    (register_autograd's generated autograd.Function has no setup_context). torch.func.vmap works.
+    """
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        what = "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+    elif any(t.requires_grad for t in tensors) and any(
+        i.key() == torch._C._functorch.TransformType.Grad
+        for i in retrieve_all_functorch_interpreters()
+    ):
+        what = "torch.func.grad, vjp and jacrev (torch.func.vmap works)"
+    else:
+        return
+    raise NotImplementedError(
+        f"the fused routing backend {prefix!r} does not support {what}; "
+        f"use backend='reference' for it"
+    )
+
+
 def make_routing(prefix: str):
     """The backend's routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
     (the contract of capsnet_fused.ops), calling capsnet_fused::<prefix>_routing_fwd."""
@@ -113,6 +137,10 @@ def make_routing(prefix: str):
         detach_inner: bool,
     ) -> torch.Tensor:
         """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
+        # Skipped while torch.compile traces, so that these checks of Python-level autograd
+        # state stay out of the graph.
+        if not torch.compiler.is_compiling():
+            _refuse_function_transforms(prefix, [t for t in (u, weight, prior) if t is not None])
         forward = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_fwd")
         v, _, _, _ = forward(u, weight, prior, iterations, softmax_over == "in_caps", detach_inner)
         return v

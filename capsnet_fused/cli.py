@@ -21,8 +21,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file or run folder")
     parser.add_argument(
         "--data-dir",
-        help="folder with the IDX files (default: the one used "
-        "for training, then ./data and /usr/share/datasets/fashion-mnist)",
+        help="folder with the IDX files (default: the folder the run was trained on, "
+        "recorded in its checkpoint)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
@@ -150,9 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wrote {path}")
             return 0
         return int(_benchmark_module().run(args))
+    # One line, no traceback: 2 for bad input (flags, files, checkpoints), 1 for what the
+    # machine refused (full disk, permissions, a missing optional package), 130 for Ctrl-C.
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

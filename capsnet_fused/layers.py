@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet_fused.ops import dynamic_routing
+from capsnet_fused.ops import BACKENDS, check_iterations, dynamic_routing
 from capsnet_fused.reference import SOFTMAX_OVER, squash
 
 
@@ -40,10 +40,13 @@ class FusedRouter(nn.Module):
                 f"in_caps, out_caps, in_d and out_d must be >= 1, "
                 f"got {(in_caps, out_caps, in_d, out_d)}"
             )
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        iterations = check_iterations(iterations)
         if softmax_over not in SOFTMAX_OVER:
             raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+        # Whether the backend can run is known only at the first call (it depends on the
+        # tensors' device and dtype); a name that is no backend at all is refused now.
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.in_caps, self.out_caps, self.in_d, self.out_d = in_caps, out_caps, in_d, out_d
         self.iterations = iterations
         self.softmax_over = softmax_over

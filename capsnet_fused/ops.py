@@ -13,6 +13,7 @@ non-contiguous, possibly B = 0) and returns v [B, J, M] with autograd to u, weig
 from __future__ import annotations
 
 import importlib
+import operator
 import os
 from types import ModuleType
 
@@ -25,6 +26,27 @@ BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
 _BACKEND_MODULES = {"triton": "capsnet_fused._triton_op", "cpp": "capsnet_fused._cpp_op"}
 # Fastest first; "auto" takes the first one available for the device.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+# Routing iterations beyond this are a mistake (the paper uses 3; the saved states grow with R,
+# and 2**40 iterations would try to allocate terabytes).
+MAX_ITERATIONS = 1000
+
+
+def check_iterations(iterations) -> int:
+    """iterations as an int in [1, MAX_ITERATIONS]: anything with __index__ (int, numpy
+    integers, integer tensors of one element) except bools; else ValueError."""
+    is_bool = isinstance(iterations, bool) or (
+        isinstance(iterations, torch.Tensor) and iterations.dtype == torch.bool
+    )
+    try:
+        count = None if is_bool else operator.index(iterations)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= MAX_ITERATIONS:
+        raise ValueError(
+            f"iterations must be an integer in [1, {MAX_ITERATIONS}] (not a bool), "
+            f"got {iterations!r}"
+        )
+    return count
 
 
 def validate_routing_args(
@@ -33,8 +55,11 @@ def validate_routing_args(
     iterations: int,
     prior: torch.Tensor | None,
     softmax_over: str,
-) -> None:
-    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing."""
+) -> int:
+    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing.
+
+    Returns iterations as an int (see check_iterations).
+    """
     expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None"
     if not isinstance(u, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(f"u and weight must be tensors; {expect}")
@@ -60,10 +85,10 @@ def validate_routing_args(
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    iterations = check_iterations(iterations)
     if softmax_over not in SOFTMAX_OVER:
         raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+    return iterations
 
 
 def _import_backend(name: str) -> ModuleType | str:
@@ -93,12 +118,28 @@ def _backend_module(name: str) -> ModuleType | str:
     return _MODULES[name]
 
 
+def _missing_device(device: torch.device) -> str | None:
+    """Why `device` does not exist on this machine, or None. Only CUDA devices can be absent
+    here: every other device a tensor can be on exists, and the fused backends refuse the
+    types they do not support."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{device} does not exist ({torch.cuda.device_count()} CUDA device(s) here)"
+    return None
+
+
 def unavailable_reason(
     backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> str | None:
     """None when `backend` can run on `device` with `dtype`, else the reason it cannot."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'"
+    missing = _missing_device(torch.device(device))
+    if missing is not None:
+        return missing
     if backend == "reference":
         return None
     module = _backend_module(backend)
@@ -122,23 +163,32 @@ def choose_backend(
     """The backend that dynamic_routing(..., backend=backend) uses for such tensors.
 
     The environment variable CAPSNET_FUSED_BACKEND, when set, replaces "auto". A backend named
-    explicitly that cannot run raises ValueError with the reason; there is no silent fallback.
+    explicitly (or by that variable) that cannot run raises ValueError with the reason; there is
+    no silent fallback. So does "auto" when nothing can run on the device (a CUDA device on a
+    machine without one).
     """
+    source = f"routing backend {backend!r}"
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        source = f"routing backend {backend!r} (from the environment variable {BACKEND_ENV})"
     if backend == "auto":
         order = _AUTO_ORDER.get(torch.device(device).type, ("reference",))
-        return next(name for name in order if unavailable_reason(name, device, dtype) is None)
+        for name in order:
+            if unavailable_reason(name, device, dtype) is None:
+                return name
+        reason = unavailable_reason("reference", device, dtype)
+        raise ValueError(f"no routing backend can run on {device}: {reason}")
     reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
-        raise ValueError(f"routing backend {backend!r} is not available: {reason}")
+        raise ValueError(f"{source} is not available: {reason}")
     return backend
 
 
 def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, prior: torch.Tensor | None):
     """The dtype the routing runs in: autocast's when autocast is on, else the promoted one."""
     device_type = u.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, for shape inference) cannot even be asked about it.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     dtype = torch.promote_types(u.dtype, weight.dtype)
     return dtype if prior is None else torch.promote_types(dtype, prior.dtype)
@@ -162,7 +212,7 @@ def dynamic_routing(
     Under torch.autocast the inputs are cast to the autocast dtype (accumulation stays float32
     in the fused backends); otherwise mixed float dtypes are promoted.
     """
-    validate_routing_args(u, weight, iterations, prior, softmax_over)
+    iterations = validate_routing_args(u, weight, iterations, prior, softmax_over)
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {backend!r}")
     dtype = _routing_dtype(u, weight, prior)

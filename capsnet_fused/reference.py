@@ -12,9 +12,33 @@ SOFTMAX_OVER = ("out_caps", "in_caps")
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
-    """squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), finite (zero) at s = 0."""
-    sq_norm = (s * s).sum(dim=dim, keepdim=True)
-    return sq_norm / (1.0 + sq_norm) * s / torch.sqrt(sq_norm + eps)
+    """squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), finite (zero) at s = 0.
+
+    Computed without overflow (the formulation every backend uses): with a = max |s_m|,
+    t = s / a, qt = |t|^2 in [1, M] and r = 1 / a^2,
+            squash(s) = t / (1 + r / qt) / sqrt(qt + eps r),
+    so |s| up to the dtype's maximum gives a unit vector instead of 0 or NaN (|s|^2 overflows
+    float32 once |s| > 1.8e19, float16 once |s| > 256). float16 and bfloat16 inputs are
+    computed in float32 and the result cast back. a is a constant to autograd: v does not depend
+    on it, so every derivative (double backward included) is exact.
+    """
+    x = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    a = x.detach().abs().amax(dim=dim, keepdim=True)
+    # a != 0 also holds for NaN, which then propagates; an all-zero capsule gives v = 0 (and a
+    # zero gradient) through the torch.where below, with a = qt = 1 so that the branch not
+    # taken stays finite (a NaN there would leak into the gradient).
+    nonzero = a != 0
+    a = torch.where(nonzero, a, torch.ones_like(a))
+    t = x / a
+    qt = torch.where(nonzero, (t * t).sum(dim=dim, keepdim=True), torch.ones_like(a))
+    # 1 / a^2 is inf for tiny a (float32: a < 5e-20); the dtype's largest value gives the same
+    # forward (v underflows to 0 either way) and keeps inf * 0 = NaN out of the gradient.
+    r = (1.0 / (a * a)).clamp(max=torch.finfo(a.dtype).max)
+    er = eps * r if eps != 0 else torch.zeros_like(r)
+    # qt / (qt + r) is 1 / (1 + r / qt); written so, its derivative for small a does not pass
+    # through (qt / r)^2, a float32 denormal (1% error in the gradient at |s| = 1e-10).
+    g = qt / (qt + r) / torch.sqrt(qt + er)
+    return torch.where(nonzero, g * t, torch.zeros_like(t)).to(s.dtype)
 
 
 def reference_routing(
@@ -37,7 +61,7 @@ def reference_routing(
     # Imported here: ops imports this module.
     from capsnet_fused.ops import validate_routing_args
 
-    validate_routing_args(u, weight, iterations, prior, softmax_over)
+    iterations = validate_routing_args(u, weight, iterations, prior, softmax_over)
     batch, in_caps = u.shape[0], u.shape[1]
     out_caps = weight.shape[1]
     softmax_dim = 2 if softmax_over == "out_caps" else 1

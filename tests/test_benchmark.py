@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -334,3 +335,23 @@ def test_end_to_end_checks_and_times(fake_cpp):
     assert rows[1]["status"] == "failed" and "d_conv1_weight" in rows[1]["error"]
     assert rows[1]["train_images_per_s"] is None
     assert "failed: wrong result" in bm.format_e2e_table(rows)
+
+
+_CLI_TINY = [
+    "--shapes", TINY, "--batches", "1", "--iterations", "1", "--modes", "fwd",
+    "--backends", "reference", "--repeats", "1", "--no-memory", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_results_go_to_the_working_directory_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bm.run(_parse([*_CLI_TINY, "--no-plot"])) == 0
+    assert {p.name for p in (tmp_path / "bench-results").iterdir()} == {"cpu.csv", "cpu.json"}
+
+
+def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
+    # None in sys.modules makes `import matplotlib` raise ImportError.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bm.run(_parse([*_CLI_TINY, "--out-dir", str(tmp_path)])) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"cpu.csv", "cpu.json"}
+    assert "pip install capsnet-fused[plots]" in capsys.readouterr().err

@@ -114,3 +114,27 @@ def test_large_logits_stay_finite():
     u, weight, prior, _ = make_inputs(SHAPES[0], True)
     v = reference_routing(40 * u, 40 * weight, 3, prior=1e3 * prior)
     assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float16, 300.0), (torch.float16, 6e4), (torch.bfloat16, 1e30), (torch.float32, 1e30)],
+    ids=["fp16-300", "fp16-6e4", "bf16-1e30", "fp32-1e30"],
+)
+def test_squash_of_large_half_inputs_is_a_unit_vector(dtype, scale):
+    # |s|^2 overflows float16 once |s| > 256 (the naive squash gave NaN): the norm is computed
+    # in float32 from the scaled vector.
+    direction = torch.randn(5, 8, dtype=torch.float64)
+    s = (scale * direction / direction.abs().amax(-1, keepdim=True)).to(dtype)
+    v = squash(s)
+    assert v.dtype == dtype and torch.isfinite(v).all()
+    want = s.double() / s.double().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(v.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_squash_second_derivatives_are_exact():
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(squash, (s,))
+    zero = torch.zeros(2, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(squash(zero).sum(), zero, create_graph=True)
+    assert torch.equal(grad, torch.zeros_like(zero))
