@@ -136,24 +136,27 @@ def _squash_scales(s, eps: tl.constexpr):
     With a = max |s|, t = s / a, qt = |t|^2 and r = 1 / a^2 (inf for tiny a, 0 for huge a):
     v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), equal to |s|^2 / (1 + |s|^2) *
     s / sqrt(|s|^2 + eps) without forming |s|^2, which overflows float32 once |s| > 1.8e19
-    (and the textbook denominator (1 + q) sqrt(q + eps) once |s| > 7e12). Returns (a, t, qt, r,
-    er, g) with er = eps r; rows with a = 0 are the caller's to zero.
+    (and the textbook denominator (1 + q) sqrt(q + eps) once |s| > 7e12). Returns (nonzero, a,
+    t, qt, r, er, g) with er = eps r; rows that are all zero (nonzero false) are the caller's to
+    zero. A NaN or Inf in a row makes its a NaN (max() alone would skip a NaN), so it spreads
+    over the row as in the reference.
     """
-    a = tl.max(tl.abs(s), axis=1)
-    safe_a = tl.where(a > 0, a, 1.0)
+    a = tl.max(tl.abs(s), axis=1) + tl.sum(s * 0.0, axis=1)
+    nonzero = a != 0
+    safe_a = tl.where(nonzero, a, 1.0)
     t = s / safe_a[:, None]
-    qt = tl.where(a > 0, tl.sum(t * t, axis=1), 1.0)
+    qt = tl.where(nonzero, tl.sum(t * t, axis=1), 1.0)
     r = 1.0 / (safe_a * safe_a)
     er = eps * r
     g = 1.0 / (1.0 + r / qt) / tl.sqrt(qt + er)
-    return a, t, qt, r, er, g
+    return nonzero, safe_a, t, qt, r, er, g
 
 
 @triton.jit
 def _squash(s, eps: tl.constexpr):
     """v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for the rows of s [ROWS, BLOCK_M]."""
-    a, t, qt, r, er, g = _squash_scales(s, eps)
-    return tl.where(a[:, None] > 0, g[:, None] * t, 0.0)
+    nonzero, a, t, qt, r, er, g = _squash_scales(s, eps)
+    return tl.where(nonzero[:, None], g[:, None] * t, 0.0)
 
 
 @triton.jit
@@ -163,12 +166,11 @@ def _squash_backward(s, dv, eps: tl.constexpr):
     With f = g / a the squash factor (v = f s) and h = a^2 f' / f =
     1/qt - 1/(r + qt) - 1/(2 (qt + eps r)): ds = f dv + 2 f' (s . dv) s = f (dv + 2 h (t . dv) t).
     """
-    a, t, qt, r, er, g = _squash_scales(s, eps)
+    nonzero, a, t, qt, r, er, g = _squash_scales(s, eps)
     h = 1.0 / qt - 1.0 / (r + qt) - 0.5 / (qt + er)
     t_dot_dv = tl.sum(t * dv, axis=1)
-    f = g / tl.where(a > 0, a, 1.0)
-    ds = f[:, None] * (dv + (2.0 * h * t_dot_dv)[:, None] * t)
-    return tl.where(a[:, None] > 0, ds, 0.0)
+    ds = (g / a)[:, None] * (dv + (2.0 * h * t_dot_dv)[:, None] * t)
+    return tl.where(nonzero[:, None], ds, 0.0)
 
 
 @triton.jit
