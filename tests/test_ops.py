@@ -70,6 +70,24 @@ def test_environment_overrides_auto(monkeypatch):
         cf.choose_backend("cpu")
 
 
+def test_auto_on_cuda_takes_triton_then_cpp(monkeypatch):
+    # No GPU needed: which backends can run is faked, the choice itself is ops.choose_backend's.
+    runnable = {"triton", "cpp"}
+    real = ops.unavailable_reason
+
+    def fake(backend, device, dtype=torch.float32):
+        if torch.device(device).type != "cuda":
+            return real(backend, device, dtype)
+        return None if backend in runnable | {"reference"} else "not here"
+
+    monkeypatch.setattr(ops, "unavailable_reason", fake)
+    assert cf.choose_backend("cuda") == "triton"
+    runnable.discard("triton")
+    assert cf.choose_backend("cuda") == "cpp"
+    runnable.discard("cpp")
+    assert cf.choose_backend("cuda") == "reference"
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_empty_batch(backend):
     u, weight, prior = _inputs()
