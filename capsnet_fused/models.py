@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from capsnet_fused.layers import FusedRouter, PrimaryCaps
@@ -15,6 +16,15 @@ class CapsNetOutput(NamedTuple):
     caps: torch.Tensor  # [B, num_classes, digit_dim] digit capsules
     lengths: torch.Tensor  # [B, num_classes] capsule lengths (class scores)
     reconstructions: torch.Tensor  # [B, C, H, W] decoder output in [0, 1]
+
+
+# torch.export.save writes the output's pytree spec, which can name a namedtuple only once it is
+# registered with a serialized name; torch.export.load rebuilds CapsNetOutput from that name
+# (importing capsnet_fused registers it). Namedtuples have no public counterpart of
+# torch.export.register_dataclass: pytree's _register_namedtuple is the API (torch >= 2.4).
+pytree._register_namedtuple(
+    CapsNetOutput, serialized_type_name="capsnet_fused.models.CapsNetOutput"
+)
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
