@@ -13,7 +13,9 @@ routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v.
 
 from __future__ import annotations
 
+import numpy
 import torch
+import triton
 
 from capsnet_fused import _op_glue
 from capsnet_fused.triton import INTERPRETED, routing_backward, routing_forward
@@ -26,6 +28,29 @@ _INTERPRET_REASON = (
 )
 
 
+def _interpreter_problem() -> str | None:
+    """Why this triton's interpreter cannot run the kernels with this numpy, or None.
+
+    Before triton 3.9 the interpreter turns its one-element arrays into loop bounds with int(),
+    which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
+    checked with triton 3.6: numpy 2.3.5 works, 2.4 does not.
+    """
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if not INTERPRETED or version >= (3, 9):
+        return None
+    try:
+        int(numpy.array([1]))
+    except TypeError:
+        return (
+            f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (found "
+            f"{numpy.__version__}): pip install 'numpy<2.4', or triton >= 3.9"
+        )
+    return None
+
+
+_INTERPRETER_PROBLEM = _interpreter_problem()
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when the Triton kernels can run for tensors of `dtype` on `device`, else why not."""
     if dtype not in _DTYPES:
@@ -33,7 +58,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and INTERPRETED:
-        return None
+        return _INTERPRETER_PROBLEM
     return _INTERPRET_REASON if device.type == "cpu" else f"no Triton backend for {device.type}"
 
 

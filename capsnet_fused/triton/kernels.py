@@ -572,7 +572,8 @@ def grads_kernel(
     vprev_ptr,  # [B, R, J, M]
     alpha_ptr,  # [B, R, I, J] (iterations k >= 1)
     beta_ptr,  # [B, R, I, J] (k >= 1; k = 0 too with NEED_DPRIOR)
-    du_ptr,  # [B, I, N] output (NEED_DU)
+    du_ptr,  # [B, I, N] output (NEED_DU): the sum over this program's j, at row pid_j of
+    # [J blocks, B, I, N] partials when the output capsules are split over programs
     dw_ptr,  # [I, J, N, M] output (NEED_DW)
     dprior_ptr,  # [I, J] output (NEED_DPRIOR)
     B,
@@ -593,17 +594,21 @@ def grads_kernel(
     DETACH_INNER: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """du, dW and dprior for one block of input capsules, looping over the batch in order.
+    """du, dW and dprior for a block of input capsules and output capsules, over the batch.
 
     du_hat[b, i, j] = c1_ij ds^1_bj + sum_{t >= 2} (alpha^t_bij ds^t_bj + beta^t_bij V^{t-1}_bj)
-    (only alpha^R ds^R with detach_inner; beta^1 multiplies V^0 = 0). This program owns dW[i]
-    and dprior[i] for its capsules and sums them over b in a fixed order: deterministic, no
-    atomics. W stays in registers for the whole loop.
+    (only alpha^R ds^R with detach_inner; beta^1 multiplies V^0 = 0). Program (pid_i, pid_j)
+    owns dW and dprior of its capsules and output capsules and sums them over b in a fixed
+    order: deterministic, no atomics; its du is the sum over its output capsules only. W and
+    the dW accumulator stay in registers for the whole batch loop; every program reads ds and
+    V of every sample, so the fewer capsule blocks the less traffic (hence the j split, which
+    keeps eight capsules' W and dW within the registers).
     """
-    pid = tl.program_id(0)
-    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < I
-    offs_j = tl.arange(0, BLOCK_J)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_j = offs_j < J
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -613,17 +618,19 @@ def grads_kernel(
     ij_mask = mask_i[:, None] & mask_j[None, :]
     jm_offs = (offs_j * M)[:, None] + offs_m[None, :]
     jm_mask = mask_j[:, None] & mask_m[None, :]
-    w_offs = (
-        offs_i.to(tl.int64)[:, None, None, None] * (J * N * M)
-        + (offs_j * (N * M))[None, :, None, None]
-        + (offs_n * M)[None, None, :, None]
-        + offs_m[None, None, None, :]
-    )
-    w_mask = ij_mask[:, :, None, None] & mask_n[None, None, :, None] & mask_m[None, None, None, :]
     in_offs = offs_i[:, None] * N + offs_n[None, :]
     in_mask = mask_i[:, None] & mask_n[None, :]
 
     if NEED_DU:
+        w_offs = (
+            offs_i.to(tl.int64)[:, None, None, None] * (J * N * M)
+            + (offs_j * (N * M))[None, :, None, None]
+            + (offs_n * M)[None, None, :, None]
+            + offs_m[None, None, None, :]
+        )
+        w_mask = (
+            ij_mask[:, :, None, None] & mask_n[None, None, :, None] & mask_m[None, None, None, :]
+        )
         w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
     if HAS_C1:
         c1 = tl.load(c1_ptr + ij_offs, mask=ij_mask, other=0.0).to(ACC)
@@ -658,8 +665,9 @@ def grads_kernel(
                         du_hat += beta[:, :, None] * v_prev[None, :, :]
             if NEED_DU:
                 du = tl.sum(tl.sum(w * du_hat[:, :, None, :], axis=3), axis=1)
+                du_row = pid_j * B + b64
                 tl.store(
-                    du_ptr + b64 * I * N + in_offs, du.to(du_ptr.dtype.element_ty), mask=in_mask
+                    du_ptr + du_row * I * N + in_offs, du.to(du_ptr.dtype.element_ty), mask=in_mask
                 )
             if NEED_DW:
                 u_b = tl.load(u_ptr + b64 * I * N + in_offs, mask=in_mask, other=0.0).to(ACC)
@@ -669,6 +677,36 @@ def grads_kernel(
                 state = b64 * R + k
                 dprior_acc += tl.load(beta_ptr + state * I * J + ij_offs, mask=ij_mask, other=0.0)
     if NEED_DW:
-        tl.store(dw_ptr + w_offs, dw_acc.to(dw_ptr.dtype.element_ty), mask=w_mask)
+        # Offsets rebuilt in another order than the W load's (which the compiler would reuse):
+        # a [BLOCK_I, BLOCK_J, BLOCK_N, BLOCK_M] offset tensor kept live through the batch loop
+        # costs as many registers as W itself.
+        row = (offs_i.to(tl.int64)[:, None] * J + offs_j[None, :]) * N
+        dw_offs = (row[:, :, None] + offs_n[None, None, :])[:, :, :, None] * M + offs_m[
+            None, None, None, :
+        ]
+        dw_mask = (
+            (mask_i[:, None] & mask_j[None, :])[:, :, None, None]
+            & mask_n[None, None, :, None]
+            & mask_m[None, None, None, :]
+        )
+        tl.store(dw_ptr + dw_offs, dw_acc.to(dw_ptr.dtype.element_ty), mask=dw_mask)
     if NEED_DPRIOR:
         tl.store(dprior_ptr + ij_offs, dprior_acc.to(dprior_ptr.dtype.element_ty), mask=ij_mask)
+
+
+@triton.jit
+def sum_partials_kernel(
+    part_ptr,  # [NPART, NUMEL]
+    out_ptr,  # [NUMEL] output, its own dtype
+    NPART,
+    NUMEL,
+    BLOCK: tl.constexpr,
+):
+    """out = sum over p of part[p] in order p = 0, 1, ... (the j blocks' du partials)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUMEL
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    zero64 = tl.full([], 0, dtype=tl.int64)
+    for p in range(1, NPART):
+        acc += tl.load(part_ptr + (zero64 + p) * NUMEL + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -9,20 +9,21 @@ Launch order (k is the 0-based iteration; docs/ROUTING-MATH.md has the math):
 
     forward   first_sweep, combine(0), then sweep(k), combine(k) for k = 1 .. R-1
     backward  combine_back(k), sweep_back(k) for k = R-1 .. 1, combine_back(0),
-              sweep_back(0) when the prior's gradient is wanted, grads
+              sweep_back(0) when the prior's gradient is wanted, grads, and sum_partials
+              when grads splits the output capsules over programs (du's partial sums)
 
 plus one softmax of the prior (a torch op) when there is a prior: 2R (+1) launches forward and
-2R (+2) backward. detach_inner without a prior gradient needs only the last iteration's
+2R + 1 (+2) backward. detach_inner without a prior gradient needs only the last iteration's
 couplings: combine_back(R-1), sweep_back(R-1), grads.
 
 Grids at the MNIST DigitCaps shape (I=1152, J=10, N=8, M=16, R=3) with the GPU tiles of
 choose_config (programs per launch; the combines take up to 8 (b, j) rows a program):
 
-    | B   | first_sweep      | sweep, sweep_back | combine, combine_back | grads |
-    |-----|------------------|-------------------|-----------------------|-------|
-    | 8   | 1 x 5 x 27 = 135 | 231 x 1 = 231     | 80                    | 288   |
-    | 128 | 2 x 5 x 14 = 140 | 33 x 8 = 264      | 160                   | 288   |
-    | 512 | 8 x 5 x 4 = 160  | 17 x 16 = 272     | 640                   | 288   |
+    | B   | first_sweep      | sweep, sweep_back | combine, combine_back | grads         |
+    |-----|------------------|-------------------|-----------------------|---------------|
+    | 8   | 1 x 5 x 29 = 145 | 231 x 1 = 231     | 80                    | 144 x 3 = 432 |
+    | 128 | 2 x 3 x 23 = 138 | 33 x 4 = 132      | 160                   | 144 x 3 = 432 |
+    | 512 | 8 x 3 x 6 = 144  | 9 x 16 = 144      | 640                   | 144 x 3 = 432 |
 
 (tests/test_triton.py::test_grid_table checks this table against choose_config.)
 """
@@ -45,6 +46,7 @@ from capsnet_fused.triton.kernels import (
     combine_kernel,
     first_sweep_kernel,
     grads_kernel,
+    sum_partials_kernel,
     sweep_back_kernel,
     sweep_kernel,
 )
@@ -66,6 +68,8 @@ TILE_KINDS = ("gpu", "interpreter")
 # well under half of an SM's registers, so every program of such a grid is resident at once.
 _GPU_TARGET_PROGRAMS = 264
 _GPU_MIN_PROGRAMS = 132
+# Elements per program of sum_partials_kernel.
+_SUM_BLOCK = 1024
 # 32-bit registers per SM on sm_80 and sm_90, and ptxas's per-thread maximum.
 _GPU_REGISTER_FILE = 65536
 _GPU_MAX_REGISTERS = 255
@@ -90,8 +94,9 @@ class RoutingConfig:
     sweep_block_i: int
     sweep_block_is: int
     sweep_warps: int
-    # grads_kernel: grads_block_i capsules per program
+    # grads_kernel: grads_block_i capsules x grads_block_j output capsules per program
     grads_block_i: int
+    grads_block_j: int
     grads_warps: int
     # combine kernels: combine_rows (b, j) pairs per program
     combine_rows: int
@@ -110,6 +115,9 @@ class RoutingConfig:
 
     def combine_grid(self, batch: int, out_caps: int):
         return (triton.cdiv(batch * out_caps, self.combine_rows),)
+
+    def grads_grid(self, in_caps: int, out_caps: int):
+        return (triton.cdiv(in_caps, self.grads_block_i), triton.cdiv(out_caps, self.grads_block_j))
 
 
 def tile_kind() -> str:
@@ -134,7 +142,8 @@ def max_registers(num_warps: int) -> int:
 def _split_k(batch_tiles: int, col_tiles: int, k_total: int, block_k: int) -> int:
     """K per split so that the GEMM grid reaches _GPU_MIN_PROGRAMS (a multiple of block_k)."""
     splits = max(1, triton.cdiv(_GPU_MIN_PROGRAMS, batch_tiles * col_tiles))
-    return max(block_k, triton.cdiv(triton.cdiv(k_total, splits), block_k) * block_k)
+    # Rounded down to a multiple of block_k, so that there are at least `splits` splits.
+    return max(block_k, k_total // splits // block_k * block_k)
 
 
 def choose_config(
@@ -156,40 +165,46 @@ def choose_config(
         gemm_block_k = 64
         k_per_split = max(gemm_block_k, triton.cdiv(triton.cdiv(k_total, 3), 64) * 64)
         sweep_block_b = min(8, triton.next_power_of_2(max(batch, 1)))
+        # Output capsules split in two where there are several, as the GPU does at J = 10.
+        grads_block_j = max(1, block_j // 2)
         return RoutingConfig(
             block_j, block_n, block_m,
             gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, 4,
             sweep_block_b, 16, 16, 4,
-            16, 4,
+            16, grads_block_j, 4,
             min(256, triton.next_power_of_2(max(batch * out_caps, 1))), 4,
         )  # fmt: skip
     # GPU tiles, each checked for spills by tests/test_triton_compile.py (sm_80, sm_90); the
     # register counts quoted are sm_90, float32, triton 3.9, MNIST shape.
-    # first_sweep: tl.dot operands need every dimension >= 16 (K >= 16 on triton 3.6);
-    # [64 x 32] output tiles, K steps of 32, 8 warps: 182 registers.
+    # first_sweep: tl.dot operands need every dimension >= 16 (K >= 16 on triton 3.6). u is
+    # read once per column tile and W once per row tile: [64 x 64] output tiles (three column
+    # tiles for J * M = 160), K steps of 32, 8 warps: 197 registers.
     gemm_block_b = 64 if batch > 32 else max(16, triton.next_power_of_2(max(batch, 1)))
-    gemm_block_c = 32
+    gemm_block_c = 64 if gemm_block_b == 64 else 32
     gemm_block_k = 32
     gemm_warps = 8 if gemm_block_b == 64 else 4
     batch_tiles = triton.cdiv(batch, gemm_block_b)
     k_per_split = _split_k(batch_tiles, triton.cdiv(cols, gemm_block_c), k_total, gemm_block_k)
     # Sweeps: each W[i] serves sweep_block_b samples, so W is read B / sweep_block_b times a
-    # sweep. [16 samples, 1 capsule, 16, 16] at 8 warps: 141-142 registers (sweep and
-    # sweep_back); 32 samples at 8 warps: 233-243 (16 warps spill at the 128 cap).
+    # sweep. [32 samples, 1 capsule, 16, 16] at 8 warps: 233-243 registers (sweep and
+    # sweep_back), one CTA an SM, so one program per SM; 16 samples: 141-142, two CTAs an SM.
     if batch <= 8:
-        sweep_block_b, sweep_warps = triton.next_power_of_2(max(batch, 1)), 4
-    elif batch <= 128:
-        sweep_block_b, sweep_warps = 16, 8
+        sweep_block_b, sweep_warps, sweep_programs = triton.next_power_of_2(max(batch, 1)), 4, 264
+    elif batch <= 16:
+        sweep_block_b, sweep_warps, sweep_programs = 16, 8, 264
     else:
-        sweep_block_b, sweep_warps = 32, 8
+        sweep_block_b, sweep_warps, sweep_programs = 32, 8, _GPU_MIN_PROGRAMS
     sweep_block_is = 1
     batch_blocks = triton.cdiv(batch, sweep_block_b)
-    capsule_blocks = max(1, min(in_caps, triton.cdiv(_GPU_TARGET_PROGRAMS, batch_blocks)))
+    capsule_blocks = max(1, min(in_caps, triton.cdiv(sweep_programs, batch_blocks)))
     sweep_block_i = triton.cdiv(in_caps, capsule_blocks)
-    # grads: W and the dW accumulator of grads_block_i capsules stay in registers for the whole
-    # batch loop: 4 capsules at 16 warps is 128 registers (8 capsules spill at that cap).
-    grads_block_i = 4 if in_caps >= 4 * _GPU_MIN_PROGRAMS else 2 if in_caps >= 256 else 1
-    grads_warps = 16 if grads_block_i == 4 else 8
+    # grads: W and the dW accumulator of its capsules stay in registers for the whole batch
+    # loop, and every program reads every sample's ds and V, so the fewer capsule blocks the
+    # less traffic: 8 capsules x 4 output capsules (three j blocks at J = 10) at 8 warps is
+    # 149-152 registers in float32/float16; 8 x 8 at 16 warps spills in float16 on sm_90.
+    grads_block_i = 8 if in_caps >= 8 * _GPU_MIN_PROGRAMS else 2 if in_caps >= 256 else 1
+    grads_block_j = min(block_j, max(1, 4096 // (grads_block_i * block_n * block_m)))
+    grads_warps = 8 if grads_block_i * grads_block_j * block_n * block_m >= 2048 else 4
     # Combines: a few (b, j) rows per program, at least _GPU_MIN_PROGRAMS programs when B*J allows.
     combine_rows = 1
     while combine_rows < 8 and batch * out_caps >= 2 * combine_rows * _GPU_MIN_PROGRAMS:
@@ -202,7 +217,7 @@ def choose_config(
         block_j, block_n, block_m,
         gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, gemm_warps,
         sweep_block_b, sweep_block_i, sweep_block_is, sweep_warps,
-        grads_block_i, grads_warps,
+        grads_block_i, grads_block_j, grads_warps,
         combine_rows, combine_warps,
     )  # fmt: skip
 
@@ -573,9 +588,15 @@ def routing_backward(
         if need_dprior:
             _run(sweep_back(0), record)
 
+    grads_grid = cfg.grads_grid(in_caps, out_caps)
+    # With the output capsules split over programs, each j block writes its share of du to a
+    # partials buffer and sum_partials_kernel adds them in block order.
+    du_parts = None
+    if need_du and grads_grid[1] > 1:
+        du_parts = _new((grads_grid[1], batch, in_caps, in_d), acc, device)
     grads = KernelLaunch(
         grads_kernel,
-        (triton.cdiv(in_caps, cfg.grads_block_i),),
+        grads_grid,
         dict(
             u_ptr=u,
             w_ptr=weight,
@@ -584,7 +605,7 @@ def routing_backward(
             vprev_ptr=v_prev,
             alpha_ptr=alpha,
             beta_ptr=beta,
-            du_ptr=du if need_du else u,
+            du_ptr=du_parts if du_parts is not None else du if need_du else u,
             dw_ptr=dweight if need_dweight else weight,
             dprior_ptr=dprior if need_dprior else weight,
             B=batch,
@@ -597,7 +618,7 @@ def routing_backward(
         dict(
             N=in_d,
             BLOCK_I=cfg.grads_block_i,
-            BLOCK_J=cfg.block_j,
+            BLOCK_J=cfg.grads_block_j,
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             HAS_C1=first.c1 is not None,
@@ -610,6 +631,17 @@ def routing_backward(
         cfg.grads_warps,
     )
     _run(grads, record)
+    if du_parts is not None:
+        _run(
+            KernelLaunch(
+                sum_partials_kernel,
+                (triton.cdiv(du.numel(), _SUM_BLOCK),),
+                dict(part_ptr=du_parts, out_ptr=du, NPART=grads_grid[1], NUMEL=du.numel()),
+                dict(BLOCK=_SUM_BLOCK),
+                4,
+            ),
+            record,
+        )
     return du, dweight, dprior
 
 
