@@ -30,9 +30,6 @@ deterministic and no kernel uses float atomics.
 import triton
 import triton.language as tl
 
-# Must match capsnet_fused.reference.SQUASH_EPS; a constexpr so that kernels may read it.
-SQUASH_EPS = tl.constexpr(1e-8)
-
 
 @triton.jit
 def _u_hat_tile(
@@ -121,25 +118,33 @@ def _logits(u_hat, v_prev, prior_ptr, offs_i, mask_i, offs_j, mask_j, J, HAS_PRI
 
 
 @triton.jit
-def _softmax_over_j(logits, mask_j):
-    """Couplings of each (sample, input capsule) over the output capsules (padded j get 0)."""
+def _softmax_over_j(logits, mask_j, LEAKY: tl.constexpr):
+    """Couplings of each (sample, input capsule) over the output capsules (padded j get 0).
+
+    LEAKY: one more logit, fixed at 0, joins the softmax and its share is dropped.
+    """
     logits = tl.where(mask_j[None, None, :], logits, float("-inf"))
     row_max = tl.max(logits, axis=2)
+    if LEAKY:
+        row_max = tl.maximum(row_max, 0.0)
     p = tl.exp(logits - row_max[:, :, None])
-    return p / tl.sum(p, axis=2)[:, :, None]
+    total = tl.sum(p, axis=2)
+    if LEAKY:
+        total += tl.exp(-row_max)
+    return p / total[:, :, None]
 
 
 @triton.jit
-def _squash_scales(s, eps: tl.constexpr):
+def _squash_scales(s, eps):
     """Overflow-safe pieces of squash for the rows of s [ROWS, BLOCK_M] (docs/ROUTING-MATH.md).
 
     With a = max |s|, t = s / a, qt = |t|^2 and r = 1 / a^2 (inf for tiny a, 0 for huge a):
     v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), equal to |s|^2 / (1 + |s|^2) *
     s / sqrt(|s|^2 + eps) without forming |s|^2, which overflows float32 once |s| > 1.8e19
     (and the textbook denominator (1 + q) sqrt(q + eps) once |s| > 7e12). Returns (nonzero, a,
-    t, qt, r, er, g) with er = eps r; rows that are all zero (nonzero false) are the caller's to
-    zero. A NaN or Inf in a row makes its a NaN (max() alone would skip a NaN), so it spreads
-    over the row as in the reference.
+    t, qt, r, er, g) with er = eps r (0 when eps = 0, also where r is inf). A NaN or Inf in a
+    row makes its a NaN (max() alone would skip a NaN), so it spreads over the row as in the
+    reference; rows that are all zero (nonzero false) are the caller's (see _squash_at_zero).
     """
     a = tl.max(tl.abs(s), axis=1) + tl.sum(s * 0.0, axis=1)
     nonzero = a != 0
@@ -147,21 +152,28 @@ def _squash_scales(s, eps: tl.constexpr):
     t = s / safe_a[:, None]
     qt = tl.where(nonzero, tl.sum(t * t, axis=1), 1.0)
     r = 1.0 / (safe_a * safe_a)
-    er = eps * r
+    er = tl.where(eps > 0, eps * r, 0.0)
     g = 1.0 / (1.0 + r / qt) / tl.sqrt(qt + er)
     return nonzero, safe_a, t, qt, r, er, g
 
 
 @triton.jit
-def _squash(s, eps: tl.constexpr):
-    """v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for the rows of s [ROWS, BLOCK_M]."""
-    nonzero, a, t, qt, r, er, g = _squash_scales(s, eps)
-    return tl.where(nonzero[:, None], g[:, None] * t, 0.0)
+def _squash_at_zero(eps):
+    """v and ds of an all-zero capsule: the limit 0 for eps > 0; NaN for the eps-free squash
+    (0/0, as in the published implementations without eps)."""
+    return tl.where(eps > 0, 0.0, float("nan"))
 
 
 @triton.jit
-def _squash_backward(s, dv, eps: tl.constexpr):
-    """ds = dL/ds for the rows of s [ROWS, BLOCK_M] given dv = dL/dv (0 at s = 0).
+def _squash(s, eps):
+    """v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for the rows of s [ROWS, BLOCK_M]."""
+    nonzero, a, t, qt, r, er, g = _squash_scales(s, eps)
+    return tl.where(nonzero[:, None], g[:, None] * t, _squash_at_zero(eps))
+
+
+@triton.jit
+def _squash_backward(s, dv, eps):
+    """ds = dL/ds for the rows of s [ROWS, BLOCK_M] given dv = dL/dv.
 
     With f = g / a the squash factor (v = f s) and h = a^2 f' / f =
     1/qt - 1/(r + qt) - 1/(2 (qt + eps r)): ds = f dv + 2 f' (s . dv) s = f (dv + 2 h (t . dv) t).
@@ -170,7 +182,7 @@ def _squash_backward(s, dv, eps: tl.constexpr):
     h = 1.0 / qt - 1.0 / (r + qt) - 0.5 / (qt + er)
     t_dot_dv = tl.sum(t * dv, axis=1)
     ds = (g / a)[:, None] * (dv + (2.0 * h * t_dot_dv)[:, None] * t)
-    return tl.where(nonzero[:, None], ds, 0.0)
+    return tl.where(nonzero[:, None], ds, _squash_at_zero(eps))
 
 
 @triton.jit
@@ -255,6 +267,7 @@ def sweep_kernel(
     BLOCK_M: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
     SOFTMAX_IN: tl.constexpr,
+    LEAKY: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Forward sweep of iteration k over one tile: BLOCK_B samples x BLOCK_I input capsules.
@@ -262,7 +275,8 @@ def sweep_kernel(
     The tile's capsules are visited BLOCK_IS at a time; each W[i] is loaded once for the tile's
     samples. With the softmax over output capsules the couplings are local to (b, i); over input
     capsules a running max and sum per (b, j) rescale the partial sum when the max grows (flash
-    attention's online softmax), and the combine merges the tiles' (max, sum, s) triples.
+    attention's online softmax), and the combine merges the tiles' (max, sum, s) triples (and
+    adds the leaky logit, once per (b, j)).
     """
     pid_i = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -301,7 +315,7 @@ def sweep_kernel(
             s_acc = s_acc * rescale[:, :, None] + tl.sum(p[:, :, :, None] * u_hat, axis=1)
             run_max = new_max
         else:
-            c = _softmax_over_j(logits, mask_j)
+            c = _softmax_over_j(logits, mask_j, LEAKY)
             s_acc += tl.sum(c[:, :, :, None] * u_hat, axis=1)
 
     part_row = pid_i * B + offs_b.to(tl.int64)
@@ -330,7 +344,8 @@ def combine_kernel(
     part_max_ptr,  # [NPART, B, J] (SOFTMAX_IN and not FIRST)
     part_sum_ptr,  # [NPART, B, J] (SOFTMAX_IN and not FIRST)
     lse1_ptr,  # [J] log-sum-exp over i of the first logits (SOFTMAX_IN, FIRST and HAS_LSE1)
-    s_ptr,  # [B, R, J, M] output: s^t
+    bias_ptr,  # [J, M] added to s before the squash (HAS_BIAS)
+    s_ptr,  # [B, R, J, M] output: the squash input s^t (+ bias)
     vprev_ptr,  # [B, R, J, M] V^{t-1} at k (read; zeros written when FIRST), V^t at k + 1
     lse_ptr,  # [B, R, J] output (SOFTMAX_IN)
     v_ptr,  # [B, J, M] output v^R, input dtype (only when LAST)
@@ -340,13 +355,16 @@ def combine_kernel(
     R,
     k,
     NPART,
-    DIVISOR,  # divides the summed partials: J or I for uniform first couplings, else 1
+    DIVISOR,  # divides the summed partials: J or I (+1 if leaky) for uniform first couplings
+    eps,  # of the squash
     ROWS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     SOFTMAX_IN: tl.constexpr,
     FIRST: tl.constexpr,
     HAS_LSE1: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LEAKY: tl.constexpr,
     LAST: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -375,8 +393,13 @@ def combine_kernel(
         part_sum = tl.load(part_sum_ptr + part_rows, mask=rp_mask, other=0.0)
         # Rows past B * J get top 0 and total 1: their lanes stay finite (and unstored).
         top = tl.where(mask_r, tl.max(part_max, axis=1), 0.0)
+        if LEAKY:
+            # The extra logit 0 on the input-capsule axis: one more term, once per (b, j).
+            top = tl.maximum(top, 0.0)
         weight = tl.where(rp_mask, tl.exp(part_max - top[:, None]), 0.0)
         total = tl.where(mask_r, tl.sum(weight * part_sum, axis=1), 1.0)
+        if LEAKY:
+            total += tl.where(mask_r, tl.exp(-top), 0.0)
         s = tl.sum(weight[:, :, None] * parts, axis=1) / total[:, None]
         lse = top + tl.log(total)
     else:
@@ -391,10 +414,13 @@ def combine_kernel(
     state = (b * R + k) * J + j
     state_offs = state[:, None] * M + offs_m[None, :]
     rm_mask = mask_r[:, None] & mask_m[None, :]
+    if HAS_BIAS:
+        bias_offs = j[:, None] * M + offs_m[None, :]
+        s += tl.load(bias_ptr + bias_offs, mask=rm_mask, other=0.0).to(ACC)
     tl.store(s_ptr + state_offs, s, mask=rm_mask)
     if SOFTMAX_IN:
         tl.store(lse_ptr + state, lse, mask=mask_r)
-    v = _squash(s, SQUASH_EPS)
+    v = _squash(s, eps)
     if FIRST:
         v_prev = tl.zeros([ROWS, BLOCK_M], dtype=ACC)
         tl.store(vprev_ptr + state_offs, v_prev, mask=rm_mask)
@@ -420,6 +446,7 @@ def combine_back_kernel(
     R,
     k,
     NPART,
+    eps,  # of the squash
     ROWS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -460,7 +487,7 @@ def combine_back_kernel(
         dv = carry
     state_offs = ((b * R + k) * J + j)[:, None] * M + offs_m[None, :]
     s = tl.load(s_ptr + state_offs, mask=rm_mask, other=0.0)
-    tl.store(ds_ptr + state_offs, _squash_backward(s, dv, SQUASH_EPS), mask=rm_mask)
+    tl.store(ds_ptr + state_offs, _squash_backward(s, dv, eps), mask=rm_mask)
 
 
 @triton.jit
@@ -469,7 +496,8 @@ def sweep_back_kernel(
     w_ptr,  # [I, J, N, M]
     prior_ptr,  # [I, J] (only if HAS_PRIOR)
     vprev_ptr,  # [B, R, J, M] saved V^{t-1}
-    s_ptr,  # [B, R, J, M] saved s^t (SOFTMAX_IN)
+    s_ptr,  # [B, R, J, M] saved squash input s^t + bias (SOFTMAX_IN)
+    bias_ptr,  # [J, M] (SOFTMAX_IN and HAS_BIAS)
     ds_ptr,  # [B, R, J, M] dL/ds^t from combine_back_kernel
     lse_ptr,  # [B, R, J] saved log-sum-exp over i (SOFTMAX_IN)
     alpha_ptr,  # [B, R, I, J] output c^t (STORE_ALPHA)
@@ -489,6 +517,8 @@ def sweep_back_kernel(
     BLOCK_M: tl.constexpr,
     HAS_PRIOR: tl.constexpr,
     SOFTMAX_IN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LEAKY: tl.constexpr,
     FIRST: tl.constexpr,
     STORE_ALPHA: tl.constexpr,
     NEED_BETA: tl.constexpr,
@@ -517,7 +547,12 @@ def sweep_back_kernel(
     v_prev = tl.load(vprev_ptr + state_offs, mask=state_mask, other=0.0)
     ds = tl.load(ds_ptr + state_offs, mask=state_mask, other=0.0)
     if SOFTMAX_IN:
+        # sum_i c_ij e_ij = ds_j . sum_i c_ij u_hat_ij, the saved squash input less the bias.
         s = tl.load(s_ptr + state_offs, mask=state_mask, other=0.0)
+        if HAS_BIAS:
+            jm_bias = (offs_j * M)[:, None] + offs_m[None, :]
+            jm_bias_mask = mask_j[:, None] & mask_m[None, :]
+            s -= tl.load(bias_ptr + jm_bias, mask=jm_bias_mask, other=0.0).to(ACC)[None, :, :]
         ds_dot_s = tl.sum(ds * s, axis=2)
         bj_offs = (offs_b.to(tl.int64) * R + k)[:, None] * J + offs_j[None, :]
         lse = tl.load(lse_ptr + bj_offs, mask=mask_b[:, None] & mask_j[None, :], other=0.0)
@@ -541,7 +576,7 @@ def sweep_back_kernel(
         if SOFTMAX_IN:
             c = tl.where(mask_j[None, None, :], tl.exp(logits - lse[:, None, :]), 0.0)
         else:
-            c = _softmax_over_j(logits, mask_j)
+            c = _softmax_over_j(logits, mask_j, LEAKY)
         bij_offs, bij_mask = _bij_offsets(
             offs_b, mask_b, offs_i, mask_i, offs_j, mask_j, I, J, R, k
         )

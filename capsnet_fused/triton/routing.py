@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton
@@ -41,6 +41,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from capsnet_fused._op_glue import state_dtype
+from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
 from capsnet_fused.triton.kernels import (
     combine_back_kernel,
     combine_kernel,
@@ -248,11 +249,31 @@ class KernelLaunch:
         )
 
 
-def _run(launch: KernelLaunch, record: list[KernelLaunch] | None) -> None:
+@dataclass
+class TorchLaunch:
+    """Work the launchers issue as torch ops rather than a Triton kernel (the prior's softmax,
+    the bias gradient's sum), with what it reads and writes for the traffic counter."""
+
+    name: str
+    run: Callable[[], Any]
+    reads: tuple[torch.Tensor, ...] = ()
+    writes: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def _run(launch: KernelLaunch | TorchLaunch, record: list | None) -> None:
     if record is None:
         launch()
     else:
         record.append(launch)
+
+
+def _first_couplings_launch(first: FirstCouplings, prior: torch.Tensor) -> TorchLaunch:
+    """first_couplings ran eagerly; this stands for its kernels (computed, then recorded)."""
+    written = tuple(t for t in (first.c1, first.lse1) if t is not None)
+    return TorchLaunch("softmax(prior)", lambda: None, reads=(prior,), writes=written)
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -278,8 +299,9 @@ class FirstCouplings:
     """The first iteration's couplings, the same for every sample.
 
     Without a prior they are uniform, 1 / divisor (J over output capsules, I over input
-    capsules); with one they are softmax(prior) over the softmax axis, computed once here.
-    lse1 [J] is the log-sum-exp over i of the first logits (softmax over input capsules only).
+    capsules, one more with the leaky logit); with one they are softmax(prior) over the softmax
+    axis, computed once here. lse1 [J] is the log-sum-exp over i of the first logits (softmax
+    over input capsules only).
     """
 
     c1: torch.Tensor | None
@@ -288,14 +310,23 @@ class FirstCouplings:
 
 
 def first_couplings(
-    prior: torch.Tensor | None, in_caps: int, out_caps: int, softmax_in: bool, acc: torch.dtype
+    prior: torch.Tensor | None,
+    in_caps: int,
+    out_caps: int,
+    softmax_in: bool,
+    acc: torch.dtype,
+    leaky: bool = False,
 ) -> FirstCouplings:
     if prior is None:
-        return FirstCouplings(None, None, in_caps if softmax_in else out_caps)
+        return FirstCouplings(None, None, (in_caps if softmax_in else out_caps) + leaky)
     logits = prior.to(acc)
-    dim = 0 if softmax_in else 1
-    lse1 = torch.logsumexp(logits, dim=0) if softmax_in else None
-    return FirstCouplings(torch.softmax(logits, dim=dim).contiguous(), lse1, 1)
+    lse1 = None
+    if softmax_in:
+        lse1 = torch.logsumexp(logits, dim=0)
+        if leaky:
+            lse1 = torch.logaddexp(lse1, torch.zeros_like(lse1))
+    c1 = coupling_softmax(logits, 0 if softmax_in else 1, leaky)
+    return FirstCouplings(c1.contiguous(), lse1, 1)
 
 
 def _combine_block(parts: int) -> int:
@@ -309,15 +340,22 @@ def routing_forward(
     iterations: int,
     softmax_in: bool,
     record: list[KernelLaunch] | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [B, J, M] (u's dtype) and the state saved for the backward, in 2R launches.
 
-    Returns (v, s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J] when the
-    softmax is over output capsules); saved tensors are float32 (float64 for float64 inputs).
-    With `record`, the launches are appended there instead of run (meta tensors work).
+    Returns (v, s [B, R, J, M] (the squash inputs s^t + bias), v_prev [B, R, J, M], lse
+    [B, R, J] or [B, 0, J] when the softmax is over output capsules); saved tensors are float32
+    (float64 for float64 inputs). bias [J, M] or None; leaky adds a logit fixed at 0 to the
+    softmax axis. With `record`, the launches are appended there instead of run (meta tensors
+    work).
     """
     u, weight = u.contiguous(), weight.contiguous()
     prior = None if prior is None else prior.contiguous()
+    bias = None if bias is None else bias.contiguous()
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     acc = state_dtype(u.dtype)
@@ -330,7 +368,9 @@ def routing_forward(
     if batch == 0:
         return v, s, v_prev, lse
     cfg = choose_config(batch, in_caps, out_caps, in_d, out_d)
-    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc)
+    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc, leaky)
+    if prior is not None:
+        _run(_first_couplings_launch(first, prior), record)
     gemm_grid = cfg.gemm_grid(batch, in_caps, in_d, out_caps, out_d)
     sweep_grid = cfg.sweep_grid(batch, in_caps)
     part_first = _new((gemm_grid[2], batch, out_caps, out_d), acc, device)
@@ -398,6 +438,7 @@ def routing_forward(
                         BLOCK_M=cfg.block_m,
                         HAS_PRIOR=prior is not None,
                         SOFTMAX_IN=softmax_in,
+                        LEAKY=leaky,
                         ACC=acc_tl,
                     ),
                     cfg.sweep_warps,
@@ -414,6 +455,7 @@ def routing_forward(
                     part_max_ptr=part_max if softmax_in else parts,
                     part_sum_ptr=part_sum if softmax_in else parts,
                     lse1_ptr=s if first.lse1 is None else first.lse1,
+                    bias_ptr=s if bias is None else bias,
                     s_ptr=s,
                     vprev_ptr=v_prev,
                     lse_ptr=lse if softmax_in else s,
@@ -425,6 +467,7 @@ def routing_forward(
                     k=k,
                     NPART=parts.shape[0],
                     DIVISOR=first.divisor if k == 0 else 1,
+                    eps=squash_eps,
                 ),
                 dict(
                     ROWS=cfg.combine_rows,
@@ -433,6 +476,8 @@ def routing_forward(
                     SOFTMAX_IN=softmax_in,
                     FIRST=k == 0,
                     HAS_LSE1=first.lse1 is not None,
+                    HAS_BIAS=bias is not None,
+                    LEAKY=leaky,
                     LAST=k == iterations - 1,
                     ACC=acc_tl,
                 ),
@@ -458,18 +503,25 @@ def routing_backward(
     need_dweight: bool,
     need_dprior: bool,
     record: list[KernelLaunch] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact gradients: (du [B, I, N], dweight [I, J, N, M], dprior [I, J]).
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
+    need_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradients: (du [B, I, N], dweight [I, J, N, M], dprior [I, J], dbias [J, M]).
 
-    A gradient that is not needed comes back as an empty tensor of shape [0]; dprior is only
-    computed when prior is given. grad_v [B, J, M]; s, v_prev, lse as routing_forward returned.
-    Scratch: ds [B, R, J, M], the dL/dV carry [B, J, M], partial A [blocks, B, J, M] and the
-    couplings and logit gradients [B, R, I, J].
+    A gradient that is not needed comes back as an empty tensor of shape [0]; dprior and dbias
+    are only computed when prior and bias are given. grad_v [B, J, M]; s, v_prev, lse as
+    routing_forward returned. Scratch: ds [B, R, J, M], the dL/dV carry [B, J, M], partial A
+    [blocks, B, J, M] and the couplings and logit gradients [B, R, I, J].
     """
     u, weight, grad_v = u.contiguous(), weight.contiguous(), grad_v.contiguous()
     s, v_prev, lse = s.contiguous(), v_prev.contiguous(), lse.contiguous()
     prior = None if prior is None else prior.contiguous()
+    bias = None if bias is None else bias.contiguous()
     need_dprior = need_dprior and prior is not None
+    need_dbias = need_dbias and bias is not None
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     device = u.device
@@ -485,13 +537,20 @@ def routing_backward(
         dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
     else:
         dprior = torch.empty(0, dtype=prior_dtype, device=device)
-    if batch == 0 or not (need_du or need_dweight or need_dprior):
-        return du, dweight, dprior
+    bias_dtype = u.dtype if bias is None else bias.dtype
+    if need_dbias:
+        dbias = _zeros_or_new(batch, bias.shape, bias.dtype, device)
+    else:
+        dbias = torch.empty(0, dtype=bias_dtype, device=device)
+    if batch == 0 or not (need_du or need_dweight or need_dprior or need_dbias):
+        return du, dweight, dprior, dbias
 
     cfg = choose_config(batch, in_caps, out_caps, in_d, out_d)
     acc = state_dtype(u.dtype)
     acc_tl = _tl_acc(u.dtype)
-    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc)
+    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc, leaky)
+    if prior is not None:
+        _run(_first_couplings_launch(first, prior), record)
     sweep_grid = cfg.sweep_grid(batch, in_caps)
     ds = _new(s.shape, acc, device)
     carry = _new((batch, out_caps, out_d), acc, device)
@@ -501,8 +560,8 @@ def routing_backward(
     beta = _new(scalars_shape, acc, device)
     last = iterations - 1
     # With detach_inner, du_hat needs only the last iteration's couplings and ds; the rest of
-    # the chain matters only for the prior's gradient.
-    short = detach_inner and not need_dprior
+    # the chain matters only for the prior's and the bias's gradients.
+    short = detach_inner and not (need_dprior or need_dbias)
 
     def combine_back(k: int) -> KernelLaunch:
         chain = not short
@@ -521,6 +580,7 @@ def routing_backward(
                 R=iterations,
                 k=k,
                 NPART=part_a.shape[0],
+                eps=squash_eps,
             ),
             dict(
                 ROWS=cfg.combine_rows,
@@ -544,6 +604,7 @@ def routing_backward(
                 prior_ptr=weight if prior is None else prior,
                 vprev_ptr=v_prev,
                 s_ptr=s,
+                bias_ptr=s if bias is None else bias,
                 ds_ptr=ds,
                 lse_ptr=lse if softmax_in else s,
                 alpha_ptr=alpha,
@@ -565,6 +626,8 @@ def routing_backward(
                 BLOCK_M=cfg.block_m,
                 HAS_PRIOR=prior is not None,
                 SOFTMAX_IN=softmax_in,
+                HAS_BIAS=bias is not None,
+                LEAKY=leaky,
                 FIRST=k == 0,
                 # k = 0 couplings are first.c1 (or uniform): grads_kernel takes them from there.
                 STORE_ALPHA=k > 0,
@@ -642,7 +705,16 @@ def routing_backward(
             ),
             record,
         )
-    return du, dweight, dprior
+    if need_dbias:
+        # dbias = sum over the batch and the iterations of dL/d(s^t + bias): every ds^t was
+        # written above (the full chain runs when the bias's gradient is wanted).
+        _run(
+            TorchLaunch(
+                "sum(ds)", lambda: dbias.copy_(ds.sum(dim=(0, 1))), reads=(ds,), writes=(dbias,)
+            ),
+            record,
+        )
+    return du, dweight, dprior, dbias
 
 
 def planned_launches(
@@ -651,25 +723,32 @@ def planned_launches(
     """Every launch the launchers issue for (B, I, J, N, M, R) shapes in `dtype` on this build.
 
     Covers every routing variant and every combination of needed gradients that autograd can
-    ask for; built on meta tensors, nothing runs. Used by the ahead-of-time compile check and
-    the traffic counter.
+    ask for; built on meta tensors, nothing runs. Used by the ahead-of-time compile check; the
+    torch-op launches (TorchLaunch) are left out.
     """
     launches: list[KernelLaunch] = []
     for batch, in_caps, out_caps, in_d, out_d, iterations in shapes:
         u = torch.empty(batch, in_caps, in_d, dtype=dtype, device="meta")
         weight = torch.empty(in_caps, out_caps, in_d, out_d, dtype=dtype, device="meta")
         grad_v = torch.empty(batch, out_caps, out_d, dtype=dtype, device="meta")
-        for softmax_in, with_prior, detach_inner in itertools.product((False, True), repeat=3):
+        bias = torch.empty(out_caps, out_d, dtype=dtype, device="meta")
+        flags = itertools.product((False, True), repeat=4)
+        for softmax_in, with_prior, detach_inner, options in flags:
             prior = (
                 torch.empty(in_caps, out_caps, dtype=dtype, device="meta") if with_prior else None
             )
-            _, s, v_prev, lse = routing_forward(u, weight, prior, iterations, softmax_in, launches)
+            # The options of the published implementations come together (bias, leaky, eps 0):
+            # each only adds code, so one combination covers them for the compile check.
+            extra = dict(bias=bias, leaky=True, squash_eps=0.0) if options else {}
+            _, s, v_prev, lse = routing_forward(
+                u, weight, prior, iterations, softmax_in, launches, **extra
+            )
             s, v_prev, lse = (torch.empty_like(t, device="meta") for t in (s, v_prev, lse))
-            for needs in itertools.product((False, True), repeat=3):
-                if not any(needs) or (needs[2] and not with_prior):
+            for needs in itertools.product((False, True), repeat=4):
+                if not any(needs) or (needs[2] and not with_prior) or (needs[3] and not options):
                     continue
                 routing_backward(
                     grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in,
-                    detach_inner, *needs, record=launches,
+                    detach_inner, *needs[:3], record=launches, need_dbias=needs[3], **extra,
                 )  # fmt: skip
-    return launches
+    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
