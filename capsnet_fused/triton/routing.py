@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from capsnet_fused._op_glue import state_dtype
+from capsnet_fused.reference import SQUASH_EPS
 from capsnet_fused.triton.kernels import (
     routing_bwd_grads_kernel,
     routing_bwd_sweep_kernel,
@@ -149,6 +150,15 @@ def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _refuse_new_options(bias: torch.Tensor | None, leaky: bool, squash_eps: float) -> None:
+    """The options of issue 15 are not in these kernels yet."""
+    if bias is not None or leaky or squash_eps != SQUASH_EPS:
+        raise NotImplementedError(
+            "the Triton backend does not implement bias, leaky or a squash_eps other than "
+            f"{SQUASH_EPS} yet (the lead's Triton change); use backend='reference' or 'cpp'"
+        )
+
+
 def _zeros_or_new(batch: int, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A batch-summed gradient buffer: zeros when there is no sample to sum over."""
     if batch == 0:
@@ -163,13 +173,19 @@ def routing_forward(
     iterations: int,
     softmax_in: bool,
     record: list[KernelLaunch] | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One kernel launch: v [B, J, M] (u's dtype) and the state saved for the backward.
 
     Returns (v, s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J] when the
     softmax is over output capsules); saved tensors are float32 (float64 for float64 inputs).
     With `record`, the launch is appended there instead of run (meta tensors work).
+    bias [J, M], leaky and squash_eps (see reference_routing): not implemented yet.
     """
+    _refuse_new_options(bias, leaky, squash_eps)
     u, weight = u.contiguous(), weight.contiguous()
     prior = None if prior is None else prior.contiguous()
     batch, in_caps, in_d = u.shape
@@ -230,13 +246,21 @@ def routing_backward(
     need_dweight: bool,
     need_dprior: bool,
     record: list[KernelLaunch] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact gradients in two launches: (du [B, I, N], dweight [I, J, N, M], dprior [I, J]).
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
+    need_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradients in two launches: (du [B, I, N], dweight [I, J, N, M], dprior [I, J],
+    dbias [J, M]).
 
     A gradient that is not needed comes back as an empty tensor of shape [0]; dprior is only
     computed when prior is given. grad_v [B, J, M]; s, v_prev, lse as routing_forward returned.
     Scratch: ds [B, R, J, M] and the couplings and logit gradients [B, R, I, J].
+    bias, leaky and squash_eps: not implemented yet (so dbias is always [0] here).
     """
+    _refuse_new_options(bias, leaky, squash_eps)
     u, weight, grad_v = u.contiguous(), weight.contiguous(), grad_v.contiguous()
     s, v_prev, lse = s.contiguous(), v_prev.contiguous(), lse.contiguous()
     prior = None if prior is None else prior.contiguous()
@@ -256,8 +280,9 @@ def routing_backward(
         dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
     else:
         dprior = torch.empty(0, dtype=prior_dtype, device=device)
+    dbias = torch.empty(0, dtype=u.dtype, device=device)
     if batch == 0 or not (need_du or need_dweight or need_dprior):
-        return du, dweight, dprior
+        return du, dweight, dprior, dbias
 
     cfg = choose_config(in_caps, out_caps, in_d, out_d)
     acc = state_dtype(u.dtype)
@@ -333,7 +358,7 @@ def routing_backward(
     )
     _run(sweep, record)
     _run(grads, record)
-    return du, dweight, dprior
+    return du, dweight, dprior, dbias
 
 
 def planned_launches(
