@@ -8,7 +8,7 @@ kernels, but its fake path runs the interpreted kernel on fake tensors, so it ca
 on a CPU machine.)
 
 Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
-routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v.
+routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps) -> v.
 """
 
 from __future__ import annotations
@@ -67,15 +67,20 @@ def routing_fwd(
     u: torch.Tensor,
     weight: torch.Tensor,
     prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
     iterations: int,
     softmax_in: bool,
     detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(v [B, J, M], s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J or 0]) in one launch.
+    """(v [B, J, M], s [B, R, J, M] (s^t + bias), v_prev [B, R, J, M], lse [B, R, J or 0]).
 
     detach_inner does not change the forward; it is an argument so that the backward sees it.
     """
-    return routing_forward(u, weight, prior, iterations, softmax_in)
+    return routing_forward(
+        u, weight, prior, iterations, softmax_in, bias=bias, leaky=leaky, squash_eps=squash_eps
+    )
 
 
 @torch.library.custom_op("capsnet_fused::triton_routing_bwd", mutates_args=())
@@ -84,17 +89,22 @@ def routing_bwd(
     u: torch.Tensor,
     weight: torch.Tensor,
     prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
     s: torch.Tensor,
     v_prev: torch.Tensor,
     lse: torch.Tensor,
     iterations: int,
     softmax_in: bool,
     detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
     need_du: bool,
     need_dweight: bool,
     need_dprior: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(du [B, I, N], dweight [I, J, N, M], dprior [I, J]); a gradient not needed is [0]."""
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du [B, I, N], dweight [I, J, N, M], dprior [I, J], dbias [J, M]); a gradient not
+    needed is [0]."""
     return routing_backward(
         grad_v,
         u,
@@ -109,6 +119,10 @@ def routing_bwd(
         need_du,
         need_dweight,
         need_dprior,
+        bias=bias,
+        leaky=leaky,
+        squash_eps=squash_eps,
+        need_dbias=need_dbias,
     )
 
 
