@@ -331,7 +331,16 @@ class Counter:
         patch(builder, "create_fma", counted(2.0))
         patch(builder, "create_dot", dot)
         patch(interpreter.ReduceOps, "apply_impl", reduction)
+
+        def torch_call(original):
+            def wrapper(launch):
+                original(launch)
+                self.add_torch_launch(launch)
+
+            return wrapper
+
         patch(launchers.KernelLaunch, "__call__", launch_call)
+        patch(launchers.TorchLaunch, "__call__", torch_call)
         patch(builder, "create_get_program_id", program_id)
         patch(builder, "create_get_num_programs", num_programs)
         try:
@@ -340,12 +349,15 @@ class Counter:
             for (owner, name), value in saved.items():
                 setattr(owner, name, value)
 
-    def add_torch_launch(self, name: str, bytes_read: int, bytes_written: int, flops: float):
-        """A small torch op the launcher issues (the prior's softmax)."""
-        record = Launch(name, (1,), phase=self.phase, flops=flops)
-        record.loads[name] = bytes_read
-        record.stores[name] = bytes_written
-        record.footprint = {name: bytes_read + bytes_written}
+    def add_torch_launch(self, launch: launchers.TorchLaunch) -> None:
+        """Torch ops a launcher issues (the prior's softmax, the bias gradient's sum): their
+        tensors read once and written once, a few FLOPs per element read."""
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        record = Launch(launch.name, (1,), phase=self.phase)
+        record.loads[launch.name] = sum(nbytes(t) for t in launch.reads)
+        record.stores[launch.name] = sum(nbytes(t) for t in launch.writes)
+        record.footprint = {launch.name: record.bytes_moved}
+        record.flops = 5.0 * sum(t.numel() for t in launch.reads)
         self.launches.append(record)
 
 
@@ -388,25 +400,12 @@ def count_triton(shape, variant: Variant, max_programs: int | None = None) -> li
     u, weight, prior, grad = _inputs(shape, variant, "cpu")
     leaves = [t.requires_grad_() for t in (u, weight, prior) if t is not None]
     counter = Counter(max_programs)
-    first_couplings = launchers.first_couplings
-
-    def counted_first_couplings(prior_, in_caps, out_caps, softmax_in, acc):
-        if prior_ is not None:
-            nbytes = prior_.numel() * 4
-            counter.add_torch_launch("softmax(prior)", nbytes, nbytes * (1 + softmax_in),
-                                     5.0 * prior_.numel())  # fmt: skip
-        return first_couplings(prior_, in_caps, out_caps, softmax_in, acc)
-
-    launchers.first_couplings = counted_first_couplings
-    try:
-        with counter.active():
-            v = dynamic_routing(u, weight, shape[5], prior=prior, backend="triton",
-                                softmax_over=variant.softmax_over,
-                                detach_inner=variant.detach_inner)  # fmt: skip
-            counter.phase = "backward"
-            torch.autograd.grad(v, leaves, grad)
-    finally:
-        launchers.first_couplings = first_couplings
+    with counter.active():
+        v = dynamic_routing(u, weight, shape[5], prior=prior, backend="triton",
+                            softmax_over=variant.softmax_over,
+                            detach_inner=variant.detach_inner)  # fmt: skip
+        counter.phase = "backward"
+        torch.autograd.grad(v, leaves, grad)
     return counter.launches
 
 

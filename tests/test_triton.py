@@ -47,16 +47,6 @@ CASES = [(s, v) for s in SHAPES for v in VARIANTS if s != LARGEST] + [
 ]
 
 
-# bias, leaky and squash_eps (issue 15) raise NotImplementedError in the Triton launchers until
-# the lead's change to the kernels lands; these tests must then pass (strict: an unexpected pass
-# fails, so the markers go with that change).
-NOT_YET = pytest.mark.xfail(
-    raises=NotImplementedError,
-    strict=True,
-    reason="bias, leaky and squash_eps in the Triton kernels are the lead's Triton change",
-)
-
-
 def require(device: str) -> None:
     """Skip unless the Triton kernels can run on `device` here."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -105,7 +95,6 @@ def test_matches_reference_float64(variant, device):
     assert_matches_reference(got, ref, tol=1e-12)
 
 
-@NOT_YET
 @device_params
 @pytest.mark.parametrize(
     "variant, options", OPTION_CASES, ids=[option_case_id(c) for c in OPTION_CASES]
@@ -122,7 +111,6 @@ FLOAT32_OPTION_CASES = [
 ]
 
 
-@NOT_YET
 @device_params
 @pytest.mark.parametrize(
     "variant, options",
@@ -135,7 +123,6 @@ def test_options_match_reference_float32(variant, options, device):
     assert_matches_reference(got, ref, tol=1e-5)
 
 
-@NOT_YET
 @device_params
 @pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
 @pytest.mark.parametrize("squash_eps", [0.0, 0.05])
@@ -155,7 +142,6 @@ def test_options_gradcheck_float64(softmax_over, squash_eps, device):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-@NOT_YET
 @device_params
 @pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
 def test_zero_capsule_with_squash_eps_zero_is_nan(softmax_over, device):
@@ -205,7 +191,6 @@ def test_opcheck(softmax_in, device):
     check_opcheck(softmax_in, device, Options())
 
 
-@NOT_YET
 @device_params
 @pytest.mark.parametrize("softmax_in", [False, True])
 def test_opcheck_options(softmax_in, device):
@@ -504,15 +489,8 @@ def test_launch_counts(variant, with_dprior, launches, monkeypatch):
     softmax_over, with_prior, detach_inner = variant
     shape = Shape(128, 1152, 10, 8, 16, 3)
     u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")
+    # The prior's softmax is a torch op, recorded as a TorchLaunch beside the kernels.
     record = []
-    first_couplings = launcher.first_couplings
-
-    def counted(*args):
-        if args[0] is not None:
-            record.append("softmax(prior)")
-        return first_couplings(*args)
-
-    monkeypatch.setattr(launcher, "first_couplings", counted)
     _, s, v_prev, lse = launcher.routing_forward(
         u, weight, prior, 3, softmax_over == "in_caps", record
     )
