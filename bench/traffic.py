@@ -18,7 +18,7 @@ reading or writing those large tensors once and nothing else. Nothing here ran o
 Usage (about 3 minutes for the MNIST shape on one core; the interpreter runs every program):
 
     python bench/traffic.py                         # B=128, I=1152, J=10, N=8, M=16, R=3
-    python bench/traffic.py --shape 128,288,10,8,16,3 --json out.json
+    python bench/traffic.py --shape 128,288,10,8,16,3 --json out.json   # + out.md
     python bench/traffic.py --variant in_caps,prior --check
 
 --check exits 1 unless the Triton issue's targets hold for the shape (see TARGETS).
@@ -648,10 +648,13 @@ def main(argv=None) -> int:
     launches = count_triton(shape, variant, args.sample)
     summary = summarise(shape, variant, launches, count_reference(shape, variant))
     summary["seconds_to_count"] = time.time() - start
-    print(format_report(summary))
+    report = format_report(summary)
+    print(report)
     if args.json:
+        # The summary as JSON, and the report a person reads beside it (.md).
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(report + "\n")
     failures = check(summary)
     for failure in failures:
         print(f"TARGET MISSED: {failure}")
