@@ -166,13 +166,17 @@ def test_tile_configurations(shape, variant, config, tiles):
     check_against_reference(shape, variant, torch.float64, 1e-11)
 
 
-# Every option case in both non-default tile configurations, on the shape with several sample
-# tiles (ragged: leaky's extra logit must join the split-softmax merge once per (b, j)).
+# Every option case in both non-default tile configurations, on a shape with several sample
+# tiles and capsule blocks in both (leaky's extra logit must join the split-softmax merge once
+# per (b, j)), small enough to keep the emulation quick.
+OPTION_TILE_SHAPE = Shape(9, 13, 3, 3, 5, 3)
+
+
 @pytest.mark.parametrize("config", ["ragged", "wide"])
 @option_case_params
 def test_options_tile_configurations(variant, options, config, tiles):
     tiles(config)
-    check_against_reference(TILE_SHAPES[0], variant, torch.float64, 1e-11, options)
+    check_against_reference(OPTION_TILE_SHAPE, variant, torch.float64, 1e-11, options)
 
 
 @pytest.mark.parametrize("variant", VARIANTS[1::2], ids=map(variant_id, VARIANTS[1::2]))
@@ -414,3 +418,24 @@ def test_tiles_that_do_not_fit_raise(monkeypatch):
     monkeypatch.setenv(TILES_ENV, "sweep_width=6")
     with pytest.raises(RuntimeError, match="unknown tile"):
         emulated_routing(u, weight, prior, iterations=2)
+
+
+def test_compile_fullgraph_with_options():
+    # Dynamo (no graph break) and AOTAutograd through the fakes and the autograd of the op
+    # pair with every option given: bias (and its gradient), leaky, a squash eps.
+    shape = Shape(3, 9, 4, 3, 5, 3)
+    options = Options(bias=True, leaky=True, squash_eps=0.05)
+    u, weight, prior, grad = make_inputs(shape, True)
+    bias = make_bias(shape, options)
+    kwargs = routing_kwargs(shape, ("in_caps", True, False), options)
+
+    def fn(u, weight, prior, bias):
+        return emulated_routing(u, weight, prior, bias, **kwargs)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = run_with_grads(lambda u, w, prior, bias: compiled(u, w, prior, bias),
+                         u, weight, prior, grad, bias=bias)  # fmt: skip
+    want = run_with_grads(lambda u, w, prior, bias: fn(u, w, prior, bias),
+                          u, weight, prior, grad, bias=bias)  # fmt: skip
+    for a, b in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
