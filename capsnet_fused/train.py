@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from capsnet_fused.baseline import BaselineCNN, CrossEntropyCriterion
 from capsnet_fused.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -58,15 +59,21 @@ from capsnet_fused.checkpoint import (
 from capsnet_fused.data import (
     DATASETS,
     ImageDataset,
+    Normalization,
     ResumableSampler,
     load_dataset,
+    random_hflip,
     random_shift,
     to_float,
 )
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
-from capsnet_fused.models import CapsNet
+from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
 from capsnet_fused.reference import SOFTMAX_OVER
+from capsnet_fused.robustness import AffineSpec, perturb_dataset
+
+# capsnet: the paper's CapsNet; cnn: the plain CNN baseline of the same size (baseline.py).
+MODELS = ("capsnet", "cnn")
 
 
 @dataclass
@@ -81,6 +88,9 @@ class TrainConfig:
     lr_decay: float = 0.96
     recon_scale: float = 0.0005
     max_shift: int = 2
+    hflip: bool = False
+    normalize: bool = False
+    model: str = "capsnet"
     routing_iterations: int = 3
     softmax_over: str = "out_caps"
     learn_prior: bool = False
@@ -107,6 +117,8 @@ class TrainConfig:
         """Raise ValueError naming the first setting out of range."""
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.softmax_over not in SOFTMAX_OVER:
             raise ValueError(
                 f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}"
@@ -144,6 +156,9 @@ class TrainConfig:
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
 
+
+# TrainConfig fields newer than the first checkpoints (see config_from_checkpoint).
+ADDED_SETTINGS = ("hflip", "normalize", "model")
 
 # Settings a resumed run may change; all others come from the checkpoint. The backend changes
 # only how the routing is computed, not what (every backend computes the same function).
@@ -208,6 +223,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest random shift in pixels, each direction, for "
         f"training images; 0 disables augmentation (default {d.max_shift})",
+    )
+    add(
+        "--hflip",
+        action="store_true",
+        default=None,
+        help="also mirror each training image left to right with probability 1/2 (default off)",
+    )
+    add(
+        "--normalize",
+        action="store_true",
+        default=None,
+        help="feed the model (x - mean) / std, with the mean and std of the training images "
+        "used (recorded in config.json and the checkpoint); reconstructions are still "
+        "compared with the images in [0, 1] (default off)",
+    )
+    add(
+        "--model",
+        choices=MODELS,
+        help="capsnet (the paper's CapsNet) or cnn (a plain CNN of the same size, the baseline: "
+        "CapsNet's two convolutions, then fully connected 328, 192, dropout, cross entropy; "
+        f"routing and decoder flags do not apply) (default {d.model})",
     )
     add(
         "--routing-iterations",
@@ -320,9 +356,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
     return dataclasses.replace(TrainConfig(), **given), given
 
 
-def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> CapsNet:
-    """CapsNet for images [C, H, W] with the sizes and routing options of `config`."""
+def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """CapsNet for images [C, H, W] with the sizes and routing options of `config` (or the CNN
+    baseline of the same convolutions for model "cnn")."""
     channels, height, width = image_shape
+    if config.model == "cnn":
+        return BaselineCNN(
+            channels,
+            (height, width),
+            conv_channels=config.conv_channels,
+            kernel_size=config.kernel_size,
+            conv2_channels=config.primary_caps * config.primary_dim,
+        )
     return CapsNet(
         channels,
         (height, width),
@@ -345,7 +390,10 @@ class CapsNetLoss(nn.Module):
     """margin loss + recon_scale x reconstruction loss, computed in float32.
 
     forward(output: CapsNetOutput, images [B, C, H, W], labels [B]) -> (loss, margin, recon).
+    images are the un-normalised ones in [0, 1], which the decoder's sigmoid can reproduce.
     """
+
+    part_names = ("margin_loss", "recon_loss")
 
     def __init__(self, recon_scale: float = 0.0005) -> None:
         super().__init__()
@@ -356,6 +404,19 @@ class CapsNetLoss(nn.Module):
         margin = self.margin(output.lengths.float(), labels)
         recon = self.recon(output.reconstructions.float(), images.float())
         return margin + recon, margin, recon
+
+
+def make_criterion(config: TrainConfig) -> nn.Module:
+    """The training loss of config.model: forward(output, images, labels) -> (loss, *parts),
+    parts named by its part_names."""
+    if config.model == "cnn":
+        return CrossEntropyCriterion()
+    return CapsNetLoss(config.recon_scale)
+
+
+def class_scores(output: CapsNetOutput | torch.Tensor) -> torch.Tensor:
+    """[B, J] scores whose argmax is the prediction: capsule lengths, or a CNN's logits."""
+    return output.lengths if isinstance(output, CapsNetOutput) else output
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -398,7 +459,10 @@ def config_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "") 
     if not isinstance(config, dict):
         raise ValueError(f"{path}: the checkpoint's config is not a dict of settings")
     known = {field.name for field in dataclasses.fields(TrainConfig)}
-    unknown, missing = sorted(set(config) - known), sorted(known - set(config))
+    # Settings added after checkpoints were first written; their defaults are what older
+    # versions did, so an older checkpoint lacking them is read with the defaults.
+    missing_ok = set(ADDED_SETTINGS) - set(config)
+    unknown, missing = sorted(set(config) - known), sorted(known - set(config) - missing_ok)
     if unknown or missing:
         raise ValueError(
             f"{path}: the checkpoint's config does not match this version of capsnet-fused "
@@ -427,13 +491,33 @@ def _load_state_dict(target, state: dict, what: str, path: str | os.PathLike) ->
         ) from exc
 
 
+def normalization_from_checkpoint(
+    state: dict[str, Any], config: TrainConfig, path: str | os.PathLike = ""
+) -> Normalization | None:
+    """The input normalisation a run was trained with (None without --normalize); ValueError
+    naming `path` when a --normalize checkpoint lacks its statistics."""
+    if not config.normalize:
+        return None
+    stored = state.get("normalization")
+    try:
+        return Normalization.from_dict(stored)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: the run was trained with --normalize but its checkpoint holds no valid "
+            f"normalization statistics ({stored!r})"
+        ) from exc
+
+
 def model_from_checkpoint(
     state: dict[str, Any],
     device: torch.device | str = "cpu",
     backend: str | None = None,
     path: str | os.PathLike = "",
-) -> tuple[CapsNet, TrainConfig]:
-    """The trained model (eval mode) and its config; backend overrides the trained one."""
+) -> tuple[nn.Module, TrainConfig]:
+    """The trained model (eval mode) and its config; backend overrides the trained one.
+
+    With --normalize the model expects normalised images: see normalization_from_checkpoint.
+    """
     config = config_from_checkpoint(state, path)
     if backend is not None:
         config.backend = backend
@@ -521,7 +605,7 @@ def _all_sum(values: list[float], info: DistInfo, device: torch.device) -> list[
 def evaluate(
     model: nn.Module,
     dataset: ImageDataset,
-    criterion: CapsNetLoss,
+    criterion: nn.Module,
     device: torch.device,
     *,
     batch_size: int = 256,
@@ -529,47 +613,46 @@ def evaluate(
     info: DistInfo | None = None,
     progress: bool = False,
     stop: Callable[[], bool] | None = None,
+    normalization: Normalization | None = None,
 ) -> dict[str, float]:
-    """Test loss (margin + scaled reconstruction of the predicted capsule) and accuracy.
+    """Test loss (for CapsNet: margin + scaled reconstruction of the predicted capsule, also
+    reported apart as margin_loss and recon_loss; the criterion's part_names) and accuracy.
 
-    Under DDP each process takes every world_size-th image, so the sums cover each image once.
-    stop (one process only) is asked after every batch; when it says True the evaluation ends
-    there, and "complete" is False in the result (which covers the images seen).
+    normalization, when given, is applied to the model's input only (the loss compares
+    reconstructions with the images in [0, 1]). Under DDP each process takes every
+    world_size-th image, so the sums cover each image once. stop (one process only) is asked
+    after every batch; when it says True the evaluation ends there, and "complete" is False in
+    the result (which covers the images seen).
     """
     info = info or DistInfo()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
     was_training = model.training
     model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, margin, recon, correct, count
+    names = tuple(criterion.part_names)
+    sums = [0.0] * (3 + len(names))  # correct, count, loss, parts...
     complete = True
     for images, labels in tqdm(
         loader, desc="eval", unit="batch", leave=False, disable=not (progress and info.main)
     ):
-        if stop is not None and not info.enabled and sums[4] > 0 and stop():
+        if stop is not None and not info.enabled and sums[1] > 0 and stop():
             complete = False
             break
         images, labels = to_float(images.to(device)), labels.to(device)
+        inputs = normalization(images) if normalization is not None else images
         with autocast_context(device, amp):
-            output = model(images)
-        loss, margin, recon = criterion(output, images, labels)
+            output = model(inputs)
+        losses = criterion(output, images, labels)
         n = labels.shape[0]
-        correct = (output.lengths.argmax(dim=1) == labels).sum().item()
-        sums = [
-            a + b
-            for a, b in zip(
-                sums,
-                (loss.item() * n, margin.item() * n, recon.item() * n, correct, n),
-                strict=True,
-            )
-        ]
+        correct = (class_scores(output).argmax(dim=1) == labels).sum().item()
+        batch = (correct, n, *(value.item() * n for value in losses))
+        sums = [a + b for a, b in zip(sums, batch, strict=True)]
     model.train(was_training)
-    loss, margin, recon, correct, count = _all_sum(sums, info, device)
+    correct, count, loss, *parts = _all_sum(sums, info, device)
     count = max(count, 1.0)
     return {
         "loss": loss / count,
-        "margin_loss": margin / count,
-        "recon_loss": recon / count,
+        **{name: value / count for name, value in zip(names, parts, strict=True)},
         "accuracy": correct / count,
         "images": int(count),
         "complete": complete,
@@ -585,20 +668,41 @@ def evaluate_checkpoint(
     limit: int | None = None,
     backend: str | None = None,
     progress: bool = True,
-) -> dict[str, float]:
+    affine: AffineSpec | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Test accuracy and loss of a checkpoint on its dataset's test split.
 
     The data folder is data_dir, else the one the run was trained on (recorded as an absolute
-    path); only checkpoints of runs that searched the default folders search them again.
+    path); only checkpoints of runs that searched the default folders search them again. With
+    `affine`, each test image is first perturbed by its own random affine transformation
+    (capsnet_fused.robustness, seeded with `seed`): the same images for every model.
+    The run's input normalisation, if any, is applied as in training.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     ckpt = checkpoint_path(checkpoint)
     state = load_checkpoint(ckpt)
     model, config = model_from_checkpoint(state, dev, backend, ckpt)
+    normalization = normalization_from_checkpoint(state, config, ckpt)
     test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
-    criterion = CapsNetLoss(config.recon_scale)
-    metrics = evaluate(model, test_set, criterion, dev, batch_size=batch_size, progress=progress)
+    if affine is not None:
+        test_set = perturb_dataset(test_set, affine, seed)
+    metrics: dict[str, Any] = evaluate(
+        model,
+        test_set,
+        make_criterion(config),
+        dev,
+        batch_size=batch_size,
+        progress=progress,
+        normalization=normalization,
+    )
+    metrics["model"] = config.model
     metrics["backend"] = choose_backend(dev, torch.float32, config.backend)
+    if affine is not None:
+        metrics["affine"] = str(affine)
+        metrics["affine_seed"] = seed
     return metrics
 
 
@@ -816,12 +920,19 @@ def _train(
             f"{state['path']} was trained on images {list(state['image_shape'])}, but those in "
             f"{config.data_dir} are {list(image_shape)}"
         )
+    # The statistics of the training images actually used (after --limit-train), computed once:
+    # a resumed run keeps the checkpoint's, as eval and visualize do.
+    normalization = None
+    if state is not None:
+        normalization = normalization_from_checkpoint(state, config, state["path"])
+    elif config.normalize:
+        normalization = Normalization.of_images(train_set.images)
     model = build_model(config, image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     use_scaler = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    criterion = CapsNetLoss(config.recon_scale)
+    criterion = make_criterion(config)
     backend = choose_backend(device, torch.float32, config.backend)
 
     sampler = ResumableSampler(
@@ -876,14 +987,20 @@ def _train(
             write_metrics(out / METRICS_NAME, history)
         else:
             (out / METRICS_NAME).unlink(missing_ok=True)
-        write_text_atomic(
-            out / CONFIG_NAME, json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-        )
+        recorded = dataclasses.asdict(config)
+        if normalization is not None:
+            recorded["normalization"] = normalization.to_dict()
+        write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
         log(
             f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images "
             f"from {config.data_dir}) on {device} x{info.world_size}, backend {backend}, "
             f"run folder {out}"
         )
+        if normalization is not None:
+            log(
+                f"inputs normalised with mean {list(normalization.mean)} and std "
+                f"{list(normalization.std)} of the {len(train_set)} training images"
+            )
 
     def kept() -> str:
         if saved_at is None:
@@ -917,6 +1034,7 @@ def _train(
                     "epoch_sums": sums,
                     "world_size": info.world_size,
                     "history": history,
+                    "normalization": normalization.to_dict() if normalization else None,
                 },
                 ckpt_file,
             )
@@ -963,10 +1081,17 @@ def _train(
             images = to_float(images)
             if config.max_shift:
                 images = random_shift(images, config.max_shift, augment_gen)
+            if config.hflip:
+                images = random_hflip(images, augment_gen)
+            # Normalised after augmenting, so shifted-in pixels are background (0) like the
+            # image's own border. Only the model's input is normalised: the decoder ends in a
+            # sigmoid, so its reconstruction is compared with the image in [0, 1], and the
+            # reconstruction loss keeps the paper's scale.
+            inputs = normalization(images) if normalization is not None else images
             with autocast_context(device, config.amp):
-                output = ddp_model(images, labels)
-            loss, _, _ = criterion(output, images, labels)
-            hits = output.lengths.argmax(dim=1) == labels
+                output = ddp_model(inputs, labels)
+            loss = criterion(output, images, labels)[0]
+            hits = class_scores(output).argmax(dim=1) == labels
             stats = torch.stack(
                 [
                     loss.detach().double() * labels.shape[0],
@@ -1029,6 +1154,7 @@ def _train(
             info=info,
             progress=config.progress,
             stop=lambda: stop.requested,
+            normalization=normalization,
         )
         if not math.isfinite(test["loss"]):
             raise TrainingDiverged(
@@ -1048,8 +1174,8 @@ def _train(
             "train_images": int(epoch_sums[2]),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
-            "test_margin_loss": test["margin_loss"],
-            "test_recon_loss": test["recon_loss"],
+            # CapsNet's test_margin_loss and test_recon_loss; the CNN's loss has no parts.
+            **{f"test_{name}": test[name] for name in criterion.part_names},
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_sums[3],
             "images_per_s": epoch_sums[2] / max(epoch_sums[3], 1e-9),
@@ -1057,6 +1183,7 @@ def _train(
             "device": str(device),
             "backend": backend,
             "amp": config.amp,
+            "model": config.model,
         }
         with warnings.catch_warnings():
             # A run resumed after its epoch's last step (stopped during the evaluation) steps
