@@ -1144,6 +1144,7 @@ def _train(
         epoch_sums[3] += time.perf_counter() - start
         # The test loss checks the state after the epoch's last step, as the next step's loss
         # checks a mid-epoch one.
+        test_start = time.perf_counter()
         test = evaluate(
             model,
             test_set,
@@ -1179,6 +1180,8 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_sums[3],
             "images_per_s": epoch_sums[2] / max(epoch_sums[3], 1e-9),
+            # epoch_time_s is the training alone; an epoch's wall time adds this.
+            "test_time_s": time.perf_counter() - test_start,
             "world_size": info.world_size,
             "device": str(device),
             "backend": backend,

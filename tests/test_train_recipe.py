@@ -67,6 +67,9 @@ def test_flags_and_statistics_are_recorded_in_config_and_checkpoint(dataset_dir,
     state = load_checkpoint(recipe_run)
     assert state["config"]["hflip"] and state["config"]["normalize"]
     assert state["normalization"] == config["normalization"]
+    record = json.loads((recipe_run / "metrics.jsonl").read_text().splitlines()[-1])
+    # The test evaluation's time is recorded beside the training's, for the time per epoch.
+    assert record["test_time_s"] > 0 and record["epoch_time_s"] > 0
 
 
 def test_the_model_sees_normalised_images_and_the_loss_the_raw_ones(
