@@ -9,15 +9,17 @@ launch against what the emulated kernels actually launch.
 Counting rules:
   - bytes loaded: each element a block reads from global memory counts once per block (as if
     its L1 kept it), including reads the kernel repeats (a combine reading back what it wrote);
-    bytes stored: each element written. Per tensor name: u, weight, prior, c1, lse1, grad_v, s,
-    V, lse, ds, v, du, dweight, dprior (the op's tensors) and the workspace's part_first,
-    part_s, part_max, part_sum, part_a, carry, alpha, beta.
+    bytes stored: each element written. Per tensor name: u, weight, prior, bias, c1, lse1,
+    grad_v, s, V, lse, ds, v, du, dweight, dprior, dbias (the op's tensors) and the workspace's
+    part_first, part_s, part_max, part_sum, part_a, carry, alpha, beta. The bias rows a
+    combine reads are counted per (b, j) warp.
   - flops: arithmetic the kernel issues, padding lanes included (a fused multiply-add is 2; exp,
     log, sqrt, a division and a comparison are 1 each); useful_flops: the u_hat, du and dW
-    products alone (2 per multiply-add), without padding.
+    products alone (2 per multiply-add), without padding. Leaky routing's extra logit (an exp
+    and an add per softmax) is not counted; it changes no launch and no byte.
 
     python bench/cuda_traffic.py 128 1152 10 8 16 3            # the MNIST DigitCaps shape
-    python bench/cuda_traffic.py 128 1152 10 8 16 3 --in-caps --prior --dtype-bytes 8
+    python bench/cuda_traffic.py 128 1152 10 8 16 3 --in-caps --prior --bias --dtype-bytes 8
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ GEMM_TILE_C = 64
 GEMM_TILE_K = 32
 GEMM_STRIDE_B = GEMM_TILE_B + 4
 PRIOR_THREADS = 256
+BIAS_THREADS = 256
 # Dynamic shared memory per block with the opt-in, sm_90 (H100/H200); sm_80 (A100): 163 KB.
 SM90_SHARED_BYTES = 227 * 1024
 
@@ -272,7 +275,7 @@ def _squash_flops(M: int) -> int:
     return 2 * M + 3 * M + 2 * M + 12
 
 
-def _combine_forward(p: Plan, k: int, in_caps: bool, has_prior: bool) -> Launch:
+def _combine_forward(p: Plan, k: int, in_caps: bool, has_prior: bool, has_bias: bool) -> Launch:
     e, B, J, M, R = p.elem, p.B, p.J, p.M, p.R
     pairs, nb = B * J, p.sweep_blocks
     warps = p.tiles.combine_warps
@@ -292,6 +295,12 @@ def _combine_forward(p: Plan, k: int, in_caps: bool, has_prior: bool) -> Launch:
         stores.update(_counts(e, lse=pairs))
         flops += pairs * (nb * 5 + 2) + pairs * M * (nb * 4 + 1)
     loads["s"] = pairs * M * e  # read back by the squash
+    if has_bias:
+        # s + bias, written over s (read back once more)
+        loads["bias"] = pairs * M * e
+        loads["s"] += pairs * M * e
+        stores["s"] += pairs * M * e
+        flops += pairs * M
     if k < R - 1:
         loads["V"] = loads.get("V", 0) + pairs * M * e
         stores["V"] = stores.get("V", 0) + pairs * M * e
@@ -334,7 +343,9 @@ def _sweep_forward(p: Plan, in_caps: bool, has_prior: bool) -> Launch:
     )  # fmt: skip
 
 
-def _sweep_backward(p: Plan, k: int, in_caps, has_prior, store_alpha, need_beta, need_a):
+def _sweep_backward(
+    p: Plan, k: int, in_caps, has_prior, has_bias, store_alpha, need_beta, need_a
+):  # fmt: skip
     e, B, I, J, JM = p.elem, p.B, p.I, p.J, p.J * p.M  # noqa: E741
     loads, slots, flops = _sweep_common(p)
     # the second row sum, e = ds . u_hat
@@ -344,6 +355,10 @@ def _sweep_backward(p: Plan, k: int, in_caps, has_prior, store_alpha, need_beta,
         loads.update(_counts(e, lse=B * J, s=B * JM))
         loads["ds"] += B * JM * e  # ds . s per (b, j)
         flops += 2 * B * JM
+        if has_bias:
+            # ds . (s - bias): each block reads the bias row of every (sample, j) of its tile
+            loads["bias"] = p.sweep_blocks * p.sample_tiles * JM * e
+            flops += B * JM
     # couplings and logit gradients per (slot, capsule): over j, softmax (10 + 3 per j), the
     # sum of c e (5 per j and a butterfly of 5), c and beta (5 per j); over i, 4 per j
     flops += slots * I * (4 * J if in_caps else 15 + 13 * J)
@@ -381,6 +396,14 @@ def _combine_backward(p: Plan, k: int, read_a: bool, read_carry: bool, write_car
     return Launch(
         "combine_backward", "backward", (cdiv(pairs, warps), 1, 1), warps * WARP, 0,
         loads, stores, flops,
+    )  # fmt: skip
+
+
+def _bias_grad(p: Plan) -> Launch:
+    e, B, R, JM = p.elem, p.B, p.R, p.J * p.M
+    return Launch(
+        "bias_grad", "backward", (cdiv(JM, BIAS_THREADS), 1, 1), BIAS_THREADS, 0,
+        _counts(e, ds=B * R * JM), _counts(e, dbias=JM), B * R * JM,
     )  # fmt: skip
 
 
@@ -442,19 +465,23 @@ def launches(
     *,
     softmax_over: str = "out_caps",
     prior: bool = False,
+    bias: bool = False,
     detach_inner: bool = False,
     dtype_bytes: int = 4,
     backward: bool = True,
     need_du: bool = True,
     need_dweight: bool = True,
     need_dprior: bool | None = None,
+    need_dbias: bool | None = None,
     tiles: Tiles | None = None,
     max_shared_bytes: int = SM90_SHARED_BYTES,
 ) -> list[Launch]:
     """Every launch of routing_forward (and routing_backward) in order, for float32
-    (dtype_bytes 4; float16/bfloat16 run in float32 too) or float64 (8)."""
+    (dtype_bytes 4; float16/bfloat16 run in float32 too) or float64 (8). need_dprior and
+    need_dbias default to whether there is a prior and a bias."""
     in_caps = softmax_over == "in_caps"
     need_dp = prior if need_dprior is None else need_dprior and prior
+    need_db = bias if need_dbias is None else need_dbias and bias
     p = plan(B, I, J, N, M, R, dtype_bytes, tiles, max_shared_bytes)
     out: list[Launch] = []
     if B > 0:
@@ -464,15 +491,15 @@ def launches(
         for k in range(R):
             if k > 0:
                 out.append(_sweep_forward(p, in_caps, prior))
-            out.append(_combine_forward(p, k, in_caps, prior))
-    if not backward or not (need_du or need_dweight or need_dp):
+            out.append(_combine_forward(p, k, in_caps, prior, bias))
+    if not backward or not (need_du or need_dweight or need_dp or need_db):
         return out
     need_uhat = need_du or need_dweight
     if prior and need_uhat:
         out.append(_prior_softmax(p, in_caps, "backward"))
     if B > 0:
         last = R - 1
-        chain = not (detach_inner and not need_dp)
+        chain = not (detach_inner and not need_dp and not need_db)
 
         def combine(k):
             return _combine_backward(
@@ -481,7 +508,7 @@ def launches(
 
         def sweep(k):
             store_alpha = need_uhat and k > 0 and (not detach_inner or k == last)
-            return _sweep_backward(p, k, in_caps, prior, store_alpha, chain, chain and k > 0)
+            return _sweep_backward(p, k, in_caps, prior, bias, store_alpha, chain, chain and k > 0)
 
         if not chain:
             out.append(combine(last))
@@ -493,7 +520,10 @@ def launches(
             out.append(combine(0))
             if need_dp:
                 out.append(sweep(0))
-    out.append(_grads(p, detach_inner, prior, need_du, need_dweight, need_dp))
+    if need_db:
+        out.append(_bias_grad(p))
+    if need_uhat or need_dp:
+        out.append(_grads(p, detach_inner, prior, need_du, need_dweight, need_dp))
     return out
 
 
@@ -518,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("shape", type=int, nargs=6, metavar="B I J N M R")
     parser.add_argument("--in-caps", action="store_true", help="softmax over input capsules")
     parser.add_argument("--prior", action="store_true")
+    parser.add_argument("--bias", action="store_true")
     parser.add_argument("--detach-inner", action="store_true")
     parser.add_argument("--dtype-bytes", type=int, default=4, choices=(4, 8))
     parser.add_argument("--tiles", default="", help='e.g. "sweep_samples=16,sweep_caps=8"')
@@ -526,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         *args.shape,
         softmax_over="in_caps" if args.in_caps else "out_caps",
         prior=args.prior,
+        bias=args.bias,
         detach_inner=args.detach_inner,
         dtype_bytes=args.dtype_bytes,
         tiles=Tiles.parse(args.tiles),

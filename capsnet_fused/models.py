@@ -10,6 +10,7 @@ from torch import nn
 
 from capsnet_fused.layers import FusedRouter, PrimaryCaps
 from capsnet_fused.losses import capsule_lengths
+from capsnet_fused.reference import SQUASH_EPS
 
 
 class CapsNetOutput(NamedTuple):
@@ -34,6 +35,9 @@ def _conv_out(size: int, kernel: int, stride: int) -> int:
 class CapsNet(nn.Module):
     """The paper's CapsNet, every size and routing option a constructor argument.
 
+    squash_eps is the eps of both squashes (PrimaryCaps and the routing); learn_prior,
+    learn_bias, leaky, detach_inner and softmax_over are FusedRouter's options for DigitCaps.
+
     forward(images [B, C, H, W], labels [B] or None) -> CapsNetOutput. The decoder sees only the
     digit capsule of the true label while training (when labels are given) and of the
     predicted class otherwise.
@@ -54,7 +58,10 @@ class CapsNet(nn.Module):
         routing_iterations: int = 3,
         softmax_over: str = "out_caps",
         learn_prior: bool = False,
+        learn_bias: bool = False,
         detach_inner: bool = False,
+        leaky: bool = False,
+        squash_eps: float = SQUASH_EPS,
         backend: str = "auto",
         digit_init_scale: float = 0.01,
     ) -> None:
@@ -70,7 +77,9 @@ class CapsNet(nn.Module):
         self.image_shape = (in_channels, height, width)
         self.num_classes = num_classes
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv_channels, kernel_size), nn.ReLU())
-        self.primary = PrimaryCaps(conv_channels, primary_caps, primary_dim, kernel_size, 2)
+        self.primary = PrimaryCaps(
+            conv_channels, primary_caps, primary_dim, kernel_size, 2, squash_eps=squash_eps
+        )
         self.digit = FusedRouter(
             primary_caps * primary_h * primary_w,
             num_classes,
@@ -79,7 +88,10 @@ class CapsNet(nn.Module):
             routing_iterations,
             softmax_over=softmax_over,
             learn_prior=learn_prior,
+            learn_bias=learn_bias,
             detach_inner=detach_inner,
+            leaky=leaky,
+            squash_eps=squash_eps,
             backend=backend,
             init_scale=digit_init_scale,
         )

@@ -4,22 +4,25 @@ Each fused backend lives in its own module (capsnet_fused._triton_op, capsnet_fu
 that registers its torch op and exposes two functions:
 
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
+    routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps)
+        -> v
 
 `routing` receives validated arguments of one floating dtype on one device (possibly
-non-contiguous, possibly B = 0) and returns v [B, J, M] with autograd to u, weight and prior.
+non-contiguous, possibly B = 0; prior and bias may be None; squash_eps a float >= 0) and
+returns v [B, J, M] with autograd to u, weight, prior and bias.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import operator
 import os
 from types import ModuleType
 
 import torch
 
-from capsnet_fused.reference import SOFTMAX_OVER, reference_routing
+from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, reference_routing
 
 BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
@@ -49,18 +52,35 @@ def check_iterations(iterations) -> int:
     return count
 
 
+def check_squash_eps(squash_eps) -> float:
+    """squash_eps as a float >= 0 (finite; not a bool), else ValueError."""
+    valid = isinstance(squash_eps, (int, float)) and not isinstance(squash_eps, bool)
+    if valid:
+        squash_eps = float(squash_eps)
+        valid = math.isfinite(squash_eps) and squash_eps >= 0
+    if not valid:
+        raise ValueError(
+            f"squash_eps must be a finite number >= 0 (0: the eps-free squash), got {squash_eps!r}"
+        )
+    return squash_eps
+
+
 def validate_routing_args(
     u: torch.Tensor,
     weight: torch.Tensor,
     iterations: int,
     prior: torch.Tensor | None,
     softmax_over: str,
-) -> int:
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
+) -> tuple[int, float]:
     """Raise ValueError, naming the expected shapes, unless the arguments describe a routing.
 
-    Returns iterations as an int (see check_iterations).
+    Returns (iterations as an int (see check_iterations), squash_eps as a float).
     """
-    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None"
+    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None"
     if not isinstance(u, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(f"u and weight must be tensors; {expect}")
     if u.dim() != 3:
@@ -75,12 +95,17 @@ def validate_routing_args(
         )
     if min(in_caps, out_caps, in_d, out_d) < 1:
         raise ValueError(f"I, J, N and M must be >= 1, got weight {tuple(weight.shape)}")
-    if prior is not None:
-        if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (in_caps, out_caps):
-            got = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
-            raise ValueError(f"prior must be [I={in_caps}, J={out_caps}] or None, got {got}")
-    tensors = [u, weight] + ([prior] if prior is not None else [])
-    for name, t in zip(("u", "weight", "prior"), tensors):
+    for name, t, shape, letters in (
+        ("prior", prior, (in_caps, out_caps), f"[I={in_caps}, J={out_caps}]"),
+        ("bias", bias, (out_caps, out_d), f"[J={out_caps}, M={out_d}]"),
+    ):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be {letters} or None, got {got}")
+    named = [("u", u), ("weight", weight), ("prior", prior), ("bias", bias)]
+    for name, t in named:
+        if t is None:
+            continue
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != u.device:
@@ -88,7 +113,9 @@ def validate_routing_args(
     iterations = check_iterations(iterations)
     if softmax_over not in SOFTMAX_OVER:
         raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
-    return iterations
+    if not isinstance(leaky, bool):
+        raise ValueError(f"leaky must be a bool, got {leaky!r}")
+    return iterations, check_squash_eps(squash_eps)
 
 
 def _import_backend(name: str) -> ModuleType | str:
@@ -184,14 +211,18 @@ def choose_backend(
     return backend
 
 
-def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, prior: torch.Tensor | None):
-    """The dtype the routing runs in: autocast's when autocast is on, else the promoted one."""
+def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, *optional: torch.Tensor | None):
+    """The dtype the routing runs in: autocast's when autocast is on, else the promoted one
+    of u, weight and the optional tensors given (prior, bias)."""
     device_type = u.device.type
     # Devices without autocast (meta, for shape inference) cannot even be asked about it.
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     dtype = torch.promote_types(u.dtype, weight.dtype)
-    return dtype if prior is None else torch.promote_types(dtype, prior.dtype)
+    for t in optional:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def dynamic_routing(
@@ -200,29 +231,39 @@ def dynamic_routing(
     iterations: int = 3,
     *,
     prior: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     softmax_over: str = "out_caps",
     detach_inner: bool = False,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dynamic routing by agreement, computed by the chosen backend.
 
-    u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]. Same semantics as
-    reference_routing (see there for softmax_over and detach_inner). backend: "auto",
-    "reference", "triton" or "cpp"; see available_backends() and choose_backend().
-    Under torch.autocast the inputs are cast to the autocast dtype (accumulation stays float32
-    in the fused backends); otherwise mixed float dtypes are promoted.
+    u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None -> v [B, J, M].
+    Same semantics as reference_routing (see there for softmax_over, bias, leaky, detach_inner
+    and squash_eps). backend: "auto", "reference", "triton" or "cpp"; see available_backends()
+    and choose_backend(). Under torch.autocast the inputs are cast to the autocast dtype
+    (accumulation stays float32 in the fused backends); otherwise mixed float dtypes are
+    promoted.
     """
-    iterations = validate_routing_args(u, weight, iterations, prior, softmax_over)
+    iterations, squash_eps = validate_routing_args(
+        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky, squash_eps=squash_eps
+    )
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {backend!r}")
-    dtype = _routing_dtype(u, weight, prior)
+    dtype = _routing_dtype(u, weight, prior, bias)
     name = choose_backend(u.device, dtype, backend)
     u, weight = u.to(dtype), weight.to(dtype)
     prior = None if prior is None else prior.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    options = dict(softmax_over=softmax_over, detach_inner=detach_inner, leaky=leaky)
     if name == "reference":
         return reference_routing(
-            u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
+            u, weight, iterations, prior=prior, bias=bias, squash_eps=squash_eps, **options
         )
     module = _backend_module(name)
     with torch.autocast(u.device.type, enabled=False):
-        return module.routing(u, weight, prior, iterations, softmax_over, detach_inner)
+        return module.routing(
+            u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+        )

@@ -69,7 +69,7 @@ from capsnet_fused.data import (
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
 from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
-from capsnet_fused.reference import SOFTMAX_OVER
+from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS
 from capsnet_fused.robustness import AffineSpec, perturb_dataset
 
 # capsnet: the paper's CapsNet; cnn: the plain CNN baseline of the same size (baseline.py).
@@ -94,7 +94,10 @@ class TrainConfig:
     routing_iterations: int = 3
     softmax_over: str = "out_caps"
     learn_prior: bool = False
+    learn_bias: bool = False
     detach_inner: bool = False
+    leaky: bool = False
+    squash_eps: float = SQUASH_EPS
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -153,12 +156,22 @@ class TrainConfig:
             raise ValueError(f"recon_scale must be a finite number >= 0, got {self.recon_scale}")
         if not (math.isfinite(self.digit_init_scale) and self.digit_init_scale > 0):
             raise ValueError(f"digit_init_scale must be > 0, got {self.digit_init_scale}")
+        if not (math.isfinite(self.squash_eps) and self.squash_eps >= 0):
+            raise ValueError(f"squash_eps must be a finite number >= 0, got {self.squash_eps}")
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
 
 
-# TrainConfig fields newer than the first checkpoints (see config_from_checkpoint).
-ADDED_SETTINGS = ("hflip", "normalize", "model")
+# Settings added after checkpoints were first written, with the values that reproduce what a
+# checkpoint without them trained with: such a checkpoint resumes with these.
+ADDED_SETTINGS = {
+    "hflip": False,
+    "normalize": False,
+    "model": "capsnet",
+    "learn_bias": False,
+    "leaky": False,
+    "squash_eps": SQUASH_EPS,
+}
 
 # Settings a resumed run may change; all others come from the checkpoint. The backend changes
 # only how the routing is computed, not what (every backend computes the same function).
@@ -263,10 +276,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="learn the initial routing logits (default off)",
     )
     add(
+        "--learn-bias",
+        action="store_true",
+        default=None,
+        help="learn a DigitCaps bias [J, M] added to s before every squash, starting at 0.1 "
+        "(the official code's; default off)",
+    )
+    add(
         "--detach-inner",
         action="store_true",
         default=None,
         help="no gradient through the inner routing iterations (default off)",
+    )
+    add(
+        "--leaky",
+        action="store_true",
+        default=None,
+        help="leaky routing: one extra logit fixed at 0 on the softmax axis (the official "
+        "code's; default off)",
+    )
+    add(
+        "--squash-eps",
+        type=float,
+        metavar="EPS",
+        help=f"eps of every squash, |s|^2/(1+|s|^2) s/sqrt(|s|^2+EPS); 0 is the eps-free "
+        f"squash, NaN at s = 0 (default {d.squash_eps:g})",
     )
     add(
         "--backend",
@@ -380,7 +414,10 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Mo
         routing_iterations=config.routing_iterations,
         softmax_over=config.softmax_over,
         learn_prior=config.learn_prior,
+        learn_bias=config.learn_bias,
         detach_inner=config.detach_inner,
+        leaky=config.leaky,
+        squash_eps=config.squash_eps,
         backend=config.backend,
         digit_init_scale=config.digit_init_scale,
     )
@@ -459,10 +496,8 @@ def config_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "") 
     if not isinstance(config, dict):
         raise ValueError(f"{path}: the checkpoint's config is not a dict of settings")
     known = {field.name for field in dataclasses.fields(TrainConfig)}
-    # Settings added after checkpoints were first written; their defaults are what older
-    # versions did, so an older checkpoint lacking them is read with the defaults.
-    missing_ok = set(ADDED_SETTINGS) - set(config)
-    unknown, missing = sorted(set(config) - known), sorted(known - set(config) - missing_ok)
+    config = {**{k: v for k, v in ADDED_SETTINGS.items() if k not in config}, **config}
+    unknown, missing = sorted(set(config) - known), sorted(known - set(config))
     if unknown or missing:
         raise ValueError(
             f"{path}: the checkpoint's config does not match this version of capsnet-fused "

@@ -899,10 +899,22 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
   }
 }
 
+// bias, leaky and a squash eps other than 1e-8 (issue 15) are not in these kernels yet: the
+// kernels are being reworked on another branch, and the options follow once that is merged.
+void refuse_new_options(const std::optional<at::Tensor>& bias, bool leaky, double squash_eps) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !bias.has_value() && !leaky && squash_eps == kSquashEps,
+      "capsnet_fused: the cpp CPU kernels do not implement bias, leaky or a squash_eps other "
+      "than 1e-8 yet; use backend='reference' for these options on the CPU");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& prior,
-    int64_t iterations, bool softmax_in_caps, bool /*detach_inner: backward only*/) {
-  const ForwardCall call = prepare_forward(u, weight, prior, iterations, softmax_in_caps);
+    const std::optional<at::Tensor>& bias, int64_t iterations, bool softmax_in_caps,
+    bool /*detach_inner: backward only*/, bool leaky, double squash_eps) {
+  const ForwardCall call =
+      prepare_forward(u, weight, prior, bias, iterations, softmax_in_caps, squash_eps);
+  refuse_new_options(bias, leaky, squash_eps);
   AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_fwd", [&] {
     using T = scalar_t;
     const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
@@ -917,13 +929,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
   return finish_forward(call, u.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
     const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight,
-    const std::optional<at::Tensor>& prior, const at::Tensor& s, const at::Tensor& V,
-    const at::Tensor& lse, int64_t iterations, bool softmax_in_caps, bool detach_inner,
-    bool need_du, bool need_dweight, bool need_dprior) {
-  const BackwardCall call = prepare_backward(grad_v, u, weight, prior, s, V, lse, iterations,
-                                             softmax_in_caps, need_du, need_dweight, need_dprior);
+    const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& bias,
+    const at::Tensor& s, const at::Tensor& V, const at::Tensor& lse, int64_t iterations,
+    bool softmax_in_caps, bool detach_inner, bool leaky, double squash_eps, bool need_du,
+    bool need_dweight, bool need_dprior, bool need_dbias) {
+  const BackwardCall call =
+      prepare_backward(grad_v, u, weight, prior, bias, s, V, lse, iterations, softmax_in_caps,
+                       squash_eps, need_du, need_dweight, need_dprior, need_dbias);
+  refuse_new_options(bias, leaky, squash_eps);
   if (call.any()) {
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_bwd", [&] {
       using T = scalar_t;
@@ -943,7 +958,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
       }
     });
   }
-  return finish_backward(call, u, weight, prior);
+  return finish_backward(call, u, weight, prior, bias);
 }
 
 }  // namespace

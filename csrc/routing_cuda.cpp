@@ -69,12 +69,7 @@ cuda::Tiles requested_tiles() {
   return tiles;
 }
 
-cuda::Plan make_plan(const RoutingSizes& sz, bool in_caps, bool detach_inner, bool has_prior,
-                     at::ScalarType dtype) {
-  cuda::Options opt;
-  opt.in_caps = in_caps;
-  opt.detach_inner = detach_inner;
-  opt.has_prior = has_prior;
+cuda::Plan make_plan(const RoutingSizes& sz, const cuda::Options& opt, at::ScalarType dtype) {
   cuda::Plan plan;
   const int code = cuda::plan_routing({sz.B, sz.I, sz.J, sz.N, sz.M, sz.R}, opt,
                                       requested_tiles(), c10::elementSize(dtype), &plan);
@@ -86,16 +81,32 @@ void check_launch(int code, const char* what) {
   TORCH_CHECK(code == 0, "capsnet_fused: CUDA ", what, " failed: ", cuda::error_string(code));
 }
 
+cuda::Options make_options(const std::optional<at::Tensor>& prior,
+                           const std::optional<at::Tensor>& bias, bool softmax_in_caps,
+                           bool detach_inner, bool leaky, double squash_eps) {
+  cuda::Options opt;
+  opt.in_caps = softmax_in_caps;
+  opt.detach_inner = detach_inner;
+  opt.has_prior = prior.has_value();
+  opt.has_bias = bias.has_value();
+  opt.leaky = leaky;
+  opt.squash_eps = squash_eps;
+  return opt;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd(
     const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& prior,
-    int64_t iterations, bool softmax_in_caps, bool detach_inner) {
+    const std::optional<at::Tensor>& bias, int64_t iterations, bool softmax_in_caps,
+    bool detach_inner, bool leaky, double squash_eps) {
 #ifndef CAPSNET_FUSED_CUDA_EMULATION
   const c10::DeviceGuard guard(u.device());
 #endif
-  const ForwardCall call = prepare_forward(u, weight, prior, iterations, softmax_in_caps);
+  const ForwardCall call =
+      prepare_forward(u, weight, prior, bias, iterations, softmax_in_caps, squash_eps);
   if (call.sz.B == 0) return finish_forward(call, u.scalar_type());
-  const cuda::Plan plan =
-      make_plan(call.sz, softmax_in_caps, detach_inner, prior.has_value(), call.dtype);
+  const cuda::Plan plan = make_plan(
+      call.sz, make_options(prior, bias, softmax_in_caps, detach_inner, leaky, squash_eps),
+      call.dtype);
   // Scratch of the kernels (partials, first couplings); NaN-filled when tests poison outputs.
   const at::Tensor workspace = new_output({plan.forward_workspace}, call.v.options());
   void* stream = current_stream(u.device());
@@ -105,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd(
     t.u = call.u.data_ptr<T>();
     t.w = call.w.data_ptr<T>();
     t.prior = ptr_or_null<T>(call.prior);
+    t.bias = ptr_or_null<T>(call.bias);
     t.v = call.v.data_ptr<T>();
     t.s = call.s.data_ptr<T>();
     t.V = call.V.data_ptr<T>();
@@ -115,19 +127,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd(
   return finish_forward(call, u.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd(
     const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight,
-    const std::optional<at::Tensor>& prior, const at::Tensor& s, const at::Tensor& V,
-    const at::Tensor& lse, int64_t iterations, bool softmax_in_caps, bool detach_inner,
-    bool need_du, bool need_dweight, bool need_dprior) {
+    const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& bias,
+    const at::Tensor& s, const at::Tensor& V, const at::Tensor& lse, int64_t iterations,
+    bool softmax_in_caps, bool detach_inner, bool leaky, double squash_eps, bool need_du,
+    bool need_dweight, bool need_dprior, bool need_dbias) {
 #ifndef CAPSNET_FUSED_CUDA_EMULATION
   const c10::DeviceGuard guard(u.device());
 #endif
-  const BackwardCall call = prepare_backward(grad_v, u, weight, prior, s, V, lse, iterations,
-                                             softmax_in_caps, need_du, need_dweight, need_dprior);
+  const BackwardCall call =
+      prepare_backward(grad_v, u, weight, prior, bias, s, V, lse, iterations, softmax_in_caps,
+                       squash_eps, need_du, need_dweight, need_dprior, need_dbias);
   if (call.any()) {
-    const cuda::Plan plan =
-        make_plan(call.sz, softmax_in_caps, detach_inner, prior.has_value(), call.dtype);
+    const cuda::Plan plan = make_plan(
+        call.sz, make_options(prior, bias, softmax_in_caps, detach_inner, leaky, squash_eps),
+        call.dtype);
     const at::Tensor workspace = new_output({plan.backward_workspace}, call.ds.options());
     void* stream = current_stream(u.device());
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cuda_routing_bwd", [&] {
@@ -136,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd(
       t.u = call.u.data_ptr<T>();
       t.w = call.w.data_ptr<T>();
       t.prior = ptr_or_null<T>(call.prior);
+      t.bias = ptr_or_null<T>(call.bias);
       t.s = call.s.data_ptr<T>();
       t.V = call.V.data_ptr<T>();
       t.lse = call.lse.data_ptr<T>();
@@ -144,11 +160,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd(
       t.du = call.need_du ? call.du.data_ptr<T>() : nullptr;
       t.dw = call.need_dw ? call.dw.data_ptr<T>() : nullptr;
       t.dprior = call.need_dp ? call.dp.data_ptr<T>() : nullptr;
+      t.dbias = call.need_db ? call.db.data_ptr<T>() : nullptr;
       t.workspace = workspace.data_ptr<T>();
       check_launch(cuda::routing_backward<T>(plan, t, stream), "routing backward");
     });
   }
-  return finish_backward(call, u, weight, prior);
+  return finish_backward(call, u, weight, prior, bias);
 }
 
 }  // namespace

@@ -50,7 +50,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
 // Samples a warp works on at once: each W value loaded from shared memory serves 4 samples.
 constexpr int kGroup = 4;
-constexpr double kSquashEps = 1e-8;
 // Blocks per launch to aim for: two per SM of an H100/H200 (132 SMs).
 constexpr int64_t kTargetBlocks = 264;
 constexpr int64_t kMinBlocks = 132;
@@ -62,6 +61,7 @@ constexpr int kGemmTileC = 64;
 constexpr int kGemmTileK = 32;
 constexpr int kGemmStrideB = kGemmTileB + 4;  // padded rows: 4-way instead of 32-way conflicts
 constexpr int kPriorThreads = 256;
+constexpr int kBiasThreads = 256;
 
 // Everything the kernels read: sizes, variant, tiles, tensors, workspace and the per-launch
 // iteration. One struct, passed by value to every kernel, so that a new routing option is one
@@ -74,13 +74,15 @@ struct Params {
   int SW;      // lanes that hold one (j) row of a pass: min(MP, 32)
   int KP;      // columns of a sweep row: J * MP rounded up to a multiple of 32
   int passes;  // KP / 32
-  bool in_caps, detach_inner, has_prior;
+  bool in_caps, detach_inner, has_prior, has_bias, leaky;
+  T squash_eps;
   int sweep_samples, sweep_caps, sweep_stage, sweep_blocks;
   int gemm_caps, gemm_splits;
   int grads_caps, grads_samples;
   const T* u;
   const T* w;
   const T* prior;
+  const T* bias;
   const T* grad_v;
   T* v;
   T* s;
@@ -90,6 +92,7 @@ struct Params {
   T* du;
   T* dw;
   T* dprior;
+  T* dbias;
   // workspace
   T* c1;          // [I, J] first couplings softmax(prior)
   T* lse1;        // [J] log-sum-exp over i of the prior (in_caps)
@@ -220,23 +223,26 @@ __device__ inline Group<T> load_group(const T* p) {
 // t = s / a, v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), r = 1 / a^2, qt = |t|^2
 // (the same as |s|^2 / (1 + |s|^2) s / sqrt(|s|^2 + eps), which overflows in float32 once |s|
 // passes ~7e12). A warp computes it with lanes along m; Squash holds what the forward and
-// backward share.
+// backward share. At s = 0, v = 0 and ds = 0 for eps > 0; for eps = 0 both are NaN (the
+// eps-free squash is 0/0 there), as in the reference.
 template <typename T>
 struct Squash {
-  T a;   // max |s_m| (0: v = 0 and ds = 0)
+  T a;   // max |s_m| (0: see at_zero)
   T qt;  // |s / a|^2
   T r;   // 1 / a^2
   T er;  // eps r (0 when eps is 0)
   T g;   // v = g s / a
+  T at_zero;  // v and ds where a = 0: 0, or NaN when eps = 0
 };
 
 template <typename T>
-__device__ inline Squash<T> warp_squash(const T* s_row, int M, int lane) {
+__device__ inline Squash<T> warp_squash(const T* s_row, int M, T eps, int lane) {
   Squash<T> q;
   T a = 0;
   for (int m = lane; m < M; m += kWarpSize) a = max_nan(a, dev_abs(s_row[m]));
   q.a = warp_max_nan(a);
   q.qt = q.r = q.er = q.g = 0;
+  q.at_zero = eps == T(0) ? static_cast<T>(NAN) : T(0);
   if (q.a == T(0)) return q;
   T qt = 0;
   for (int m = lane; m < M; m += kWarpSize) {
@@ -245,14 +251,14 @@ __device__ inline Squash<T> warp_squash(const T* s_row, int M, int lane) {
   }
   q.qt = warp_sum(qt);
   q.r = T(1) / (q.a * q.a);
-  const T eps = T(kSquashEps);
   q.er = eps == T(0) ? T(0) : eps * q.r;
   q.g = T(1) / (T(1) + q.r / q.qt) / dev_sqrt(q.qt + q.er);
   return q;
 }
 
 // prior softmax: c1 = softmax(prior) over j (out_caps: a thread per capsule) or over i (in_caps:
-// a warp per output capsule j, which also writes lse1[j]).
+// a warp per output capsule j, which also writes lse1[j]). Leaky: one more logit, 0, in the
+// max and the sum.
 
 template <typename T>
 __global__ void prior_softmax_kernel(Params<T> p) {
@@ -261,17 +267,19 @@ __global__ void prior_softmax_kernel(Params<T> p) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= p.I) return;
     const T* row = p.prior + i * J;
-    T mx = neg_inf<T>();
+    T mx = p.leaky ? T(0) : neg_inf<T>();
     for (int j = 0; j < J; ++j) mx = row[j] > mx ? row[j] : mx;
-    T den = 0;
+    T den = p.leaky ? dev_exp(-mx) : T(0);
     for (int j = 0; j < J; ++j) den += dev_exp(row[j] - mx);
     for (int j = 0; j < J; ++j) p.c1[i * J + j] = dev_exp(row[j] - mx) / den;
     return;
   }
   const int j = blockIdx.x;
   const int lane = threadIdx.x;
-  // Per lane an online max and sum over its capsules, then a butterfly merge.
-  T mx = neg_inf<T>(), sum = 0;
+  // Per lane an online max and sum over its capsules, then a butterfly merge; the leaky
+  // logit 0 starts lane 0's.
+  const bool leak = p.leaky && lane == 0;
+  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
   for (int64_t i = lane; i < p.I; i += kWarpSize) {
     const T x = p.prior[i * J + j];
     if (x > mx) {
@@ -482,16 +490,18 @@ __device__ inline void row_sum(const Params<T>& p, T x, int lane, int col, T bas
   }
 }
 
-// Softmax over j of the logits lg[0..J) of one sample: the warp's max and sum.
+// Softmax over j of the logits lg[0..J) of one sample: the warp's max and sum (leaky: with one
+// more logit, 0, added once after the butterflies).
 template <typename T>
-__device__ inline void softmax_stats(const T* lg, int J, int lane, T* mx_out, T* den_out) {
-  T mx = neg_inf<T>();
+__device__ inline void softmax_stats(const T* lg, int J, bool leaky, int lane, T* mx_out,
+                                     T* den_out) {
+  T mx = leaky ? T(0) : neg_inf<T>();
   for (int j = lane; j < J; j += kWarpSize) mx = lg[j] > mx ? lg[j] : mx;
   mx = warp_max(mx);
   T den = 0;
   for (int j = lane; j < J; j += kWarpSize) den += dev_exp(lg[j] - mx);
   *mx_out = mx;
-  *den_out = warp_sum(den);
+  *den_out = warp_sum(den) + (leaky ? dev_exp(-mx) : T(0));
 }
 
 template <typename T>
@@ -532,7 +542,7 @@ __global__ void sweep_forward_kernel(Params<T> p) {
           const T* lg = t.lg + s * p.J;
           if (!p.in_caps) {
             T mx, den;
-            softmax_stats(lg, p.J, lane, &mx, &den);
+            softmax_stats(lg, p.J, p.leaky, lane, &mx, &den);
             for (int j = lane; j < p.J; j += kWarpSize) {
               t.cf[s * p.J + j] = dev_exp(lg[j] - mx) / den;
             }
@@ -597,7 +607,8 @@ __global__ void sweep_backward_kernel(Params<T> p) {
   load_state_rows(p, p.ds, t.ds, t.b0);
   for (int e = threadIdx.x; e < S * p.KP; e += blockDim.x) t.acc[e] = T(0);
   if (p.in_caps) {
-    // lse^t and ds^t . s^t of each (b, j).
+    // lse^t and ds^t . (s^t - bias) of each (b, j): sum_i c_ij e_ij, with s the saved squash
+    // input s^t + bias.
     for (int e = threadIdx.x; e < S * p.J; e += blockDim.x) {
       const int bl = e / p.J, j = e % p.J;
       const int64_t b = t.b0 + bl;
@@ -607,7 +618,10 @@ __global__ void sweep_backward_kernel(Params<T> p) {
         lse = p.lse[bt * p.J + j];
         const T* s_row = p.s + (bt * p.J + j) * p.M;
         const T* ds_row = p.ds + (bt * p.J + j) * p.M;
-        for (int m = 0; m < p.M; ++m) dss += ds_row[m] * s_row[m];
+        const T* bias_row = p.has_bias ? p.bias + static_cast<int64_t>(j) * p.M : nullptr;
+        for (int m = 0; m < p.M; ++m) {
+          dss += ds_row[m] * (p.has_bias ? s_row[m] - bias_row[m] : s_row[m]);
+        }
       }
       t.stat0[e] = lse;
       t.stat1[e] = dss;
@@ -642,7 +656,7 @@ __global__ void sweep_backward_kernel(Params<T> p) {
           const T* e = t.e + s * p.J;
           T mx = 0, den = 1, ce = 0;
           if (!p.in_caps) {
-            softmax_stats(lg, p.J, lane, &mx, &den);
+            softmax_stats(lg, p.J, p.leaky, lane, &mx, &den);
             T x = 0;
             for (int j = lane; j < p.J; j += kWarpSize) x += dev_exp(lg[j] - mx) / den * e[j];
             ce = warp_sum(x);
@@ -707,8 +721,10 @@ __global__ void combine_forward_kernel(Params<T> p) {
   T* V_row = p.V + (bt * p.J + j) * p.M;
   const int64_t col = static_cast<int64_t>(j) * p.M;
   if (p.k == 0) {
-    // Without a prior the first couplings are uniform: 1/J over j, 1/I over i.
-    const T divisor = p.has_prior ? T(1) : T(p.in_caps ? p.I : p.J);
+    // Without a prior the first couplings are uniform: 1/J over j, 1/I over i (leaky: one more
+    // logit, 1/(J+1) or 1/(I+1)).
+    const int uniform = (p.in_caps ? p.I : p.J) + (p.leaky ? 1 : 0);
+    const T divisor = p.has_prior ? T(1) : T(uniform);
     for (int m = lane; m < p.M; m += kWarpSize) {
       T x = 0;
       for (int q = 0; q < p.gemm_splits; ++q) {
@@ -718,7 +734,7 @@ __global__ void combine_forward_kernel(Params<T> p) {
       V_row[m] = T(0);
     }
     if (p.in_caps && lane == 0) {
-      p.lse[bt * p.J + j] = p.has_prior ? p.lse1[j] : dev_log(T(p.I));
+      p.lse[bt * p.J + j] = p.has_prior ? p.lse1[j] : dev_log(T(uniform));
     }
   } else if (!p.in_caps) {
     for (int m = lane; m < p.M; m += kWarpSize) {
@@ -729,13 +745,14 @@ __global__ void combine_forward_kernel(Params<T> p) {
       s_row[m] = x;
     }
   } else {
-    // The split-softmax merge: rescale each block's partial to the global maximum.
-    T gmax = neg_inf<T>();
+    // The split-softmax merge: rescale each block's partial to the global maximum. The leaky
+    // logit 0 joins the merge here, once per (b, j).
+    T gmax = p.leaky ? T(0) : neg_inf<T>();
     for (int q = 0; q < p.sweep_blocks; ++q) {
       const T x = p.part_max[(static_cast<int64_t>(q) * p.B + b) * p.J + j];
       gmax = x > gmax ? x : gmax;
     }
-    T den = 0;
+    T den = p.leaky ? dev_exp(-gmax) : T(0);
     for (int q = 0; q < p.sweep_blocks; ++q) {
       const int64_t stat = (static_cast<int64_t>(q) * p.B + b) * p.J + j;
       den += p.part_sum[stat] * dev_exp(p.part_max[stat] - gmax);
@@ -751,12 +768,16 @@ __global__ void combine_forward_kernel(Params<T> p) {
     }
     if (lane == 0) p.lse[bt * p.J + j] = gmax + dev_log(den);
   }
-  // Each lane reads back only the elements it wrote.
-  const Squash<T> q = warp_squash(s_row, p.M, lane);
+  // The squash input (and saved s) is s^t + bias. Each lane reads back only the elements it
+  // wrote.
+  if (p.has_bias) {
+    for (int m = lane; m < p.M; m += kWarpSize) s_row[m] += p.bias[col + m];
+  }
+  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
   const bool last = p.k == p.R - 1;
   T* out = last ? p.v + (b * p.J + j) * p.M : V_row + static_cast<int64_t>(p.J) * p.M;
   for (int m = lane; m < p.M; m += kWarpSize) {
-    const T vm = q.a == T(0) ? T(0) : q.g * (s_row[m] / q.a);
+    const T vm = q.a == T(0) ? q.at_zero : q.g * (s_row[m] / q.a);
     out[m] = last ? vm : V_row[m] + vm;
   }
 }
@@ -788,9 +809,9 @@ __global__ void combine_backward_kernel(Params<T> p) {
     ds_row[m] = last ? d + p.grad_v[bj + m] : d;
   }
   // Squash backward: ds = (g / a) (dv + 2 h (t . dv) t), h = 1/qt - 1/(r + qt) - 1/(2 (qt + er)).
-  const Squash<T> q = warp_squash(s_row, p.M, lane);
+  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
   if (q.a == T(0)) {
-    for (int m = lane; m < p.M; m += kWarpSize) ds_row[m] = T(0);
+    for (int m = lane; m < p.M; m += kWarpSize) ds_row[m] = q.at_zero;
     return;
   }
   T td = 0;
@@ -810,7 +831,7 @@ __global__ void combine_backward_kernel(Params<T> p) {
 template <typename T>
 __device__ inline T first_coupling(const Params<T>& p, int64_t i, int j) {
   if (p.has_prior) return p.c1[i * p.J + j];
-  return T(1) / T(p.in_caps ? p.I : p.J);
+  return T(1) / T((p.in_caps ? p.I : p.J) + (p.leaky ? 1 : 0));
 }
 
 // du_hat[b, i, j, m] (c = j M + m): c^1 ds^1 + sum_{t >= 2} (alpha^t ds^t + beta^t V^{t-1}),
@@ -933,6 +954,19 @@ __global__ void grads_kernel(Params<T> p) {
   }
 }
 
+// dbias[j, m] = sum over samples and iterations of ds^t[b, j, m] (ds is dL/d(s^t + bias)): a
+// thread per (j, m), the owner, summing in a fixed order; neighbouring threads read neighbouring
+// columns. Also for B = 0 (zero).
+template <typename T>
+__global__ void bias_grad_kernel(Params<T> p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.JM) return;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.R;
+  T x = 0;
+  for (int64_t bt = 0; bt < rows; ++bt) x += p.ds[bt * p.JM + c];
+  p.dbias[c] = x;
+}
+
 // Host side.
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -985,6 +1019,9 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
   p.in_caps = plan.opt.in_caps;
   p.detach_inner = plan.opt.detach_inner;
   p.has_prior = plan.opt.has_prior;
+  p.has_bias = plan.opt.has_bias;
+  p.leaky = plan.opt.leaky;
+  p.squash_eps = static_cast<T>(plan.opt.squash_eps);
   p.sweep_samples = plan.tiles.sweep_samples;
   p.sweep_caps = plan.tiles.sweep_caps;
   p.sweep_stage = plan.tiles.sweep_stage;
@@ -996,6 +1033,7 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
   p.u = t.u;
   p.w = t.w;
   p.prior = t.prior;
+  p.bias = t.bias;
   p.grad_v = t.grad_v;
   p.v = t.v;
   p.s = t.s;
@@ -1005,6 +1043,7 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
   p.du = t.du;
   p.dw = t.dw;
   p.dprior = t.dprior;
+  p.dbias = t.dbias;
   // Workspace, in the order of forward_workspace / backward_workspace.
   T* ws = t.workspace;
   const int64_t B = sz.B, I = sz.I, J = sz.J, JM = sz.J * sz.M;
@@ -1245,6 +1284,7 @@ int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
   Params<T> p = make_params(plan, t, true);
   const bool need_uhat = t.du != nullptr || t.dw != nullptr;
   const bool need_dp = t.dprior != nullptr;
+  const bool need_db = t.dbias != nullptr;
   int err = cudaSuccess;
   if (plan.opt.has_prior && need_uhat) {
     if ((err = launch_prior_softmax(plan, p, stream)) != cudaSuccess) return err;
@@ -1252,8 +1292,8 @@ int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
   if (p.B > 0) {
     const int last = p.R - 1;
     // With detach_inner, du_hat needs only the last iteration's couplings; the rest of the
-    // chain matters only for the prior's gradient.
-    const bool chain = !(p.detach_inner && !need_dp);
+    // chain matters only for the prior's and the bias's gradients (every ds^t).
+    const bool chain = !(p.detach_inner && !need_dp && !need_db);
     if (!chain) {
       if ((err = backward_combine(plan, p, last, chain, stream)) != cudaSuccess) return err;
       if (last > 0 && (err = backward_sweep(plan, p, last, chain, need_uhat, stream)) != 0) {
@@ -1270,7 +1310,14 @@ int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
       }
     }
   }
-  // Also for B = 0: dW and dprior are then zero, written by their owners.
+  // Also for B = 0: dW, dprior and dbias are then zero, written by their owners.
+  if (need_db) {
+    err = launch_kernel("bias_grad", &bias_grad_kernel<T>,
+                        dim3(static_cast<unsigned>(cdiv(p.JM, kBiasThreads))), dim3(kBiasThreads),
+                        0, stream, p);
+    if (err != cudaSuccess) return err;
+  }
+  if (t.du == nullptr && t.dw == nullptr && !need_dp) return cudaSuccess;
   return launch_kernel("grads", &grads_kernel<T>, dim3(static_cast<unsigned>(plan.grads_blocks)),
                        dim3(plan.tiles.grads_warps * kWarpSize), plan.grads_shared, stream, p);
 }

@@ -1,9 +1,10 @@
 // Launchers of the CUDA routing kernels (routing_cuda.cu). Torch-free: raw pointers into
 // contiguous buffers and a cudaStream_t passed as void*, so that nvcc compiles the kernels on a
 // machine without a CUDA build of torch, and a C++ compiler compiles them for the CPU emulation.
-// Shapes: u [B, I, N], w [I, J, N, M], prior [I, J] or null, v [B, J, M], s and V [B, R, J, M],
-// lse [B, R, J] (softmax over in_caps only), grad_v [B, J, M], ds [B, R, J, M] (scratch of the
-// backward), du [B, I, N], dw [I, J, N, M], dprior [I, J].
+// Shapes: u [B, I, N], w [I, J, N, M], prior [I, J] or null, bias [J, M] or null, v [B, J, M],
+// s and V [B, R, J, M], lse [B, R, J] (softmax over in_caps only), grad_v [B, J, M],
+// ds [B, R, J, M] (scratch of the backward), du [B, I, N], dw [I, J, N, M], dprior [I, J],
+// dbias [J, M].
 #pragma once
 
 #include <cstddef>
@@ -21,6 +22,9 @@ struct Options {
   bool in_caps = false;       // couplings normalised over input capsules (else output capsules)
   bool detach_inner = false;  // u_hat has a gradient only through the last weighted sum
   bool has_prior = false;     // prior logits [I, J] given
+  bool has_bias = false;      // bias [J, M] added to s^t before every squash
+  bool leaky = false;         // one extra logit fixed at 0 on the softmax axis
+  double squash_eps = 1e-8;   // eps of the squash, >= 0 (0: NaN at s = 0)
 };
 
 // Tile sizes. A field left 0 is chosen by plan_routing; tests set them to exercise ragged tiles.
@@ -62,6 +66,7 @@ struct Tensors {
   const T* u;
   const T* w;
   const T* prior;   // null without a prior
+  const T* bias;    // null without a bias
   T* v;             // forward output
   T* s;             // s^t, saved by the forward, read by the backward
   T* V;             // V^{t-1}, saved by the forward, read by the backward
@@ -71,6 +76,7 @@ struct Tensors {
   T* du;            // backward outputs, null when not wanted
   T* dw;
   T* dprior;
+  T* dbias;
   T* workspace;     // plan.forward_workspace / backward_workspace elements
 };
 

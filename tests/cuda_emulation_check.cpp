@@ -57,7 +57,7 @@ std::vector<double> random_buffer(size_t n, double scale, std::mt19937_64& rng) 
 }
 
 struct Result {
-  std::vector<double> v, s, V, lse, du, dw, dprior;
+  std::vector<double> v, s, V, lse, du, dw, dprior, dbias;
 };
 
 bool all_finite(const std::vector<double>& x) {
@@ -75,6 +75,7 @@ bool run_routing(const Sizes& sz, const Options& opt, const Tiles& tiles, Result
   const std::vector<double> w = random_buffer(I * J * N * M, 1.0 / std::sqrt(double(N)), rng);
   const std::vector<double> prior = random_buffer(I * J, 1.0, rng);
   const std::vector<double> grad = random_buffer(B * J * M, 1.0, rng);
+  const std::vector<double> bias = random_buffer(J * M, 0.3, rng);
   Plan plan;
   if (capsnet_fused::cuda::plan_routing(sz, opt, tiles, sizeof(double), &plan) != 0) {
     std::printf("FAIL plan: %s\n", plan.error);
@@ -89,6 +90,7 @@ bool run_routing(const Sizes& sz, const Options& opt, const Tiles& tiles, Result
   t.u = u.data();
   t.w = w.data();
   t.prior = opt.has_prior ? prior.data() : nullptr;
+  t.bias = opt.has_bias ? bias.data() : nullptr;
   t.v = out->v.data();
   t.s = out->s.data();
   t.V = out->V.data();
@@ -104,11 +106,13 @@ bool run_routing(const Sizes& sz, const Options& opt, const Tiles& tiles, Result
   out->du = nan_buffer(B * I * N);
   out->dw = nan_buffer(I * J * N * M);
   out->dprior = nan_buffer(opt.has_prior ? I * J : 0);
+  out->dbias = nan_buffer(opt.has_bias ? J * M : 0);
   t.grad_v = grad.data();
   t.ds = ds.data();
   t.du = out->du.data();
   t.dw = out->dw.data();
   t.dprior = opt.has_prior ? out->dprior.data() : nullptr;
+  t.dbias = opt.has_bias ? out->dbias.data() : nullptr;
   t.workspace = bwd_ws.data();
   err = capsnet_fused::cuda::routing_backward<double>(plan, t, nullptr);
   if (err != 0) {
@@ -141,6 +145,10 @@ int mode_routing(bool quick) {
       opt.in_caps = variant & 1;
       opt.has_prior = variant & 2;
       opt.detach_inner = variant & 4;
+      // The options of issue 15 (bias, leaky routing, squash eps) in half the variants, so that
+      // each of the above meets them with and without; the eps-free squash in one.
+      opt.has_bias = opt.leaky = (opt.in_caps + opt.has_prior + opt.detach_inner) % 2 == 1;
+      opt.squash_eps = variant == 7 ? 0.0 : 1e-8;
       for (size_t c = 0; c < configs.size(); ++c) {
         const std::string name = "B" + std::to_string(sz.B) + "-I" + std::to_string(sz.I) +
                                  "-J" + std::to_string(sz.J) + "-M" + std::to_string(sz.M) +
@@ -157,15 +165,15 @@ int mode_routing(bool quick) {
           if (!run_routing(sz, opt, configs[c], &reverse_order)) return 1;
           ++runs;
         }
-        const std::vector<double>* a[] = {&forward_order.v,  &forward_order.s,
-                                          &forward_order.V,  &forward_order.lse,
-                                          &forward_order.du, &forward_order.dw,
-                                          &forward_order.dprior};
-        const std::vector<double>* b[] = {&reverse_order.v,  &reverse_order.s,
-                                          &reverse_order.V,  &reverse_order.lse,
-                                          &reverse_order.du, &reverse_order.dw,
-                                          &reverse_order.dprior};
-        for (int k = 0; k < 7; ++k) {
+        const std::vector<double>* a[] = {&forward_order.v,      &forward_order.s,
+                                          &forward_order.V,      &forward_order.lse,
+                                          &forward_order.du,     &forward_order.dw,
+                                          &forward_order.dprior, &forward_order.dbias};
+        const std::vector<double>* b[] = {&reverse_order.v,      &reverse_order.s,
+                                          &reverse_order.V,      &reverse_order.lse,
+                                          &reverse_order.du,     &reverse_order.dw,
+                                          &reverse_order.dprior, &reverse_order.dbias};
+        for (int k = 0; k < 8; ++k) {
           check(all_finite(*a[k]), name + ": output " + std::to_string(k) + " not all written");
           check(a[k]->size() == b[k]->size() &&
                     (a[k]->empty() || std::memcmp(a[k]->data(), b[k]->data(),

@@ -48,10 +48,11 @@ class _ScaleGrad(torch.autograd.Function):
         return 1.5 * grad
 
 
-def _correct(u, weight, prior, iterations, softmax_over, detach_inner):
+def _correct(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
     return reference_routing(
-        u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
-    )
+        u, weight, iterations, prior=prior, bias=bias, softmax_over=softmax_over,
+        detach_inner=detach_inner, leaky=leaky, squash_eps=squash_eps,
+    )  # fmt: skip
 
 
 def _wrong_forward(*args):

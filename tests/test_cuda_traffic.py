@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bench import cuda_traffic
+from capsnet_fused.reference import SQUASH_EPS
 from tests import cuda_emulation
-from tests.helpers import VARIANTS, Shape, make_inputs, variant_id
+from tests.helpers import VARIANTS, Options, Shape, make_bias, make_inputs, variant_id
 
 OPS = torch.ops.capsnet_fused
 
@@ -45,15 +46,28 @@ CASES = [
     (Shape(3, 11, 4, 2, 12, 2), "gemm_caps=2,grads_caps=3,grads_samples=2,grads_warps=3"),
     (Shape(32, 3, 64, 4, 32, 2), ""),
 ]
-NEEDS = [(True, True, True), (False, True, False), (True, False, False), (False, False, True)]
+# (need_du, need_dweight, need_dprior, need_dbias)
+NEEDS = [
+    (True, True, True, True),
+    (False, True, False, False),
+    (True, False, False, False),
+    (False, False, True, False),
+    (False, False, False, True),
+]
 # Every variant for the small cases; the large one (slow under the emulation) needs fewer to
-# show that the shrunk tiles agree.
-MATCH = [(c, v) for c in range(len(CASES) - 1) for v in VARIANTS]
-MATCH += [(len(CASES) - 1, v) for v in VARIANTS[::3]]
+# show that the shrunk tiles agree. With a bias (and leaky routing, which changes no launch):
+# half the variants on two cases.
+MATCH = [(c, v, False) for c in range(len(CASES) - 1) for v in VARIANTS]
+MATCH += [(len(CASES) - 1, v, False) for v in VARIANTS[::3]]
+MATCH += [(c, v, True) for c in (1, 2) for v in VARIANTS[1::2]]
 
 
-@pytest.mark.parametrize("case, variant", MATCH, ids=[f"{c}-{variant_id(v)}" for c, v in MATCH])
-def test_launches_match_the_kernels(case, variant, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "case, variant, with_bias",
+    MATCH,
+    ids=[f"{c}-{variant_id(v)}{'-bias' if b else ''}" for c, v, b in MATCH],
+)
+def test_launches_match_the_kernels(case, variant, with_bias, monkeypatch, tmp_path):
     shape, tiles = CASES[case]
     softmax_over, with_prior, detach_inner = variant
     log = tmp_path / "launches.log"
@@ -61,12 +75,15 @@ def test_launches_match_the_kernels(case, variant, monkeypatch, tmp_path):
     monkeypatch.setenv("CAPSNET_FUSED_CUDA_TILES", tiles)
     dtype = torch.float32 if case % 2 == 0 else torch.float64
     u, weight, prior, grad = make_inputs(shape, with_prior, dtype=dtype)
+    bias = make_bias(shape, Options(bias=with_bias), dtype=dtype)
     in_caps = softmax_over == "in_caps"
-    fwd = OPS.cuda_emulated_routing_fwd(u, weight, prior, shape.R, in_caps, detach_inner)
+    flags = (shape.R, in_caps, detach_inner, with_bias, SQUASH_EPS)
+    fwd = OPS.cuda_emulated_routing_fwd(u, weight, prior, bias, *flags)
     sizes = (shape.B, shape.I, shape.J, shape.N, shape.M, shape.R)
     common = dict(
         softmax_over=softmax_over,
         prior=with_prior,
+        bias=with_bias,
         detach_inner=detach_inner,
         dtype_bytes=dtype.itemsize,
         tiles=cuda_traffic.Tiles.parse(tiles),
@@ -74,13 +91,11 @@ def test_launches_match_the_kernels(case, variant, monkeypatch, tmp_path):
     want = cuda_traffic.launches(*sizes, backward=False, **common)
     assert logged_launches(log) == modelled(want)
     for needs in NEEDS:
-        if needs[2] and not with_prior:
+        if (needs[2] and not with_prior) or (needs[3] and not with_bias):
             continue
-        OPS.cuda_emulated_routing_bwd(grad, u, weight, prior, *fwd[1:], shape.R, in_caps,
-                                      detach_inner, *needs)  # fmt: skip
-        full = cuda_traffic.launches(
-            *sizes, need_du=needs[0], need_dweight=needs[1], need_dprior=needs[2], **common
-        )
+        OPS.cuda_emulated_routing_bwd(grad, u, weight, prior, bias, *fwd[1:], *flags, *needs)
+        need = dict(zip(("need_du", "need_dweight", "need_dprior", "need_dbias"), needs))
+        full = cuda_traffic.launches(*sizes, **need, **common)
         assert logged_launches(log) == modelled(full[len(want) :])
 
 
@@ -110,4 +125,4 @@ def test_too_large_for_shared_memory_raises(monkeypatch):
         cuda_traffic.plan(*(shape.B, shape.I, shape.J, shape.N, shape.M, shape.R), elem=8)
     u, weight, _, _ = make_inputs(shape, False)
     with pytest.raises(RuntimeError, match="shared memory"):
-        OPS.cuda_emulated_routing_fwd(u, weight, None, shape.R, False, False)
+        OPS.cuda_emulated_routing_fwd(u, weight, None, None, shape.R, False, False, False, 1e-8)

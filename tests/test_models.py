@@ -28,6 +28,18 @@ def test_color_32x32_and_routing_options():
     assert out.caps.shape == (2, 5, 16) and out.reconstructions.shape == (2, 3, 32, 32)
 
 
+def test_bias_leaky_and_squash_eps_reach_both_squashes():
+    model = CapsNet(
+        1, 20, 4, conv_channels=8, primary_caps=2, learn_bias=True, leaky=True, squash_eps=0.0,
+        backend="reference",
+    )  # fmt: skip
+    assert model.digit.bias.shape == (4, 16) and model.digit.leaky
+    assert model.digit.squash_eps == 0.0 and model.primary.squash_eps == 0.0
+    out = model(torch.rand(2, 1, 20, 20), torch.tensor([0, 3]))
+    (out.lengths.sum() + out.reconstructions.sum()).backward()
+    assert model.digit.bias.grad.abs().sum() > 0
+
+
 def test_decoder_masks_with_label_in_training_and_prediction_in_eval():
     torch.manual_seed(0)
     model = CapsNet(1, 20, 4, conv_channels=8, primary_caps=2)

@@ -154,7 +154,7 @@ SQUASH_BACKENDS = [
             name not in cf.available_backends("cpu"), reason=f"{name} is not available"
         ),
     )
-    for name in ("reference", "cpp")
+    for name in ("reference", "cpp", "triton")
 ]
 
 

@@ -52,7 +52,9 @@ def _third_party_imports(folder: Path) -> set[str]:
                 and isinstance(node.args[0], ast.Constant)
             ):
                 names.add(node.args[0].value.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {"capsnet_fused", "tests", "__future__"}
+    # Our own top-level packages, namespace packages such as bench/ included.
+    ours = {path.name for path in ROOT.iterdir() if path.is_dir() and any(path.glob("*.py"))}
+    return names - set(sys.stdlib_module_names) - ours - {"__future__"}
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:

@@ -6,6 +6,7 @@ CapsNet (3x3 kernels, 2 primary capsule channels), so each run takes a second or
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -31,7 +32,10 @@ from capsnet_fused.train import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    add_train_arguments,
     build_model,
+    config_from_args,
+    config_from_checkpoint,
     evaluate,
     evaluate_checkpoint,
     load_checkpoint,
@@ -312,6 +316,32 @@ def test_config_validation():
         TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="digit_init_scale must be > 0"):
         TrainConfig(digit_init_scale=0.0).validate()
+    for eps in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="squash_eps must be"):
+            TrainConfig(squash_eps=eps).validate()
+
+
+def test_routing_flags_of_issue_15_reach_the_model():
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--squash-eps", "0", "--leaky", "--learn-bias"])
+    config, given = config_from_args(args)
+    assert given == {"squash_eps": 0.0, "leaky": True, "learn_bias": True}
+    model = build_model(config, (1, 28, 28))
+    assert model.digit.squash_eps == 0.0 and model.digit.leaky
+    assert model.digit.bias.shape == (10, 16) and model.primary.squash_eps == 0.0
+    defaults = build_model(config_from_args(parser.parse_args([]))[0], (1, 28, 28))
+    assert defaults.digit.bias is None and not defaults.digit.leaky
+    assert defaults.digit.squash_eps == 1e-8
+
+
+def test_checkpoint_config_from_before_issue_15_gets_the_old_behaviour():
+    # Checkpoints written before these settings existed trained with exactly these values.
+    state = {"config": dataclasses.asdict(TrainConfig())}
+    for name in ("learn_bias", "leaky", "squash_eps"):
+        del state["config"][name]
+    config = config_from_checkpoint(state, "old.pt")
+    assert (config.learn_bias, config.leaky, config.squash_eps) == (False, False, 1e-8)
 
 
 def test_digit_init_scale_sets_the_router_weights():
