@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from capsnet_fused.train import main_train
 
-            return main_train(args)
+            return main_train(args, argv)
         if args.command == "eval":
             from capsnet_fused.train import evaluate_checkpoint
 

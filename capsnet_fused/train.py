@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -46,10 +47,12 @@ from capsnet_fused.checkpoint import (
     CONFIG_NAME,
     METRICS_NAME,
     RESUME_KEYS,
+    SESSIONS_NAME,
     CheckpointWriteError,  # noqa: F401 (raised through save_checkpoint; importable from here)
     checkpoint_path,
     history_for,
     load_checkpoint,
+    read_jsonl,
     read_metrics_lenient,
     remove_stale_temporaries,
     save_checkpoint,
@@ -66,6 +69,7 @@ from capsnet_fused.data import (
     random_shift,
     to_float,
 )
+from capsnet_fused.info import machine_summary
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
 from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
@@ -884,8 +888,12 @@ def train(
     resume: str | os.PathLike | None = None,
     given: dict[str, Any] | None = None,
     log=print,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Train per `config` (or continue the checkpoint `resume`); returns the last epoch's record.
+
+    `command` (the command line that started this process) is recorded in the run folder's
+    sessions.jsonl beside the machine, for the run's report.
 
     `given` holds the settings passed explicitly (see config_from_args): on resume those among
     RESUMABLE_OVERRIDES replace the checkpoint's, and any other that differs is an error.
@@ -905,14 +913,19 @@ def train(
     with _StopSignals() as stop:
         info = setup_distributed(config.device)
         try:
-            return _train(config, state, info, log, stop)
+            return _train(config, state, info, log, stop, command)
         finally:
             if info.owns_group:
                 dist.destroy_process_group()
 
 
 def _train(
-    config: TrainConfig, state: dict | None, info: DistInfo, log, stop: _StopSignals
+    config: TrainConfig,
+    state: dict | None,
+    info: DistInfo,
+    log,
+    stop: _StopSignals,
+    command: str | None = None,
 ) -> dict[str, Any]:
     device = resolve_device(config.device, info.local_rank)
     out = Path(config.out) if config.out else _default_out(config)
@@ -969,6 +982,7 @@ def _train(
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     criterion = make_criterion(config)
     backend = choose_backend(device, torch.float32, config.backend)
+    machine = machine_summary(device)
 
     sampler = ResumableSampler(
         train_set, info.world_size, info.rank, shuffle=True, seed=config.seed
@@ -1026,6 +1040,22 @@ def _train(
         if normalization is not None:
             recorded["normalization"] = normalization.to_dict()
         write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
+        # A long run may be resumed on other machines: each session says where it ran and how
+        # it was started (a fresh run starts the list anew).
+        sessions = read_jsonl(out / SESSIONS_NAME) if state is not None else []
+        session = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command,
+            "cwd": os.getcwd(),
+            "from_epoch": epoch,
+            "from_step": step,
+            "machine": machine,
+            "device": str(device),
+            "world_size": info.world_size,
+            "backend": backend,
+            "torch": torch.__version__,
+        }
+        write_metrics(out / SESSIONS_NAME, [*sessions, session])
         log(
             f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images "
             f"from {config.data_dir}) on {device} x{info.world_size}, backend {backend}, "
@@ -1219,6 +1249,8 @@ def _train(
             "test_time_s": time.perf_counter() - test_start,
             "world_size": info.world_size,
             "device": str(device),
+            # Where this epoch finished (a run resumed elsewhere changes machine mid-run).
+            "machine": machine,
             "backend": backend,
             "amp": config.amp,
             "model": config.model,
@@ -1251,12 +1283,14 @@ def _any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return _all_sum([float(flag)], info, device)[0] > 0
 
 
-def main_train(args: argparse.Namespace) -> int:
-    """Entry point of `capsnet-fused train` (see cli.py). Exit status: 0 done, 3 diverged,
-    130 / 143 stopped by SIGINT / SIGTERM with a checkpoint; cli.py maps other errors."""
+def main_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Entry point of `capsnet-fused train` (see cli.py); argv, the command's arguments, is
+    recorded in the run folder. Exit status: 0 done, 3 diverged, 130 / 143 stopped by SIGINT /
+    SIGTERM with a checkpoint; cli.py maps other errors."""
     config, given = config_from_args(args)
+    command = None if argv is None else shlex.join(["capsnet-fused", *argv])
     try:
-        train(config, resume=args.resume, given=given)
+        train(config, resume=args.resume, given=given, command=command)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

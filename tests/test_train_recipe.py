@@ -7,6 +7,11 @@ Tiny synthetic dataset and CapsNet of tests/test_train.py: a second or two per r
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ import torch
 
 from capsnet_fused.cli import main
 from capsnet_fused.data import Normalization, load_dataset
+from capsnet_fused.info import machine_summary
 from capsnet_fused.models import CapsNet
 from capsnet_fused.train import (
     CapsNetLoss,
@@ -70,6 +76,8 @@ def test_flags_and_statistics_are_recorded_in_config_and_checkpoint(dataset_dir,
     record = json.loads((recipe_run / "metrics.jsonl").read_text().splitlines()[-1])
     # The test evaluation's time is recorded beside the training's, for the time per epoch.
     assert record["test_time_s"] > 0 and record["epoch_time_s"] > 0
+    # And the machine the epoch ran on (a resumed run may move), for the report.
+    assert record["machine"] == machine_summary("cpu")
 
 
 def test_the_model_sees_normalised_images_and_the_loss_the_raw_ones(
@@ -227,3 +235,64 @@ def test_training_curve_draws_the_reference_line(recipe_run, tmp_path, capsys):
     assert (tmp_path / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["visualize", str(recipe_run), "--out", str(tmp_path), "--reference", "-1"]) == 2
     assert "0..100" in capsys.readouterr().err
+
+
+# The command-line twin of recipe_config (tiny_config's sizes and seed).
+RECIPE_ARGS = [
+    "--dataset", "fashion-mnist", "--batch-size", "16", "--conv-channels", "6",
+    "--kernel-size", "3", "--primary-caps", "2", "--primary-dim", "4", "--digit-dim", "6",
+    "--decoder-hidden", "24", "32", "--no-progress", "--seed", "3", "--hflip", "--normalize",
+    "--limit-train", str(LIMIT),
+]  # fmt: skip
+
+
+def test_a_recipe_run_killed_hard_resumes_on_the_uninterrupted_trajectory(dataset_dir, tmp_path):
+    # kill -9 (what a session's end or an out-of-memory kill does): no handler runs, so the
+    # run continues from the last checkpoint written every step, with the flip generator's
+    # state and the normalisation statistics from it.
+    out = tmp_path / "killed"
+    args = [*RECIPE_ARGS, "--data-dir", str(dataset_dir), "--checkpoint-every", "1"]
+    command = [sys.executable, "-m", "capsnet_fused.cli", "train", *args, "--epochs", "100000"]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [*command, "--out", str(out)],
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(out)
+    # Finish the epoch the kill interrupted, and one more: the resumed part crosses an epoch
+    # boundary, where the flips of the next epoch are drawn.
+    epochs = state["epoch"] + 2
+    assert main(["train", "--resume", str(out), "--epochs", str(epochs)]) == 0
+    straight = tmp_path / "straight"
+    argv = ["train", *args, "--epochs", str(epochs), "--out", str(straight)]
+    assert main(argv) == 0
+    _assert_same_state(load_checkpoint(straight)["model"], load_checkpoint(out)["model"])
+    want = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in got] == list(range(1, epochs + 1))
+    assert [r["test_accuracy"] for r in got] == [r["test_accuracy"] for r in want]
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["normalization"]
+        == json.loads((straight / "config.json").read_text())["normalization"]
+    )
+    # Both sessions are recorded for the report: how each started and from where.
+    sessions = [json.loads(x) for x in (out / "sessions.jsonl").read_text().splitlines()]
+    assert [s["from_step"] for s in sessions] == [0, state["step"]]
+    assert sessions[1]["command"] == f"capsnet-fused train --resume {out} --epochs {epochs}"
+    assert "--hflip --normalize" in sessions[0]["command"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
