@@ -1,4 +1,4 @@
-"""The `capsnet-fused` command: train, eval, visualize, bench and info.
+"""The `capsnet-fused` command: train, eval, visualize, report, bench and info.
 
 Run it as `capsnet-fused ...` once installed, or `python -m capsnet_fused.cli ...` from a
 checkout. `bench` is defined by capsnet_fused.benchmark (add_arguments, run), imported only
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from capsnet_fused.ops import BACKENDS
 
-SUBCOMMANDS = ("train", "eval", "visualize", "bench", "info")
+SUBCOMMANDS = ("train", "eval", "visualize", "report", "bench", "info")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +102,35 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder (config.json, metrics.jsonl, checkpoint.pt)")
+    parser.add_argument(
+        "--out",
+        help="folder for the report (default: the run folder); a README.md there keeps its "
+        "text outside the report's markers",
+    )
+    parser.add_argument(
+        "--reference",
+        type=float,
+        metavar="PCT",
+        help="a published test accuracy in %% (e.g. 93.6), drawn on the curve and compared in "
+        "the table",
+    )
+    parser.add_argument(
+        "--reference-label",
+        default="reference",
+        help="name of the --reference result (default 'reference')",
+    )
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="only the table and the copied files (the figures load the model and test images)",
+    )
+    parser.add_argument("--data-dir", help="folder with the IDX files (default: as for eval)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser. The bench flags are added only when argv selects `bench`."""
     from capsnet_fused.train import add_train_arguments
@@ -121,6 +150,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_visualize_arguments(
         sub.add_parser(
             "visualize", help="PNGs: reconstructions, Figure 4 perturbations, training curve"
+        )
+    )
+    _add_report_arguments(
+        sub.add_parser(
+            "report",
+            help="a run folder as documentation: results table (README.md), figures, run files",
         )
     )
     bench = sub.add_parser(
@@ -206,6 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backend=args.backend,
                 reference=args.reference,
                 reference_label=args.reference_label,
+            )
+            for path in paths:
+                print(f"wrote {path}")
+            return 0
+        if args.command == "report":
+            from capsnet_fused.report import write_report
+
+            paths = write_report(
+                args.run,
+                args.out,
+                reference=args.reference,
+                reference_label=args.reference_label,
+                figures=args.figures,
+                data_dir=args.data_dir,
+                device=args.device,
             )
             for path in paths:
                 print(f"wrote {path}")
