@@ -1,10 +1,10 @@
 """The run folder's files: atomic writes, checkpoints, the metrics file, stale temporaries.
 
-Every file of a run folder (checkpoint.pt, config.json, metrics.jsonl) is written to a temporary
-`.<name>.tmp-<pid>` in the same folder, flushed to disk and renamed over the old file, so a
-crash, a kill -9 or a full disk at any moment leaves the previous file or the new one, never a
-torn one. The temporaries that a killed process leaves behind are removed by the next run in
-that folder (remove_stale_temporaries).
+Every file of a run folder (checkpoint.pt, config.json, metrics.jsonl, sessions.jsonl) is
+written to a temporary `.<name>.tmp-<pid>` in the same folder, flushed to disk and renamed over
+the old file, so a crash, a kill -9 or a full disk at any moment leaves the previous file or the
+new one, never a torn one. The temporaries that a killed process leaves behind are removed by
+the next run in that folder (remove_stale_temporaries).
 """
 
 from __future__ import annotations
