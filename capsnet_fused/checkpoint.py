@@ -1,10 +1,10 @@
 """The run folder's files: atomic writes, checkpoints, the metrics file, stale temporaries.
 
-Every file of a run folder (checkpoint.pt, config.json, metrics.jsonl) is written to a temporary
-`.<name>.tmp-<pid>` in the same folder, flushed to disk and renamed over the old file, so a
-crash, a kill -9 or a full disk at any moment leaves the previous file or the new one, never a
-torn one. The temporaries that a killed process leaves behind are removed by the next run in
-that folder (remove_stale_temporaries).
+Every file of a run folder (checkpoint.pt, config.json, metrics.jsonl, sessions.jsonl) is
+written to a temporary `.<name>.tmp-<pid>` in the same folder, flushed to disk and renamed over
+the old file, so a crash, a kill -9 or a full disk at any moment leaves the previous file or the
+new one, never a torn one. The temporaries that a killed process leaves behind are removed by
+the next run in that folder (remove_stale_temporaries).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
+# One JSON object per start or resume of the run: command, machine, where it started.
+SESSIONS_NAME = "sessions.jsonl"
 CHECKPOINT_FORMAT = 1
 
 # What eval and visualize need, and what resuming needs besides. "history" (the epoch records,
@@ -98,9 +100,9 @@ def write_metrics(path: str | os.PathLike, records: Sequence[dict[str, Any]]) ->
     return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def read_metrics_lenient(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl, skipping lines that are not one (a torn append
-    of an older version); [] when the file does not exist."""
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, skipping lines that are not one (a torn append of an
+    older version); [] when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -110,9 +112,15 @@ def read_metrics_lenient(path: str | os.PathLike) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+        if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def read_metrics_lenient(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epoch records of a metrics.jsonl, skipping lines that are not one; [] when the file
+    does not exist."""
+    return [r for r in read_jsonl(path) if isinstance(r.get("epoch"), int)]
 
 
 def history_for(records: Iterable[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The `capsnet-fused` command: train, eval, visualize, bench and info.
+"""The `capsnet-fused` command: train, eval, visualize, report, bench and info.
 
 Run it as `capsnet-fused ...` once installed, or `python -m capsnet_fused.cli ...` from a
 checkout. `bench` is defined by capsnet_fused.benchmark (add_arguments, run), imported only
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from capsnet_fused.ops import BACKENDS
 
-SUBCOMMANDS = ("train", "eval", "visualize", "bench", "info")
+SUBCOMMANDS = ("train", "eval", "visualize", "report", "bench", "info")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,32 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
+    parser.add_argument(
+        "--affine",
+        type=_affine_spec,
+        metavar="SPEC",
+        help="evaluate on affine-perturbed test images instead (the affNIST-style robustness "
+        "check): each image gets its own random transformation within SPEC, name=value pairs "
+        "among rotate (degrees), shift (whole pixels), scale (factors 1 +- scale) and shear "
+        "(degrees), e.g. rotate=20,shift=3",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the --affine transformations (default 0): the same seed shows every "
+        "model the same images",
+    )
+
+
+def _affine_spec(text: str):
+    """argparse type of --affine: a bad spec is a usage error naming it."""
+    from capsnet_fused.robustness import AffineSpec
+
+    try:
+        return AffineSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +88,47 @@ def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="test images in the Figure 4 perturbation plot (default 3)",
     )
+    parser.add_argument(
+        "--reference",
+        type=float,
+        metavar="PCT",
+        help="draw this test accuracy (in %%, e.g. 93.6 for the published CapsNet on "
+        "Fashion-MNIST) as a horizontal line on the training curve",
+    )
+    parser.add_argument(
+        "--reference-label",
+        default="reference",
+        help="legend text of the --reference line (default 'reference')",
+    )
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder (config.json, metrics.jsonl, checkpoint.pt)")
+    parser.add_argument(
+        "--out",
+        help="folder for the report (default: the run folder); a README.md there keeps its "
+        "text outside the report's markers",
+    )
+    parser.add_argument(
+        "--reference",
+        type=float,
+        metavar="PCT",
+        help="a published test accuracy in %% (e.g. 93.6), drawn on the curve and compared in "
+        "the table",
+    )
+    parser.add_argument(
+        "--reference-label",
+        default="reference",
+        help="name of the --reference result (default 'reference')",
+    )
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="only the table and the copied files (the figures load the model and test images)",
+    )
+    parser.add_argument("--data-dir", help="folder with the IDX files (default: as for eval)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -83,6 +150,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_visualize_arguments(
         sub.add_parser(
             "visualize", help="PNGs: reconstructions, Figure 4 perturbations, training curve"
+        )
+    )
+    _add_report_arguments(
+        sub.add_parser(
+            "report",
+            help="a run folder as documentation: results table (README.md), figures, run files",
         )
     )
     bench = sub.add_parser(
@@ -111,6 +184,22 @@ def _benchmark_module():
     return benchmark
 
 
+def _eval_line(metrics: dict) -> str:
+    """The one-line summary `capsnet-fused eval` prints."""
+    which = "test accuracy"
+    if "affine" in metrics:
+        which = f"affine-perturbed ({metrics['affine']}, seed {metrics['affine_seed']}) {which}"
+    loss = f"loss {metrics['loss']:.4f}"
+    if "margin_loss" in metrics:
+        loss += (
+            f" (margin {metrics['margin_loss']:.4f}, reconstruction {metrics['recon_loss']:.4f})"
+        )
+    return (
+        f"{which} {100 * metrics['accuracy']:.2f}% | {loss} | {metrics['images']} images | "
+        f"model {metrics['model']} | backend {metrics['backend']}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -119,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from capsnet_fused.train import main_train
 
-            return main_train(args)
+            return main_train(args, argv)
         if args.command == "eval":
             from capsnet_fused.train import evaluate_checkpoint
 
@@ -131,16 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 limit=args.limit_test,
                 backend=args.backend,
                 progress=args.progress,
+                affine=args.affine,
+                seed=args.seed,
             )
             if args.json:
                 print(json.dumps(metrics))
             else:
-                print(
-                    f"test accuracy {100 * metrics['accuracy']:.2f}% | loss "
-                    f"{metrics['loss']:.4f} (margin {metrics['margin_loss']:.4f}, "
-                    f"reconstruction {metrics['recon_loss']:.4f}) | {metrics['images']} "
-                    f"images | backend {metrics['backend']}"
-                )
+                print(_eval_line(metrics))
             return 0
         if args.command == "visualize":
             from capsnet_fused.visualize import visualize_checkpoint
@@ -153,6 +239,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_images=args.num_images,
                 num_perturbed=args.num_perturbed,
                 backend=args.backend,
+                reference=args.reference,
+                reference_label=args.reference_label,
+            )
+            for path in paths:
+                print(f"wrote {path}")
+            return 0
+        if args.command == "report":
+            from capsnet_fused.report import write_report
+
+            paths = write_report(
+                args.run,
+                args.out,
+                reference=args.reference,
+                reference_label=args.reference_label,
+                figures=args.figures,
+                data_dir=args.data_dir,
+                device=args.device,
             )
             for path in paths:
                 print(f"wrote {path}")

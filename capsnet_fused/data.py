@@ -1,8 +1,10 @@
 """MNIST and Fashion-MNIST from the standard IDX files, without torchvision.
 
 Images are kept as uint8 tensors [N, 1, H, W] and labels as int64 [N]; batches are converted to
-float in [0, 1] and augmented (random shifts) on the batched tensor in the training loop, so
-augmentation is fast, seeded by one torch.Generator and independent of --num-workers.
+float in [0, 1] and augmented (random shifts, optionally horizontal flips) on the batched tensor in
+the training loop, so augmentation is fast, seeded by one torch.Generator and independent of
+--num-workers. Normalization (--normalize) holds the per-channel mean and std of the training
+images and is applied to the model's input only, after augmentation.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +360,88 @@ def random_shift(
     index = torch.arange(batch, device=images.device)[:, None, None, None]
     channel = torch.arange(channels, device=images.device)[None, :, None, None]
     return padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image [B, C, H, W] left to right with probability 1/2.
+
+    The choices are drawn on the CPU from `generator` (one uniform number per image), so they do
+    not depend on the device. The result has the standard strides, as random_shift's.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W], got {tuple(images.shape)}")
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = flip.to(images.device)[:, None, None, None]
+    return torch.where(flip, images.flip(-1), images)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel standardisation (x - mean[c]) / std[c] of float images in [0, 1].
+
+    Built from the training images with of_images; stored in a run's checkpoint and config.json
+    as to_dict() so that eval, visualize and resume apply the same numbers.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(
+                f"mean and std need one value per channel, got {self.mean} and {self.std}"
+            )
+        if not all(np.isfinite(m) for m in self.mean) or not all(
+            np.isfinite(s) and s > 0 for s in self.std
+        ):
+            raise ValueError(
+                f"normalization needs finite means and stds > 0, got {self.mean}, {self.std}"
+            )
+
+    @classmethod
+    def of_images(cls, images: torch.Tensor) -> Normalization:
+        """Mean and (population) std per channel of uint8 images [N, C, H, W], scaled to [0, 1].
+
+        Computed exactly from each channel's histogram of the 256 pixel values (no float sum
+        over 47 M pixels); ValueError when a channel is constant (std 0).
+        """
+        if images.dim() != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
+            raise ValueError(
+                f"expected uint8 images [N, C, H, W] with N >= 1, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        values = torch.arange(256, dtype=torch.float64) / 255.0
+        means, stds = [], []
+        for channel in range(images.shape[1]):
+            counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+            total = counts.sum()
+            mean = (counts * values).sum() / total
+            var = (counts * (values - mean) ** 2).sum() / total
+            means.append(float(mean))
+            stds.append(float(var.sqrt()))
+        if min(stds) == 0:
+            raise ValueError(
+                f"cannot normalise: channel {stds.index(0.0)} of the training images is constant "
+                "(std 0)"
+            )
+        return cls(tuple(means), tuple(stds))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Normalization:
+        return cls(tuple(float(m) for m in values["mean"]), tuple(float(s) for s in values["std"]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] (C = len(mean)) -> (images - mean) / std, same dtype."""
+        if images.dim() != 4 or images.shape[1] != len(self.mean):
+            raise ValueError(
+                f"expected images [B, {len(self.mean)}, H, W], got {tuple(images.shape)}"
+            )
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device)
+        return (images - mean[:, None, None]) / std[:, None, None]
 
 
 class ResumableSampler(DistributedSampler):

@@ -282,6 +282,21 @@ def cpu(kernel_op: Callable[[], str] | None = None) -> dict:
     }
 
 
+def machine_summary(device: torch.device | str = "cpu") -> str:
+    """One line naming the machine a run computes on, for its records: the CPU (model, family
+    and model number, which tell Zen generations apart where the name is just "AMD EPYC"), the
+    logical CPUs and torch threads, and the GPU when `device` is a CUDA device."""
+    fields = _cpuinfo()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if fields.get("cpu family"):
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    text = f"{name}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
+    device = torch.device(device)
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
 def cuda_arch_coverage(major: int, minor: int, archs: list[str]) -> str:
     """How the compiled targets `archs` (sm_XY, compute_XY) serve a GPU of compute capability
     major.minor: machine code for sm_XY runs on X.Y' with Y' >= Y; PTX for compute_XY is

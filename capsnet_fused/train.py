@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -39,16 +40,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from capsnet_fused.baseline import BaselineCNN, CrossEntropyCriterion
 from capsnet_fused.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     CONFIG_NAME,
     METRICS_NAME,
     RESUME_KEYS,
+    SESSIONS_NAME,
     CheckpointWriteError,  # noqa: F401 (raised through save_checkpoint; importable from here)
     checkpoint_path,
     history_for,
     load_checkpoint,
+    read_jsonl,
     read_metrics_lenient,
     remove_stale_temporaries,
     save_checkpoint,
@@ -58,15 +62,22 @@ from capsnet_fused.checkpoint import (
 from capsnet_fused.data import (
     DATASETS,
     ImageDataset,
+    Normalization,
     ResumableSampler,
     load_dataset,
+    random_hflip,
     random_shift,
     to_float,
 )
+from capsnet_fused.info import machine_summary
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
-from capsnet_fused.models import CapsNet
+from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
 from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS
+from capsnet_fused.robustness import AffineSpec, perturb_dataset
+
+# capsnet: the paper's CapsNet; cnn: the plain CNN baseline of the same size (baseline.py).
+MODELS = ("capsnet", "cnn")
 
 
 @dataclass
@@ -81,6 +92,9 @@ class TrainConfig:
     lr_decay: float = 0.96
     recon_scale: float = 0.0005
     max_shift: int = 2
+    hflip: bool = False
+    normalize: bool = False
+    model: str = "capsnet"
     routing_iterations: int = 3
     softmax_over: str = "out_caps"
     learn_prior: bool = False
@@ -110,6 +124,8 @@ class TrainConfig:
         """Raise ValueError naming the first setting out of range."""
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.softmax_over not in SOFTMAX_OVER:
             raise ValueError(
                 f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}"
@@ -152,7 +168,14 @@ class TrainConfig:
 
 # Settings added after checkpoints were first written, with the values that reproduce what a
 # checkpoint without them trained with: such a checkpoint resumes with these.
-ADDED_SETTINGS = {"learn_bias": False, "leaky": False, "squash_eps": SQUASH_EPS}
+ADDED_SETTINGS = {
+    "hflip": False,
+    "normalize": False,
+    "model": "capsnet",
+    "learn_bias": False,
+    "leaky": False,
+    "squash_eps": SQUASH_EPS,
+}
 
 # Settings a resumed run may change; all others come from the checkpoint. The backend changes
 # only how the routing is computed, not what (every backend computes the same function).
@@ -217,6 +240,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest random shift in pixels, each direction, for "
         f"training images; 0 disables augmentation (default {d.max_shift})",
+    )
+    add(
+        "--hflip",
+        action="store_true",
+        default=None,
+        help="also mirror each training image left to right with probability 1/2 (default off)",
+    )
+    add(
+        "--normalize",
+        action="store_true",
+        default=None,
+        help="feed the model (x - mean) / std, with the mean and std of the training images "
+        "used (recorded in config.json and the checkpoint); reconstructions are still "
+        "compared with the images in [0, 1] (default off)",
+    )
+    add(
+        "--model",
+        choices=MODELS,
+        help="capsnet (the paper's CapsNet) or cnn (a plain CNN of the same size, the baseline: "
+        "CapsNet's two convolutions, then fully connected 328, 192, dropout, cross entropy; "
+        f"routing and decoder flags do not apply) (default {d.model})",
     )
     add(
         "--routing-iterations",
@@ -350,9 +394,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, A
     return dataclasses.replace(TrainConfig(), **given), given
 
 
-def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> CapsNet:
-    """CapsNet for images [C, H, W] with the sizes and routing options of `config`."""
+def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """CapsNet for images [C, H, W] with the sizes and routing options of `config` (or the CNN
+    baseline of the same convolutions for model "cnn")."""
     channels, height, width = image_shape
+    if config.model == "cnn":
+        return BaselineCNN(
+            channels,
+            (height, width),
+            conv_channels=config.conv_channels,
+            kernel_size=config.kernel_size,
+            conv2_channels=config.primary_caps * config.primary_dim,
+        )
     return CapsNet(
         channels,
         (height, width),
@@ -378,7 +431,10 @@ class CapsNetLoss(nn.Module):
     """margin loss + recon_scale x reconstruction loss, computed in float32.
 
     forward(output: CapsNetOutput, images [B, C, H, W], labels [B]) -> (loss, margin, recon).
+    images are the un-normalised ones in [0, 1], which the decoder's sigmoid can reproduce.
     """
+
+    part_names = ("margin_loss", "recon_loss")
 
     def __init__(self, recon_scale: float = 0.0005) -> None:
         super().__init__()
@@ -389,6 +445,19 @@ class CapsNetLoss(nn.Module):
         margin = self.margin(output.lengths.float(), labels)
         recon = self.recon(output.reconstructions.float(), images.float())
         return margin + recon, margin, recon
+
+
+def make_criterion(config: TrainConfig) -> nn.Module:
+    """The training loss of config.model: forward(output, images, labels) -> (loss, *parts),
+    parts named by its part_names."""
+    if config.model == "cnn":
+        return CrossEntropyCriterion()
+    return CapsNetLoss(config.recon_scale)
+
+
+def class_scores(output: CapsNetOutput | torch.Tensor) -> torch.Tensor:
+    """[B, J] scores whose argmax is the prediction: capsule lengths, or a CNN's logits."""
+    return output.lengths if isinstance(output, CapsNetOutput) else output
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -461,13 +530,33 @@ def _load_state_dict(target, state: dict, what: str, path: str | os.PathLike) ->
         ) from exc
 
 
+def normalization_from_checkpoint(
+    state: dict[str, Any], config: TrainConfig, path: str | os.PathLike = ""
+) -> Normalization | None:
+    """The input normalisation a run was trained with (None without --normalize); ValueError
+    naming `path` when a --normalize checkpoint lacks its statistics."""
+    if not config.normalize:
+        return None
+    stored = state.get("normalization")
+    try:
+        return Normalization.from_dict(stored)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: the run was trained with --normalize but its checkpoint holds no valid "
+            f"normalization statistics ({stored!r})"
+        ) from exc
+
+
 def model_from_checkpoint(
     state: dict[str, Any],
     device: torch.device | str = "cpu",
     backend: str | None = None,
     path: str | os.PathLike = "",
-) -> tuple[CapsNet, TrainConfig]:
-    """The trained model (eval mode) and its config; backend overrides the trained one."""
+) -> tuple[nn.Module, TrainConfig]:
+    """The trained model (eval mode) and its config; backend overrides the trained one.
+
+    With --normalize the model expects normalised images: see normalization_from_checkpoint.
+    """
     config = config_from_checkpoint(state, path)
     if backend is not None:
         config.backend = backend
@@ -555,7 +644,7 @@ def _all_sum(values: list[float], info: DistInfo, device: torch.device) -> list[
 def evaluate(
     model: nn.Module,
     dataset: ImageDataset,
-    criterion: CapsNetLoss,
+    criterion: nn.Module,
     device: torch.device,
     *,
     batch_size: int = 256,
@@ -563,47 +652,46 @@ def evaluate(
     info: DistInfo | None = None,
     progress: bool = False,
     stop: Callable[[], bool] | None = None,
+    normalization: Normalization | None = None,
 ) -> dict[str, float]:
-    """Test loss (margin + scaled reconstruction of the predicted capsule) and accuracy.
+    """Test loss (for CapsNet: margin + scaled reconstruction of the predicted capsule, also
+    reported apart as margin_loss and recon_loss; the criterion's part_names) and accuracy.
 
-    Under DDP each process takes every world_size-th image, so the sums cover each image once.
-    stop (one process only) is asked after every batch; when it says True the evaluation ends
-    there, and "complete" is False in the result (which covers the images seen).
+    normalization, when given, is applied to the model's input only (the loss compares
+    reconstructions with the images in [0, 1]). Under DDP each process takes every
+    world_size-th image, so the sums cover each image once. stop (one process only) is asked
+    after every batch; when it says True the evaluation ends there, and "complete" is False in
+    the result (which covers the images seen).
     """
     info = info or DistInfo()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
     was_training = model.training
     model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, margin, recon, correct, count
+    names = tuple(criterion.part_names)
+    sums = [0.0] * (3 + len(names))  # correct, count, loss, parts...
     complete = True
     for images, labels in tqdm(
         loader, desc="eval", unit="batch", leave=False, disable=not (progress and info.main)
     ):
-        if stop is not None and not info.enabled and sums[4] > 0 and stop():
+        if stop is not None and not info.enabled and sums[1] > 0 and stop():
             complete = False
             break
         images, labels = to_float(images.to(device)), labels.to(device)
+        inputs = normalization(images) if normalization is not None else images
         with autocast_context(device, amp):
-            output = model(images)
-        loss, margin, recon = criterion(output, images, labels)
+            output = model(inputs)
+        losses = criterion(output, images, labels)
         n = labels.shape[0]
-        correct = (output.lengths.argmax(dim=1) == labels).sum().item()
-        sums = [
-            a + b
-            for a, b in zip(
-                sums,
-                (loss.item() * n, margin.item() * n, recon.item() * n, correct, n),
-                strict=True,
-            )
-        ]
+        correct = (class_scores(output).argmax(dim=1) == labels).sum().item()
+        batch = (correct, n, *(value.item() * n for value in losses))
+        sums = [a + b for a, b in zip(sums, batch, strict=True)]
     model.train(was_training)
-    loss, margin, recon, correct, count = _all_sum(sums, info, device)
+    correct, count, loss, *parts = _all_sum(sums, info, device)
     count = max(count, 1.0)
     return {
         "loss": loss / count,
-        "margin_loss": margin / count,
-        "recon_loss": recon / count,
+        **{name: value / count for name, value in zip(names, parts, strict=True)},
         "accuracy": correct / count,
         "images": int(count),
         "complete": complete,
@@ -619,20 +707,41 @@ def evaluate_checkpoint(
     limit: int | None = None,
     backend: str | None = None,
     progress: bool = True,
-) -> dict[str, float]:
+    affine: AffineSpec | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Test accuracy and loss of a checkpoint on its dataset's test split.
 
     The data folder is data_dir, else the one the run was trained on (recorded as an absolute
-    path); only checkpoints of runs that searched the default folders search them again.
+    path); only checkpoints of runs that searched the default folders search them again. With
+    `affine`, each test image is first perturbed by its own random affine transformation
+    (capsnet_fused.robustness, seeded with `seed`): the same images for every model.
+    The run's input normalisation, if any, is applied as in training.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     ckpt = checkpoint_path(checkpoint)
     state = load_checkpoint(ckpt)
     model, config = model_from_checkpoint(state, dev, backend, ckpt)
+    normalization = normalization_from_checkpoint(state, config, ckpt)
     test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
-    criterion = CapsNetLoss(config.recon_scale)
-    metrics = evaluate(model, test_set, criterion, dev, batch_size=batch_size, progress=progress)
+    if affine is not None:
+        test_set = perturb_dataset(test_set, affine, seed)
+    metrics: dict[str, Any] = evaluate(
+        model,
+        test_set,
+        make_criterion(config),
+        dev,
+        batch_size=batch_size,
+        progress=progress,
+        normalization=normalization,
+    )
+    metrics["model"] = config.model
     metrics["backend"] = choose_backend(dev, torch.float32, config.backend)
+    if affine is not None:
+        metrics["affine"] = str(affine)
+        metrics["affine_seed"] = seed
     return metrics
 
 
@@ -779,8 +888,12 @@ def train(
     resume: str | os.PathLike | None = None,
     given: dict[str, Any] | None = None,
     log=print,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Train per `config` (or continue the checkpoint `resume`); returns the last epoch's record.
+
+    `command` (the command line that started this process) is recorded in the run folder's
+    sessions.jsonl beside the machine, for the run's report.
 
     `given` holds the settings passed explicitly (see config_from_args): on resume those among
     RESUMABLE_OVERRIDES replace the checkpoint's, and any other that differs is an error.
@@ -800,14 +913,19 @@ def train(
     with _StopSignals() as stop:
         info = setup_distributed(config.device)
         try:
-            return _train(config, state, info, log, stop)
+            return _train(config, state, info, log, stop, command)
         finally:
             if info.owns_group:
                 dist.destroy_process_group()
 
 
 def _train(
-    config: TrainConfig, state: dict | None, info: DistInfo, log, stop: _StopSignals
+    config: TrainConfig,
+    state: dict | None,
+    info: DistInfo,
+    log,
+    stop: _StopSignals,
+    command: str | None = None,
 ) -> dict[str, Any]:
     device = resolve_device(config.device, info.local_rank)
     out = Path(config.out) if config.out else _default_out(config)
@@ -850,13 +968,21 @@ def _train(
             f"{state['path']} was trained on images {list(state['image_shape'])}, but those in "
             f"{config.data_dir} are {list(image_shape)}"
         )
+    # The statistics of the training images actually used (after --limit-train), computed once:
+    # a resumed run keeps the checkpoint's, as eval and visualize do.
+    normalization = None
+    if state is not None:
+        normalization = normalization_from_checkpoint(state, config, state["path"])
+    elif config.normalize:
+        normalization = Normalization.of_images(train_set.images)
     model = build_model(config, image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     use_scaler = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    criterion = CapsNetLoss(config.recon_scale)
+    criterion = make_criterion(config)
     backend = choose_backend(device, torch.float32, config.backend)
+    machine = machine_summary(device)
 
     sampler = ResumableSampler(
         train_set, info.world_size, info.rank, shuffle=True, seed=config.seed
@@ -910,14 +1036,36 @@ def _train(
             write_metrics(out / METRICS_NAME, history)
         else:
             (out / METRICS_NAME).unlink(missing_ok=True)
-        write_text_atomic(
-            out / CONFIG_NAME, json.dumps(dataclasses.asdict(config), indent=2) + "\n"
-        )
+        recorded = dataclasses.asdict(config)
+        if normalization is not None:
+            recorded["normalization"] = normalization.to_dict()
+        write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
+        # A long run may be resumed on other machines: each session says where it ran and how
+        # it was started (a fresh run starts the list anew).
+        sessions = read_jsonl(out / SESSIONS_NAME) if state is not None else []
+        session = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command,
+            "cwd": os.getcwd(),
+            "from_epoch": epoch,
+            "from_step": step,
+            "machine": machine,
+            "device": str(device),
+            "world_size": info.world_size,
+            "backend": backend,
+            "torch": torch.__version__,
+        }
+        write_metrics(out / SESSIONS_NAME, [*sessions, session])
         log(
             f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images "
             f"from {config.data_dir}) on {device} x{info.world_size}, backend {backend}, "
             f"run folder {out}"
         )
+        if normalization is not None:
+            log(
+                f"inputs normalised with mean {list(normalization.mean)} and std "
+                f"{list(normalization.std)} of the {len(train_set)} training images"
+            )
 
     def kept() -> str:
         if saved_at is None:
@@ -951,6 +1099,7 @@ def _train(
                     "epoch_sums": sums,
                     "world_size": info.world_size,
                     "history": history,
+                    "normalization": normalization.to_dict() if normalization else None,
                 },
                 ckpt_file,
             )
@@ -997,10 +1146,17 @@ def _train(
             images = to_float(images)
             if config.max_shift:
                 images = random_shift(images, config.max_shift, augment_gen)
+            if config.hflip:
+                images = random_hflip(images, augment_gen)
+            # Normalised after augmenting, so shifted-in pixels are background (0) like the
+            # image's own border. Only the model's input is normalised: the decoder ends in a
+            # sigmoid, so its reconstruction is compared with the image in [0, 1], and the
+            # reconstruction loss keeps the paper's scale.
+            inputs = normalization(images) if normalization is not None else images
             with autocast_context(device, config.amp):
-                output = ddp_model(images, labels)
-            loss, _, _ = criterion(output, images, labels)
-            hits = output.lengths.argmax(dim=1) == labels
+                output = ddp_model(inputs, labels)
+            loss = criterion(output, images, labels)[0]
+            hits = class_scores(output).argmax(dim=1) == labels
             stats = torch.stack(
                 [
                     loss.detach().double() * labels.shape[0],
@@ -1053,6 +1209,7 @@ def _train(
         epoch_sums[3] += time.perf_counter() - start
         # The test loss checks the state after the epoch's last step, as the next step's loss
         # checks a mid-epoch one.
+        test_start = time.perf_counter()
         test = evaluate(
             model,
             test_set,
@@ -1063,6 +1220,7 @@ def _train(
             info=info,
             progress=config.progress,
             stop=lambda: stop.requested,
+            normalization=normalization,
         )
         if not math.isfinite(test["loss"]):
             raise TrainingDiverged(
@@ -1082,15 +1240,20 @@ def _train(
             "train_images": int(epoch_sums[2]),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
-            "test_margin_loss": test["margin_loss"],
-            "test_recon_loss": test["recon_loss"],
+            # CapsNet's test_margin_loss and test_recon_loss; the CNN's loss has no parts.
+            **{f"test_{name}": test[name] for name in criterion.part_names},
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_sums[3],
             "images_per_s": epoch_sums[2] / max(epoch_sums[3], 1e-9),
+            # epoch_time_s is the training alone; an epoch's wall time adds this.
+            "test_time_s": time.perf_counter() - test_start,
             "world_size": info.world_size,
             "device": str(device),
+            # Where this epoch finished (a run resumed elsewhere changes machine mid-run).
+            "machine": machine,
             "backend": backend,
             "amp": config.amp,
+            "model": config.model,
         }
         with warnings.catch_warnings():
             # A run resumed after its epoch's last step (stopped during the evaluation) steps
@@ -1120,12 +1283,14 @@ def _any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return _all_sum([float(flag)], info, device)[0] > 0
 
 
-def main_train(args: argparse.Namespace) -> int:
-    """Entry point of `capsnet-fused train` (see cli.py). Exit status: 0 done, 3 diverged,
-    130 / 143 stopped by SIGINT / SIGTERM with a checkpoint; cli.py maps other errors."""
+def main_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Entry point of `capsnet-fused train` (see cli.py); argv, the command's arguments, is
+    recorded in the run folder. Exit status: 0 done, 3 diverged, 130 / 143 stopped by SIGINT /
+    SIGTERM with a checkpoint; cli.py maps other errors."""
     config, given = config_from_args(args)
+    command = None if argv is None else shlex.join(["capsnet-fused", *argv])
     try:
-        train(config, resume=args.resume, given=given)
+        train(config, resume=args.resume, given=given, command=command)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

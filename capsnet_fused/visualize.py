@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from capsnet_fused.data import to_float
+from capsnet_fused.data import Normalization, to_float
 from capsnet_fused.models import CapsNet
 from capsnet_fused.train import (
     METRICS_NAME,
@@ -21,6 +21,7 @@ from capsnet_fused.train import (
     load_checkpoint,
     load_test_set,
     model_from_checkpoint,
+    normalization_from_checkpoint,
     resolve_device,
 )
 
@@ -57,17 +58,26 @@ def decode(model: CapsNet, caps: torch.Tensor, classes: torch.Tensor) -> torch.T
     return recon.view(-1, *model.image_shape)
 
 
+def _model_input(images: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
+    """What a model trained with `normalization` is fed; reconstructions stay in [0, 1]."""
+    return images if normalization is None else normalization(images)
+
+
 @torch.no_grad()
 def perturbation_images(
-    model: CapsNet, images: torch.Tensor, deltas: tuple[float, ...] = PERTURBATIONS
+    model: CapsNet,
+    images: torch.Tensor,
+    deltas: tuple[float, ...] = PERTURBATIONS,
+    normalization: Normalization | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Figure 4: decode the predicted capsule with one dimension moved by each delta.
 
-    images [B, C, H, W] -> (recon [B, M, len(deltas), C, H, W], predicted classes [B]). Only the
-    predicted capsule is perturbed (and only it reaches the decoder).
+    images [B, C, H, W] in [0, 1] -> (recon [B, M, len(deltas), C, H, W], predicted classes
+    [B]). Only the predicted capsule is perturbed (and only it reaches the decoder). A model
+    trained with --normalize gets normalization(images).
     """
     model.eval()
-    output = model(images)
+    output = model(_model_input(images, normalization))
     predicted = output.lengths.argmax(dim=1)
     batch, _, dims = output.caps.shape
     steps = torch.tensor(deltas, dtype=output.caps.dtype, device=images.device)
@@ -106,11 +116,15 @@ def plot_reconstructions(
     labels: torch.Tensor,
     path: str | os.PathLike,
     columns: int = 4,
+    normalization: Normalization | None = None,
 ) -> Path:
-    """PNG grid: each test image [C, H, W] beside its reconstruction from the predicted capsule."""
+    """PNG grid: each test image [C, H, W] beside its reconstruction from the predicted capsule.
+
+    images are in [0, 1] as shown; a model trained with --normalize gets normalization(images).
+    """
     plt = _pyplot()
     model.eval()
-    output = model(images)
+    output = model(_model_input(images, normalization))
     predicted = output.lengths.argmax(dim=1)
     count = images.shape[0]
     columns = max(1, min(columns, count))
@@ -148,10 +162,15 @@ def _mosaic(tiles: torch.Tensor, gap: int = 1) -> torch.Tensor:
     return canvas
 
 
-def plot_perturbations(model: CapsNet, images: torch.Tensor, path: str | os.PathLike) -> Path:
+def plot_perturbations(
+    model: CapsNet,
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    normalization: Normalization | None = None,
+) -> Path:
     """PNG of Figure 4: per image, one row per capsule dimension, one column per perturbation."""
     plt = _pyplot()
-    recon, predicted = perturbation_images(model, images)
+    recon, predicted = perturbation_images(model, images, normalization=normalization)
     batch, dims, steps = recon.shape[:3]
     height, width = recon.shape[-2:]
     fig, axes = plt.subplots(1, batch, figsize=(3.2 * batch, 0.3 * dims + 1.2), squeeze=False)
@@ -184,11 +203,35 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def plot_training_curve(metrics: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """PNG of loss and accuracy per epoch (train and test) from a run's metrics.jsonl."""
-    records = read_metrics(metrics)
+def plot_training_curve(
+    metrics: str | os.PathLike,
+    path: str | os.PathLike,
+    reference: float | None = None,
+    reference_label: str = "reference",
+) -> Path:
+    """PNG of loss and accuracy per epoch (train and test) from a run's metrics.jsonl.
+
+    reference (a test accuracy in %, e.g. a published result) is drawn as a horizontal dashed
+    line on the accuracy plot, labelled "<reference_label> <reference>%".
+    """
+    fig = draw_training_curve(read_metrics(metrics), reference, reference_label, str(metrics))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+def draw_training_curve(
+    records: list[dict],
+    reference: float | None = None,
+    reference_label: str = "reference",
+    source: str = "metrics",
+):
+    """The matplotlib figure of plot_training_curve (loss axis first, accuracy second)."""
     if not records:
-        raise ValueError(f"{metrics} holds no epoch records")
+        raise ValueError(f"{source} holds no epoch records")
+    if reference is not None and not 0 <= reference <= 100:
+        raise ValueError(f"--reference is a test accuracy in %, 0..100, got {reference}")
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -198,6 +241,10 @@ def plot_training_curve(metrics: str | os.PathLike, path: str | os.PathLike) -> 
         loss_ax.plot(epochs, [r[f"{split}_loss"] for r in records], style, label=split)
         acc_ax.plot(epochs, [100 * r[f"{split}_accuracy"] for r in records], style, label=split)
     loss_ax.set(xlabel="epoch", ylabel="loss (margin + scaled reconstruction)", yscale="log")
+    if reference is not None:
+        acc_ax.axhline(
+            reference, color="gray", linestyle="--", label=f"{reference_label} {reference:g}%"
+        )
     best = max(100 * r["test_accuracy"] for r in records)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"best test accuracy {best:.2f}%")
     for axis in (loss_ax, acc_ax):
@@ -205,10 +252,7 @@ def plot_training_curve(metrics: str | os.PathLike, path: str | os.PathLike) -> 
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def visualize_checkpoint(
@@ -220,34 +264,59 @@ def visualize_checkpoint(
     num_images: int = 16,
     num_perturbed: int = 3,
     backend: str | None = None,
+    reference: float | None = None,
+    reference_label: str = "reference",
 ) -> list[Path]:
     """Write reconstructions.png, perturbations.png (Figure 4) and, when the run folder has
-    metrics, training_curve.png into out_dir (default: the checkpoint's folder)."""
+    metrics, training_curve.png (with `reference` as a horizontal line, see
+    plot_training_curve) into out_dir (default: the checkpoint's folder). A CNN baseline run
+    (--model cnn) has no capsules to reconstruct from: only its curve is drawn."""
     if num_images < 1 or num_perturbed < 1:
         raise ValueError(
             f"num_images and num_perturbed must be >= 1, got {num_images}, {num_perturbed}"
         )
+    if reference is not None and not 0 <= reference <= 100:
+        raise ValueError(f"--reference is a test accuracy in %, 0..100, got {reference}")
     # Everything that can fail is checked before the output folder is created.
     _pyplot()
     dev = resolve_device(device)
     ckpt = checkpoint_path(checkpoint)
     state = load_checkpoint(ckpt)
     model, config = model_from_checkpoint(state, dev, backend, ckpt)
-    limit = max(num_images, num_perturbed)
-    test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
-    images = to_float(test_set.images.to(dev))
+    normalization = normalization_from_checkpoint(state, config, ckpt)
+    metrics = ckpt.parent / METRICS_NAME
+    has_curve = metrics.is_file() and bool(read_metrics(metrics))
+    capsules = isinstance(model, CapsNet)
+    if not capsules and not has_curve:
+        raise ValueError(
+            f"{ckpt} is a {config.model} run without epoch records in {metrics}: nothing to draw "
+            "(reconstructions and Figure 4 need a CapsNet)"
+        )
+    if capsules:
+        limit = max(num_images, num_perturbed)
+        test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
+        images = to_float(test_set.images.to(dev))
     out = Path(out_dir) if out_dir is not None else ckpt.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from exc
-    written = [
-        plot_reconstructions(
-            model, images[:num_images], test_set.labels[:num_images], out / "reconstructions.png"
-        ),
-        plot_perturbations(model, images[:num_perturbed], out / "perturbations.png"),
-    ]
-    metrics = ckpt.parent / METRICS_NAME
-    if metrics.is_file() and read_metrics(metrics):
-        written.append(plot_training_curve(metrics, out / "training_curve.png"))
+    written = []
+    if capsules:
+        written += [
+            plot_reconstructions(
+                model,
+                images[:num_images],
+                test_set.labels[:num_images],
+                out / "reconstructions.png",
+                normalization=normalization,
+            ),
+            plot_perturbations(
+                model, images[:num_perturbed], out / "perturbations.png", normalization
+            ),
+        ]
+    if has_curve:
+        written.append(
+            plot_training_curve(metrics, out / "training_curve.png", reference, reference_label)
+        )
     return written

@@ -1,4 +1,5 @@
-"""IDX reading, dataset lookup and download (mocked, no network), shifts, sampler."""
+"""IDX reading, dataset lookup and download (mocked, no network), shifts, flips,
+normalisation, sampler."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from capsnet_fused import data
 from capsnet_fused.data import (
     DatasetNotFoundError,
     ImageDataset,
+    Normalization,
     ResumableSampler,
     find_dataset_dir,
     load_arrays,
     load_dataset,
+    random_hflip,
     random_shift,
     read_idx,
 )
@@ -290,3 +293,54 @@ def test_real_samples_leave_out_the_distributed_padding():
             assert sum(per_batch) == shard.real_samples(0, len(shard))
     shard = ResumableSampler(dataset, 2, 1, seed=5)  # 12 positions, the last one padding
     assert shard.real_samples(8, 12) == 3 and shard.real_samples(0, 8) == 8
+
+
+def test_random_hflip_mirrors_about_half_the_images_and_is_seeded():
+    images = torch.rand(200, 2, 5, 7)
+    flipped = random_hflip(images, torch.Generator().manual_seed(0))
+    assert flipped.shape == images.shape and flipped.stride() == images.stride()
+    mirrored = torch.tensor(
+        [torch.equal(out, image.flip(-1)) for out, image in zip(flipped, images, strict=True)]
+    )
+    kept = torch.tensor(
+        [torch.equal(out, image) for out, image in zip(flipped, images, strict=True)]
+    )
+    # Every image is either itself or its mirror image (random pixels: never both).
+    assert bool((mirrored ^ kept).all())
+    # 200 fair coin flips: 100 +- 3 standard deviations (7.1).
+    assert 79 <= int(mirrored.sum()) <= 121
+    again = random_hflip(images, torch.Generator().manual_seed(0))
+    other = random_hflip(images, torch.Generator().manual_seed(1))
+    assert torch.equal(flipped, again) and not torch.equal(flipped, other)
+    uint8 = torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8)
+    assert random_hflip(uint8).dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"images \[B, C, H, W\]"):
+        random_hflip(torch.rand(3, 5, 5))
+
+
+def test_normalization_statistics_are_those_of_the_images():
+    images = torch.randint(0, 256, (9, 3, 5, 4), dtype=torch.uint8)
+    images[:, 1] //= 4  # channels with different statistics
+    norm = Normalization.of_images(images)
+    pixels = images.double() / 255
+    assert norm.mean == pytest.approx(pixels.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert norm.std == pytest.approx(pixels.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-12)
+    standardised = norm(pixels.float())
+    assert standardised.dtype == torch.float32
+    assert standardised.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert torch.allclose(standardised.std(dim=(0, 2, 3), unbiased=False), torch.ones(3))
+    assert Normalization.from_dict(norm.to_dict()) == norm
+
+
+def test_normalization_refuses_what_it_cannot_standardise():
+    constant = torch.full((4, 1, 3, 3), 7, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="channel 0 of the training images is constant"):
+        Normalization.of_images(constant)
+    with pytest.raises(ValueError, match="uint8 images"):
+        Normalization.of_images(torch.rand(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="stds > 0"):
+        Normalization((0.5,), (0.0,))
+    with pytest.raises(ValueError, match="one value per channel"):
+        Normalization((0.5, 0.5), (0.2,))
+    with pytest.raises(ValueError, match=r"images \[B, 1, H, W\]"):
+        Normalization((0.5,), (0.2,))(torch.rand(2, 3, 4, 4))

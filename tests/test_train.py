@@ -290,7 +290,11 @@ def test_ddp_two_processes_average_gradients_of_the_global_batch(dataset_dir, tm
         "checkpoint.pt",
         "config.json",
         "metrics.jsonl",
+        "sessions.jsonl",
     ]
+    # Rank 0 alone records the session, once.
+    sessions = [json.loads(x) for x in (run / "sessions.jsonl").read_text().splitlines()]
+    assert [s["world_size"] for s in sessions] == [2]
 
 
 def test_evaluate_counts_every_test_image(dataset_dir, straight_run):
@@ -736,6 +740,7 @@ def test_full_disk_at_a_checkpoint_stops_with_the_previous_one_kept(
         "checkpoint.pt",
         "config.json",
         "metrics.jsonl",
+        "sessions.jsonl",
     ]
 
 
