@@ -164,6 +164,24 @@ class TrainConfig:
             raise ValueError(f"squash_eps must be a finite number >= 0, got {self.squash_eps}")
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
+        if self.model == "cnn":
+            # The baseline has no routing: such a setting would be silently unused.
+            default = TrainConfig()
+            unused = [
+                name for name in CAPSULE_ONLY if getattr(self, name) != getattr(default, name)
+            ]
+            if unused:
+                raise ValueError(
+                    f"model 'cnn' has no capsule routing; these settings do not apply "
+                    f"to it: {', '.join(unused)}"
+                )
+
+
+# Settings of the capsule routing, which the CNN baseline (model "cnn") does not have.
+CAPSULE_ONLY = (
+    "routing_iterations", "softmax_over", "learn_prior", "learn_bias", "detach_inner", "leaky",
+    "squash_eps",
+)  # fmt: skip
 
 
 # Settings added after checkpoints were first written, with the values that reproduce what a

@@ -323,6 +323,10 @@ def test_config_validation():
     for eps in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="squash_eps must be"):
             TrainConfig(squash_eps=eps).validate()
+    # The CNN baseline has no routing: routing settings are refused, not ignored.
+    TrainConfig(model="cnn", conv_channels=8).validate()
+    with pytest.raises(ValueError, match="do not apply to it: routing_iterations, leaky"):
+        TrainConfig(model="cnn", routing_iterations=2, leaky=True).validate()
 
 
 def test_routing_flags_of_issue_15_reach_the_model():
