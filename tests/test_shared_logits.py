@@ -174,11 +174,16 @@ def test_meta_tensors_give_the_shape():
     assert v.device.type == "meta" and v.shape == (5, 4, 6)
 
 
-def test_triton_refuses_until_it_has_the_kernels():
-    # The Triton kernels for shared logits come on another branch; until then the op's
-    # validation refuses, naming the backend, instead of routing per sample or falling back.
+def test_a_backend_without_the_kernels_refuses(monkeypatch):
+    # A backend module without shared_routing (the Triton one before its kernels landed) makes
+    # the op's validation refuse, naming the backend, instead of routing per sample or falling
+    # back.
     if unavailable_reason("triton", "cpu") is not None:
         pytest.skip(f"the triton backend cannot run here: {unavailable_reason('triton', 'cpu')}")
+    from capsnet_fused import ops
+
+    module = ops._backend_module("triton")
+    monkeypatch.delattr(module, "shared_routing")
     reason = shared_logits_unavailable_reason("triton", "cpu")
     assert reason is not None and "not implemented in the triton backend yet" in reason
     assert shared_logits_unavailable_reason("reference", "cpu") is None
