@@ -453,3 +453,36 @@ def test_compile_fullgraph():
                           u, weight, prior, grad, bias=bias)  # fmt: skip
     for a, b in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "variant, mode, options, dtype",
+    [
+        (VARIANTS[2], "mean", ALL_OPTIONS[0], torch.float64),
+        (VARIANTS[5], "sum", ALL_OPTIONS[1], torch.float32),
+        (VARIANTS[7], "mean", Options(), torch.float32),
+    ],
+    ids=["out-prior-mean-f64", "in-detach-sum-f32", "in-prior-detach-mean-f32"],
+)
+def test_on_a_cuda_device(variant, mode, options, dtype):
+    # The same kernels compiled by nvcc, where a GPU and a CUDA build of the extension exist
+    # (bench/gpu_session.sh runs the tests whose names mention cuda).
+    from capsnet_fused import dynamic_routing
+    from capsnet_fused.ops import shared_logits_unavailable_reason
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    reason = shared_logits_unavailable_reason("cpp", "cuda", dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    shape = Shape(9, 37, 10, 8, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype, device="cuda")
+    bias = make_bias(shape, options, dtype=dtype, device="cuda")
+    kwargs = routing_kwargs(shape, variant, mode, options)
+
+    def cpp_routing(u, weight, prior=None, **kw):
+        return dynamic_routing(u, weight, prior=prior, backend="cpp", **kw)
+
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
+    want = reference64(u, weight, prior, grad, bias=bias, **kwargs)
+    assert_matches_reference(out, want, 1e-11 if dtype == torch.float64 else 1e-5)

@@ -298,6 +298,23 @@ def test_zero_inputs_with_squash_eps_zero_are_nan(softmax_over, device):
 
 
 @device_params
+def test_large_magnitudes_stay_finite(device):
+    # Logits in the thousands (a softmax without its max subtracted overflows) and squash inputs
+    # of 1e25 (|s|^2 overflows float32): finite, and the reference's values.
+    require(device)
+    shape = Shape(3, 11, 4, 3, 5, 3)
+    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
+    bias = torch.full((shape.J, shape.M), 1e25, device=device)
+    bias[0] = 0.0
+    u, prior = 30 * u, 1000 * prior
+    kwargs = dict(iterations=3, softmax_over="in_caps", shared_logits="sum")
+    v, grads = run_with_grads(triton_routing, u, weight, prior, grad, bias=bias, **kwargs)
+    assert torch.isfinite(v).all() and all(torch.isfinite(g).all() for g in grads)
+    v_ref, _ = reference64(u, weight, prior, grad, bias=bias, **kwargs)
+    assert rel_error(v, v_ref) < 1e-4
+
+
+@device_params
 def test_batch_dependence_matches_the_reference(device):
     # A sample's output depends on the rest of its batch, in the kernels as in the reference.
     require(device)
