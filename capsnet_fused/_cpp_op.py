@@ -1,9 +1,10 @@
 """The "cpp" routing backend: fused C++ (CPU) and CUDA kernels from capsnet_fused._C.
 
-The ops capsnet_fused::cpp_routing_fwd and cpp_routing_bwd are defined in csrc/ (TORCH_LIBRARY);
-this module loads them, registers their fakes and autograd (capsnet_fused._op_glue, shared
-with the Triton backend), and satisfies the backend contract of capsnet_fused.ops:
-unavailable_reason(device, dtype) and routing(...).
+The ops capsnet_fused::cpp_routing_fwd and cpp_routing_bwd (and cpp_shared_routing_fwd / _bwd
+for routing logits shared by the batch) are defined in csrc/ (TORCH_LIBRARY); this module loads
+them, registers their fakes and autograd (capsnet_fused._op_glue, shared with the Triton
+backend), and satisfies the backend contract of capsnet_fused.ops: unavailable_reason(device,
+dtype) and routing(...), shared_logits_unavailable_reason(device, dtype) and shared_routing(...).
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]; R iterations.
 The forward saves s and V [B, R, J, M] (and lse [B, R, J] for softmax over in_caps), never a
@@ -91,8 +92,24 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the cpp backend runs on cpu and cuda, not {device.type}"
 
 
+def shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the cpp backend (available for `device` and `dtype`) has kernels for routing
+    logits shared by the batch on that device, else why not."""
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "capsnet_fused::cpp_shared_routing_fwd", key
+    ):
+        return None
+    where = {"cpu": "CPU kernels", "cuda": "CUDA kernels"}.get(device.type, device.type)
+    return f"its {where} do not have it"
+
+
 if _LOAD_ERROR is None:
     _op_glue.register("cpp")
+    _op_glue.register("cpp", shared=True)
 
 
 routing = _op_glue.make_routing("cpp")
+shared_routing = _op_glue.make_shared_routing("cpp")

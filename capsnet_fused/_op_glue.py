@@ -15,6 +15,20 @@ with routing_schema.h, the Triton pair as torch.library.custom_op):
 s (the squash input s^t + bias), v_prev and lse are the states the backward reads (lse only
 with the softmax over in_caps), in the state dtype; they are outputs only so that autograd can
 save them.
+
+Routing logits shared by the batch (issue 18) is a second pair per backend, with one more
+argument, batch_mean (True: the logits grow by the batch mean of the agreements, False: by
+their sum), and other saved states (the cpp pair: routing_schema.h):
+
+    <prefix>_shared_routing_fwd(u, weight, prior, bias, iterations, softmax_in, detach_inner,
+                                leaky, squash_eps, batch_mean)
+        -> (v [B, J, M], s [B, R, J, M], v_iter [B, R, J, M], c [R, I, J])
+    <prefix>_shared_routing_bwd(grad_v, u, weight, prior, bias, s, v_iter, c, iterations,
+                                softmax_in, detach_inner, leaky, squash_eps, batch_mean,
+                                need_du, need_dweight, need_dprior, need_dbias)
+        -> (du, dweight, dprior, dbias) as above
+
+v_iter holds v^t = squash(s^t) of every iteration and c the couplings c^t shared by the batch.
 """
 
 from __future__ import annotations
@@ -42,6 +56,20 @@ def _fwd_fake(u, weight, prior, bias, iterations, softmax_in, detach_inner, leak
     )
 
 
+def _shared_fwd_fake(
+    u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps, batch_mean
+):
+    batch, in_caps, out_caps, out_d = u.shape[0], weight.shape[0], weight.shape[1], weight.shape[3]
+    state = (batch, iterations, out_caps, out_d)
+    acc = state_dtype(u.dtype)
+    return (
+        u.new_empty((batch, out_caps, out_d)),
+        u.new_empty(state, dtype=acc),
+        u.new_empty(state, dtype=acc),
+        u.new_empty((iterations, in_caps, out_caps), dtype=acc),
+    )
+
+
 def _bwd_fake(
     grad_v, u, weight, prior, bias, s, v_prev, lse, iterations, softmax_in, detach_inner,
     leaky, squash_eps, need_du, need_dweight, need_dprior, need_dbias,
@@ -57,22 +85,35 @@ def _bwd_fake(
     )
 
 
+def _shared_bwd_fake(
+    grad_v, u, weight, prior, bias, s, v_iter, c, iterations, softmax_in, detach_inner, leaky,
+    squash_eps, batch_mean, need_du, need_dweight, need_dprior, need_dbias,
+):  # fmt: skip
+    # The gradients' shapes do not depend on the saved states or on batch_mean.
+    return _bwd_fake(
+        grad_v, u, weight, prior, bias, s, v_iter, c, iterations, softmax_in, detach_inner,
+        leaky, squash_eps, need_du, need_dweight, need_dprior, need_dbias,
+    )  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output) -> None:
     u, weight, prior, bias = inputs[:4]
     _, s, v_prev, lse = output
     ctx.mark_non_differentiable(s, v_prev, lse)
     ctx.save_for_backward(u, weight, prior, bias, s, v_prev, lse)
-    # iterations, softmax_in, detach_inner, leaky, squash_eps
+    # iterations, softmax_in, detach_inner, leaky, squash_eps (and batch_mean: shared logits)
     ctx.routing_args = tuple(inputs[4:])
 
 
-def register(prefix: str) -> None:
-    """Register the fakes of capsnet_fused::<prefix>_routing_fwd / _bwd, the forward's
-    autograd, which calls the backward op (so torch.compile sees one opaque node each way), and
-    the backward's, which raises: double backward is not supported."""
-    fwd_name = f"capsnet_fused::{prefix}_routing_fwd"
-    bwd_name = f"capsnet_fused::{prefix}_routing_bwd"
-    bwd_op = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_bwd")
+def register(prefix: str, shared: bool = False) -> None:
+    """Register the fakes of capsnet_fused::<prefix>_routing_fwd / _bwd (shared=True:
+    <prefix>_shared_routing_fwd / _bwd), the forward's autograd, which calls the backward op (so
+    torch.compile sees one opaque node each way), and the backward's, which raises: double
+    backward is not supported."""
+    name = f"{prefix}_shared_routing" if shared else f"{prefix}_routing"
+    fwd_name = f"capsnet_fused::{name}_fwd"
+    bwd_name = f"capsnet_fused::{name}_bwd"
+    bwd_op = getattr(torch.ops.capsnet_fused, f"{name}_bwd")
 
     def backward(ctx, grad_v, _grad_s, _grad_v_prev, _grad_lse):
         u, weight, prior, bias, s, v_prev, lse = ctx.saved_tensors
@@ -92,8 +133,8 @@ def register(prefix: str) -> None:
             f"create_graph=True) use backend='reference'."
         )
 
-    torch.library.register_fake(fwd_name)(_fwd_fake)
-    torch.library.register_fake(bwd_name)(_bwd_fake)
+    torch.library.register_fake(fwd_name)(_shared_fwd_fake if shared else _fwd_fake)
+    torch.library.register_fake(bwd_name)(_shared_bwd_fake if shared else _bwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
     # Without an autograd kernel, differentiating the backward op would silently give zero.
     torch.library.register_autograd(
@@ -154,3 +195,37 @@ def make_routing(prefix: str):
         return v
 
     return routing
+
+
+def make_shared_routing(prefix: str):
+    """The backend's shared_routing(u, weight, prior, bias, iterations, softmax_over,
+    detach_inner, leaky, squash_eps, shared_logits) -> v (the contract of capsnet_fused.ops,
+    shared_logits "mean" or "sum"), calling capsnet_fused::<prefix>_shared_routing_fwd."""
+
+    def shared_routing(
+        u: torch.Tensor,
+        weight: torch.Tensor,
+        prior: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        iterations: int,
+        softmax_over: str,
+        detach_inner: bool,
+        leaky: bool,
+        squash_eps: float,
+        shared_logits: str,
+    ) -> torch.Tensor:
+        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M]
+        or None (validated), routed with logits shared by the batch."""
+        if not torch.compiler.is_compiling():
+            tensors = [t for t in (u, weight, prior, bias) if t is not None]
+            _refuse_function_transforms(prefix, tensors)
+        forward = getattr(torch.ops.capsnet_fused, f"{prefix}_shared_routing_fwd")
+        softmax_in = softmax_over == "in_caps"
+        batch_mean = shared_logits == "mean"
+        v, _, _, _ = forward(
+            u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps,
+            batch_mean,
+        )  # fmt: skip
+        return v
+
+    return shared_routing

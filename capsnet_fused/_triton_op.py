@@ -1,4 +1,5 @@
-"""The Triton routing backend as torch ops: capsnet_fused::triton_routing_fwd / _bwd.
+"""The Triton routing backend as torch ops: capsnet_fused::triton_routing_fwd / _bwd, and
+triton_shared_routing_fwd / _bwd for routing logits shared by the batch (issue 18).
 
 Both ops are torch.library.custom_op; their fake (meta) implementations and the forward's
 autograd, which calls the backward op, are registered by capsnet_fused._op_glue (shared with the
@@ -8,7 +9,8 @@ kernels, but its fake path runs the interpreted kernel on fake tensors, so it ca
 on a CPU machine.)
 
 Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
-routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps) -> v.
+routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps) -> v;
+shared_logits_unavailable_reason(device, dtype) and shared_routing(..., shared_logits) -> v.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 import triton
 
 from capsnet_fused import _op_glue
-from capsnet_fused.triton import INTERPRETED, routing_backward, routing_forward
+from capsnet_fused.triton import (
+    INTERPRETED,
+    routing_backward,
+    routing_forward,
+    shared_routing_backward,
+    shared_routing_forward,
+)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly: tests only).
@@ -126,7 +134,65 @@ def routing_bwd(
     )
 
 
+def shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None: wherever the Triton kernels run, they have routing logits shared by the batch."""
+    return unavailable_reason(device, dtype)
+
+
+@torch.library.custom_op("capsnet_fused::triton_shared_routing_fwd", mutates_args=())
+def shared_routing_fwd(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    iterations: int,
+    softmax_in: bool,
+    detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
+    batch_mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v [B, J, M], s [B, R, J, M] (s^k + bias), v_iter [B, R, J, M] (v^k), c [R, I, J]
+    (the couplings shared by the batch)); batch_mean: mean of the agreements, else their sum."""
+    return shared_routing_forward(
+        u, weight, prior, iterations, softmax_in, batch_mean, bias=bias, leaky=leaky,
+        squash_eps=squash_eps,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("capsnet_fused::triton_shared_routing_bwd", mutates_args=())
+def shared_routing_bwd(
+    grad_v: torch.Tensor,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    s: torch.Tensor,
+    v_iter: torch.Tensor,
+    c: torch.Tensor,
+    iterations: int,
+    softmax_in: bool,
+    detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
+    batch_mean: bool,
+    need_du: bool,
+    need_dweight: bool,
+    need_dprior: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dweight, dprior, dbias) of the shared-logits routing; a gradient not needed is
+    [0]."""
+    return shared_routing_backward(
+        grad_v, u, weight, prior, s, v_iter, c, iterations, softmax_in, detach_inner,
+        batch_mean, need_du, need_dweight, need_dprior, bias=bias, leaky=leaky,
+        squash_eps=squash_eps, need_dbias=need_dbias,
+    )  # fmt: skip
+
+
 _op_glue.register("triton")
+_op_glue.register("triton", shared=True)
 
 
 routing = _op_glue.make_routing("triton")
+shared_routing = _op_glue.make_shared_routing("triton")

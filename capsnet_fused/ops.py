@@ -10,6 +10,17 @@ that registers its torch op and exposes two functions:
 `routing` receives validated arguments of one floating dtype on one device (possibly
 non-contiguous, possibly B = 0; prior and bias may be None; squash_eps a float >= 0) and
 returns v [B, J, M] with autograd to u, weight, prior and bias.
+
+Routing logits shared by the batch (shared_logits="mean" or "sum", issue 18) is a second pair
+of functions, which a backend module has once it implements them:
+
+    shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
+    shared_routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky,
+                   squash_eps, shared_logits) -> v
+
+with the arguments of `routing` and shared_logits "mean" or "sum". A backend without them (or
+whose reason is not None) makes dynamic_routing raise NotImplementedError: there is no silent
+fallback to another backend.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, reference_routing
+from capsnet_fused.reference import SHARED_LOGITS, SOFTMAX_OVER, SQUASH_EPS, reference_routing
 
 BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
@@ -65,6 +76,18 @@ def check_squash_eps(squash_eps) -> float:
     return squash_eps
 
 
+def check_shared_logits(shared_logits) -> str | None:
+    """shared_logits as None, "mean" or "sum", else ValueError."""
+    if not (
+        shared_logits is None or (isinstance(shared_logits, str) and shared_logits in SHARED_LOGITS)
+    ):
+        raise ValueError(
+            f"shared_logits must be None (logits per sample), 'mean' or 'sum' (one set of "
+            f"logits for the batch), got {shared_logits!r}"
+        )
+    return shared_logits
+
+
 def validate_routing_args(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -75,6 +98,7 @@ def validate_routing_args(
     bias: torch.Tensor | None = None,
     leaky: bool = False,
     squash_eps: float = SQUASH_EPS,
+    shared_logits: str | None = None,
 ) -> tuple[int, float]:
     """Raise ValueError, naming the expected shapes, unless the arguments describe a routing.
 
@@ -115,6 +139,7 @@ def validate_routing_args(
         raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
     if not isinstance(leaky, bool):
         raise ValueError(f"leaky must be a bool, got {leaky!r}")
+    check_shared_logits(shared_logits)
     return iterations, check_squash_eps(squash_eps)
 
 
@@ -236,34 +261,65 @@ def dynamic_routing(
     detach_inner: bool = False,
     leaky: bool = False,
     squash_eps: float = SQUASH_EPS,
+    shared_logits: str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dynamic routing by agreement, computed by the chosen backend.
 
     u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None -> v [B, J, M].
-    Same semantics as reference_routing (see there for softmax_over, bias, leaky, detach_inner
-    and squash_eps). backend: "auto", "reference", "triton" or "cpp"; see available_backends()
-    and choose_backend(). Under torch.autocast the inputs are cast to the autocast dtype
-    (accumulation stays float32 in the fused backends); otherwise mixed float dtypes are
-    promoted.
+    Same semantics as reference_routing (see there for softmax_over, bias, leaky, detach_inner,
+    squash_eps and shared_logits). backend: "auto", "reference", "triton" or "cpp"; see
+    available_backends() and choose_backend(). Under torch.autocast the inputs are cast to the
+    autocast dtype (accumulation stays float32 in the fused backends); otherwise mixed float
+    dtypes are promoted. shared_logits="mean" or "sum" with a backend that does not implement it
+    raises NotImplementedError (see shared_logits_unavailable_reason).
     """
     iterations, squash_eps = validate_routing_args(
-        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky, squash_eps=squash_eps
-    )
+        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky,
+        squash_eps=squash_eps, shared_logits=shared_logits,
+    )  # fmt: skip
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {backend!r}")
     dtype = _routing_dtype(u, weight, prior, bias)
     name = choose_backend(u.device, dtype, backend)
+    if shared_logits is not None:
+        reason = shared_logits_unavailable_reason(name, u.device, dtype)
+        if reason is not None:
+            raise NotImplementedError(reason)
     u, weight = u.to(dtype), weight.to(dtype)
     prior = None if prior is None else prior.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     options = dict(softmax_over=softmax_over, detach_inner=detach_inner, leaky=leaky)
     if name == "reference":
         return reference_routing(
-            u, weight, iterations, prior=prior, bias=bias, squash_eps=squash_eps, **options
-        )
+            u, weight, iterations, prior=prior, bias=bias, squash_eps=squash_eps,
+            shared_logits=shared_logits, **options,
+        )  # fmt: skip
     module = _backend_module(name)
+    args = (u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps)
     with torch.autocast(u.device.type, enabled=False):
-        return module.routing(
-            u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
-        )
+        if shared_logits is not None:
+            return module.shared_routing(*args, shared_logits)
+        return module.routing(*args)
+
+
+def shared_logits_unavailable_reason(
+    backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> str | None:
+    """None when `backend` (which can run on `device` with `dtype`) implements routing logits
+    shared by the batch there, else why not ("shared_logits is not implemented in the ...
+    backend yet")."""
+    if backend == "reference":
+        return None
+    module = _backend_module(backend)
+    if isinstance(module, str):
+        return module
+    device = torch.device(device)
+    check = getattr(module, "shared_logits_unavailable_reason", None)
+    reason = f"shared_logits is not implemented in the {backend} backend yet"
+    if check is not None and hasattr(module, "shared_routing"):
+        detail = check(device, dtype)
+        if detail is None:
+            return None
+        reason = f"{reason} ({detail})"
+    return f"{reason}; use backend='reference' for it meanwhile"

@@ -9,6 +9,9 @@ import torch
 
 SQUASH_EPS = 1e-8
 SOFTMAX_OVER = ("out_caps", "in_caps")
+# Routing logits per sample (None), or one [I, J] tensor for the batch updated with the batch
+# mean or sum of the agreements (issue 18).
+SHARED_LOGITS = (None, "mean", "sum")
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -74,6 +77,7 @@ def reference_routing(
     detach_inner: bool = False,
     leaky: bool = False,
     squash_eps: float = SQUASH_EPS,
+    shared_logits: str | None = None,
 ) -> torch.Tensor:
     """Dynamic routing (Sabour et al. 2017, Procedure 1) as plain PyTorch ops.
 
@@ -90,13 +94,24 @@ def reference_routing(
       (XifengGuo/CapsNet-Pytorch; CapsNet-Keras before December 2017): same values, other
       gradients.
     - squash_eps >= 0 is the eps of squash (see there); 0 reproduces the eps-free squash.
+    - shared_logits="mean" or "sum" keeps one set of logits [I, J] for the whole batch
+      (starting at the prior, or 0) and adds the batch mean (or sum) of the agreements
+      u_hat_bij . v_bj after every iteration but the last, so every sample is routed with the
+      same couplings and a sample's output depends on the rest of its batch (xanderchf/pyCapsNet,
+      jindongwang/Pytorch-CapsuleNet). The mean over an empty batch is taken as 0.
     """
     # Imported here: ops imports this module.
     from capsnet_fused.ops import validate_routing_args
 
     iterations, squash_eps = validate_routing_args(
-        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky, squash_eps=squash_eps
-    )
+        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky,
+        squash_eps=squash_eps, shared_logits=shared_logits,
+    )  # fmt: skip
+    if shared_logits is not None:
+        return _shared_logits_routing(
+            u, weight, iterations, prior, bias, softmax_over, detach_inner, leaky, squash_eps,
+            shared_logits,
+        )  # fmt: skip
     batch, in_caps = u.shape[0], u.shape[1]
     out_caps = weight.shape[1]
     softmax_dim = 2 if softmax_over == "out_caps" else 1
@@ -117,4 +132,41 @@ def reference_routing(
         v = squash(s, eps=squash_eps)
         if not last:
             logits = logits + torch.einsum("bijm,bjm->bij", u_hat_inner, v)
+    return v
+
+
+def _shared_logits_routing(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    iterations: int,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    softmax_over: str,
+    detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
+    shared_logits: str,
+) -> torch.Tensor:
+    """reference_routing with one set of logits [I, J] for the batch (validated arguments)."""
+    batch, in_caps = u.shape[0], u.shape[1]
+    out_caps = weight.shape[1]
+    softmax_dim = 1 if softmax_over == "out_caps" else 0
+    u_hat = torch.einsum("bin,ijnm->bijm", u, weight)
+    u_hat_inner = u_hat.detach() if detach_inner else u_hat
+    if prior is None:
+        logits = u_hat.new_zeros(in_caps, out_caps)
+    else:
+        logits = prior.to(u_hat.dtype)
+    for t in range(iterations):
+        last = t == iterations - 1
+        coupling = coupling_softmax(logits, softmax_dim, leaky)
+        s = torch.einsum("ij,bijm->bjm", coupling, u_hat if last else u_hat_inner)
+        if bias is not None:
+            s = s + bias.to(s.dtype)
+        v = squash(s, eps=squash_eps)
+        if not last:
+            agreement = torch.einsum("bijm,bjm->ij", u_hat_inner, v)
+            # The mean of an empty batch is 0 here, not torch.mean's NaN: B = 0 then routes
+            # nothing and every gradient is 0, as without shared logits.
+            logits = logits + (agreement / max(batch, 1) if shared_logits == "mean" else agreement)
     return v

@@ -1,6 +1,7 @@
-// The ops capsnet_fused::cpp_routing_fwd / cpp_routing_bwd, defined once here (their argument
+// The ops capsnet_fused::cpp_routing_fwd / cpp_routing_bwd and, for routing logits shared by the
+// batch, cpp_shared_routing_fwd / cpp_shared_routing_bwd, defined once here (their argument
 // lists, with comments, in routing_schema.h); each device registers its kernels in its own file
-// (routing_cpu.cpp, routing_cuda.cpp).
+// (routing_cpu.cpp, routing_cpu_shared.cpp, routing_cuda.cpp).
 // Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None, v [B, J, M], R iterations.
 #include <Python.h>
 #include <torch/library.h>
@@ -19,4 +20,6 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(capsnet_fused, m) {
   m.def("cpp_routing_fwd" CAPSNET_ROUTING_FWD_SCHEMA);
   m.def("cpp_routing_bwd" CAPSNET_ROUTING_BWD_SCHEMA);
+  m.def("cpp_shared_routing_fwd" CAPSNET_SHARED_ROUTING_FWD_SCHEMA);
+  m.def("cpp_shared_routing_bwd" CAPSNET_SHARED_ROUTING_BWD_SCHEMA);
 }

@@ -21,6 +21,18 @@
 //               [B, R, I, J] scalars, partial A = sum_i beta u_hat,
 //             grads_kernel: each block owns a few capsules and walks every sample in order:
 //               du_hat from alpha, beta, ds and V, then du, dW and dprior of its capsules.
+// Routing logits shared by the batch (issue 18) use the same pieces in GEMM form (the couplings
+// c^t [I, J] are the batch's, so no per-sample sweep is needed; docs/ROUTING-MATH.md):
+//   forward   for t = 1..R: shared_softmax_kernel (the logit update b^t = b^{t-1} + a^{t-1} /
+//               kappa_div and c^t = softmax(b^t)), gemm_kernel with c^t folded into W,
+//               shared_combine_kernel (partials in split order, bias, squash; saves s^t, v^t),
+//               and for t < R shared_agree_kernel: a^t_ij = sum_{n,m} W_ijnm sum_b u_bin v^t_bjm,
+//               each block the owner of a few capsules, walking the batch in order;
+//   backward  for t = R..1: gemm_kernel with D^{t+1} (dL/db^{t+1}) folded into W (dL/dv^t through
+//               the logits), shared_combine_back_kernel (ds^t), shared_agree_kernel with ds^t
+//               (e^t = dL/dc^t), shared_logits_back_kernel (the softmax backward: D^t, dprior at
+//               t = 1); then grads_kernel with du_hat = sum_t c^t ds^t + D^{t+1} v^t / kappa_div
+//               (owner-computes du and dW, the batch in order) and bias_grad_kernel.
 // No float atomics: every reduction has one owner and a fixed order, so results are
 // deterministic (for given tiles). Nothing of size B x I x J x M is allocated.
 //
@@ -62,6 +74,7 @@ constexpr int kGemmTileK = 32;
 constexpr int kGemmStrideB = kGemmTileB + 4;  // padded rows: 4-way instead of 32-way conflicts
 constexpr int kPriorThreads = 256;
 constexpr int kBiasThreads = 256;
+constexpr int kLogitThreads = 256;
 
 // Everything the kernels read: sizes, variant, tiles, tensors, workspace and the per-launch
 // iteration. One struct, passed by value to every kernel, so that a new routing option is one
@@ -104,9 +117,27 @@ struct Params {
   T* part_a;      // [sweep_blocks, B, J, M]
   T* alpha;       // [B, R, I, J] couplings
   T* beta;        // [B, R, I, J] logit gradients
+  // gemm_kernel: out[split, b, (j, m)] = sum u (coef (.) W); coef [I, J] or null (uniform)
+  const T* gemm_coef;
+  T* gemm_out;
+  // shared logits (issue 18)
+  bool shared;
+  int kappa_div;     // B for the batch mean (at least 1), 1 for the sum
+  int agree_caps, agree_samples;
+  T* v_iter;         // [B, R, J, M] v^t
+  T* coup;           // [R, I, J] saved couplings c^t
+  T* logits;         // [I, J] workspace: the running logits b^t (t >= 2)
+  T* agree;          // [I, J] workspace: a^t, or e^t = dL/dc^t in the backward
+  T* d_hist;         // [R, I, J] workspace: D^t = dL/db^t at row t - 1 (rows 1..R-1 used)
+  T* part;           // [gemm_splits, B, J, M] workspace: gemm_kernel's partials
   // per launch
   int k;  // iteration, 0-based (t = k + 1)
   bool read_a, read_carry, write_carry, store_alpha, need_beta, need_a;
+  const T* logits_in;  // shared_softmax_kernel: b^{t-1} (the prior, or null: 0)
+  bool add_agree, store_logits;
+  const T* agree_x;    // shared_agree_kernel: the state contracted with u (v^t or ds^t)
+  const T* d_in;       // shared_logits_back_kernel: D^{t+1} (null: 0)
+  T* d_out;            // shared_logits_back_kernel: D^t (or dprior)
 };
 
 __host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
@@ -256,6 +287,27 @@ __device__ inline Squash<T> warp_squash(const T* s_row, int M, T eps, int lane) 
   return q;
 }
 
+// Squash backward of one capsule by a warp, lanes along m: ds_row holds dv = dL/dv on entry
+// (each lane its own elements) and ds = dL/ds on return:
+// ds = (g / a) (dv + 2 h (t . dv) t), h = 1/qt - 1/(r + qt) - 1/(2 (qt + er)).
+template <typename T>
+__device__ inline void warp_squash_backward(const T* s_row, T* ds_row, int M, T eps, int lane) {
+  const Squash<T> q = warp_squash(s_row, M, eps, lane);
+  if (q.a == T(0)) {
+    for (int m = lane; m < M; m += kWarpSize) ds_row[m] = q.at_zero;
+    return;
+  }
+  T td = 0;
+  for (int m = lane; m < M; m += kWarpSize) td += (s_row[m] / q.a) * ds_row[m];
+  td = warp_sum(td);
+  const T h = T(1) / q.qt - T(1) / (q.r + q.qt) - T(1) / (T(2) * (q.qt + q.er));
+  const T scale = q.g / q.a;
+  const T k2 = T(2) * h * td;
+  for (int m = lane; m < M; m += kWarpSize) {
+    ds_row[m] = scale * (ds_row[m] + k2 * (s_row[m] / q.a));
+  }
+}
+
 // prior softmax: c1 = softmax(prior) over j (out_caps: a thread per capsule) or over i (in_caps:
 // a warp per output capsule j, which also writes lse1[j]). Leaky: one more logit, 0, in the
 // max and the sum.
@@ -308,7 +360,8 @@ __global__ void prior_softmax_kernel(Params<T> p) {
 
 // First iteration: part_first[split, b, c] = sum over the split's rows (i, n) of
 // u[b, i, n] c1[i, j] W[i, j, n, m], c = (j, m). Without a prior c1 is uniform and the combine
-// divides by J (out_caps) or I (in_caps).
+// divides by J (out_caps) or I (in_caps). In general gemm_out = u x (gemm_coef (.) W) (the
+// shared-logits launchers pass c^t or D^{t+1}; null gemm_coef: W alone).
 
 template <typename T>
 __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(Params<T> p) {
@@ -343,7 +396,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(Params<T> p) {
         const int n = static_cast<int>(kk % p.N);
         const int j = c / p.M, m = c % p.M;
         val = p.w[(i * p.J + j) * NM + static_cast<int64_t>(n) * p.M + m];
-        if (p.has_prior) val *= p.c1[i * p.J + j];
+        if (p.gemm_coef != nullptr) val *= p.gemm_coef[i * p.J + j];
       }
       w_s[kq * kGemmTileC + cq] = val;
     }
@@ -364,7 +417,7 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_kernel(Params<T> p) {
     for (int q = 0; q < 2; ++q) {
       const int c = c0 + tx + q * kWarpSize;
       if (b < p.B && c < p.JM) {
-        p.part_first[(static_cast<int64_t>(split) * p.B + b) * p.JM + c] = acc[r][q];
+        p.gemm_out[(static_cast<int64_t>(split) * p.B + b) * p.JM + c] = acc[r][q];
       }
     }
   }
@@ -808,21 +861,7 @@ __global__ void combine_backward_kernel(Params<T> p) {
     if (p.write_carry) p.carry[bj + m] = d;
     ds_row[m] = last ? d + p.grad_v[bj + m] : d;
   }
-  // Squash backward: ds = (g / a) (dv + 2 h (t . dv) t), h = 1/qt - 1/(r + qt) - 1/(2 (qt + er)).
-  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
-  if (q.a == T(0)) {
-    for (int m = lane; m < p.M; m += kWarpSize) ds_row[m] = q.at_zero;
-    return;
-  }
-  T td = 0;
-  for (int m = lane; m < p.M; m += kWarpSize) td += (s_row[m] / q.a) * ds_row[m];
-  td = warp_sum(td);
-  const T h = T(1) / q.qt - T(1) / (q.r + q.qt) - T(1) / (T(2) * (q.qt + q.er));
-  const T scale = q.g / q.a;
-  const T k2 = T(2) * h * td;
-  for (int m = lane; m < p.M; m += kWarpSize) {
-    ds_row[m] = scale * (ds_row[m] + k2 * (s_row[m] / q.a));
-  }
+  warp_squash_backward(s_row, ds_row, p.M, p.squash_eps, lane);
 }
 
 // Gradients: block per grads_caps capsules, the owner of their dW and dprior; walks the
@@ -834,10 +873,29 @@ __device__ inline T first_coupling(const Params<T>& p, int64_t i, int j) {
   return T(1) / T((p.in_caps ? p.I : p.J) + (p.leaky ? 1 : 0));
 }
 
+// du_hat[b, i, j, m] with shared logits: sum_t c^t_ij ds^t_bjm + D^{t+1}_ij v^t_bjm / kappa_div
+// (D^{R+1} = 0), or c^R ds^R alone with detach_inner (docs/ROUTING-MATH.md).
+template <typename T>
+__device__ inline T shared_uhat_grad(const Params<T>& p, int64_t b, int64_t i, int c) {
+  const int j = c / p.M;
+  const int64_t JM = p.JM, IJ = static_cast<int64_t>(p.I) * p.J, ij = i * p.J + j;
+  const int first = p.detach_inner ? p.R - 1 : 0;
+  T x = 0;
+  for (int k = first; k < p.R; ++k) {
+    const int64_t state = (b * p.R + k) * JM + c;
+    x += p.coup[k * IJ + ij] * p.ds[state];
+    if (!p.detach_inner && k < p.R - 1) {
+      x += p.d_hist[(k + 1) * IJ + ij] * p.v_iter[state] / T(p.kappa_div);
+    }
+  }
+  return x;
+}
+
 // du_hat[b, i, j, m] (c = j M + m): c^1 ds^1 + sum_{t >= 2} (alpha^t ds^t + beta^t V^{t-1}),
 // or alpha^R ds^R alone with detach_inner.
 template <typename T>
 __device__ inline T uhat_grad(const Params<T>& p, int64_t b, int64_t i, int c) {
+  if (p.shared) return shared_uhat_grad(p, b, i, c);
   const int j = c / p.M;
   const int64_t JM = p.JM;
   if (p.detach_inner) {
@@ -967,6 +1025,235 @@ __global__ void bias_grad_kernel(Params<T> p) {
   p.dbias[c] = x;
 }
 
+// Routing logits shared by the batch (issue 18).
+
+// b^t at [i, j]: the previous logits (or 0) plus the agreements over kappa_div.
+template <typename T>
+__device__ inline T shared_logit(const Params<T>& p, int64_t idx) {
+  T x = p.logits_in != nullptr ? p.logits_in[idx] : T(0);
+  // An int divisor, as the reference divides by max(B, 1).
+  if (p.add_agree) x += p.agree[idx] / T(p.kappa_div);
+  return x;
+}
+
+// The logit update and the couplings of iteration k, c^k = softmax(b^k), [I, J] once for the
+// batch: over j a thread per capsule; over i a warp per output capsule j (per lane an online max
+// and sum over its capsules, then a butterfly merge, as prior_softmax_kernel). Each element is
+// read and then written by one thread, so p.logits may be logits_in (the update in place).
+template <typename T>
+__global__ void shared_softmax_kernel(Params<T> p) {
+  const int J = p.J;
+  T* c_out = p.coup + static_cast<int64_t>(p.k) * p.I * J;
+  if (!p.in_caps) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.I) return;
+    T mx = p.leaky ? T(0) : neg_inf<T>();
+    for (int j = 0; j < J; ++j) mx = max_nan(mx, shared_logit(p, i * J + j));
+    T den = p.leaky ? dev_exp(-mx) : T(0);
+    for (int j = 0; j < J; ++j) den += dev_exp(shared_logit(p, i * J + j) - mx);
+    for (int j = 0; j < J; ++j) {
+      const T x = shared_logit(p, i * J + j);
+      c_out[i * J + j] = dev_exp(x - mx) / den;
+      if (p.store_logits) p.logits[i * J + j] = x;
+    }
+    return;
+  }
+  const int j = blockIdx.x;
+  const int lane = threadIdx.x;
+  const bool leak = p.leaky && lane == 0;
+  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
+  for (int64_t i = lane; i < p.I; i += kWarpSize) {
+    const T x = shared_logit(p, i * J + j);
+    if (x > mx) {
+      sum = sum * dev_exp(mx - x) + T(1);
+      mx = x;
+    } else {
+      sum += dev_exp(x - mx);
+    }
+  }
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    const T om = __shfl_xor_sync(kFullMask, mx, off);
+    const T os = __shfl_xor_sync(kFullMask, sum, off);
+    const T nm = om > mx ? om : mx;
+    // A lane without capsules has sum 0 and max -inf: it adds nothing (and no inf - inf).
+    const T mine = sum == T(0) ? T(0) : sum * dev_exp(mx - nm);
+    const T other = os == T(0) ? T(0) : os * dev_exp(om - nm);
+    sum = mine + other;
+    mx = nm;
+  }
+  for (int64_t i = lane; i < p.I; i += kWarpSize) {
+    const T x = shared_logit(p, i * J + j);
+    c_out[i * J + j] = dev_exp(x - mx) / sum;
+    if (p.store_logits) p.logits[i * J + j] = x;
+  }
+}
+
+// A warp per (b, j), lanes along m: s^k from gemm_kernel's partials in split order (+ bias),
+// saved, and v^k = squash(s^k) saved (and written to v at the last iteration).
+template <typename T>
+__global__ void shared_combine_kernel(Params<T> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t pair =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  if (pair >= static_cast<int64_t>(p.B) * p.J) return;
+  const int64_t b = pair / p.J;
+  const int j = static_cast<int>(pair % p.J);
+  const int64_t state = ((b * p.R + p.k) * p.J + j) * p.M;
+  const int64_t col = static_cast<int64_t>(j) * p.M;
+  T* s_row = p.s + state;
+  // Each lane reads back only the elements it wrote.
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    T x = 0;
+    for (int q = 0; q < p.gemm_splits; ++q) {
+      x += p.part[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
+    }
+    s_row[m] = p.has_bias ? x + p.bias[col + m] : x;
+  }
+  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
+  const bool last = p.k == p.R - 1;
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    const T vm = q.a == T(0) ? q.at_zero : q.g * (s_row[m] / q.a);
+    p.v_iter[state + m] = vm;
+    if (last) p.v[(b * p.J + j) * p.M + m] = vm;
+  }
+}
+
+// A warp per (b, j): dv^k = [k = R - 1] g + (the partials of u x (D^{k+1} (.) W), k < R - 1) /
+// kappa_div, then ds^k = squash'(s^k, dv^k).
+template <typename T>
+__global__ void shared_combine_back_kernel(Params<T> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t pair =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  if (pair >= static_cast<int64_t>(p.B) * p.J) return;
+  const int64_t b = pair / p.J;
+  const int j = static_cast<int>(pair % p.J);
+  const int64_t state = ((b * p.R + p.k) * p.J + j) * p.M;
+  const int64_t col = static_cast<int64_t>(j) * p.M;
+  const int64_t bj = (b * p.J + j) * p.M;
+  T* ds_row = p.ds + state;
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    T dv = 0;
+    if (p.k < p.R - 1) {
+      for (int q = 0; q < p.gemm_splits; ++q) {
+        dv += p.part[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
+      }
+      dv /= T(p.kappa_div);
+    } else {
+      dv = p.grad_v[bj + m];
+    }
+    ds_row[m] = dv;
+  }
+  warp_squash_backward(p.s + state, ds_row, p.M, p.squash_eps, lane);
+}
+
+// Offsets (elements) of an agreement block's shared arrays.
+struct AgreeLayout {
+  int64_t h, u, x, total;
+};
+
+__host__ __device__ inline AgreeLayout agree_layout(int64_t caps, int64_t samples, int64_t N,
+                                                    int64_t JM) {
+  AgreeLayout L;
+  L.h = 0;                                  // [caps, N, J*M] sum_b u_bin x_bjm
+  L.u = L.h + round4(caps * N * JM);        // [samples, caps, N]
+  L.x = L.u + round4(samples * caps * N);   // [samples, J*M]
+  L.total = L.x + round4(samples * JM);
+  return L;
+}
+
+// out[i, j] = sum_{n, m} W[i, j, n, m] H[i, n, j, m], H = sum_b u[b, i, n] x[b, k, j, m], for the
+// block's agree_caps capsules and every j: the agreements a^k (x = v^k) forward, dL/dc^k
+// (x = ds^k) backward. The block owns H of its capsules (element e with thread e % blockDim)
+// and walks the batch in order, agree_samples at a time; then a thread per (i, j) reduces over
+// (n, m) in order. Deterministic, no atomics.
+template <typename T>
+__global__ void shared_agree_kernel(Params<T> p) {
+  CAPSNET_DYNAMIC_SHARED(raw);
+  T* sh = reinterpret_cast<T*>(raw);
+  const int caps = p.agree_caps, S = p.agree_samples;
+  const AgreeLayout L = agree_layout(caps, S, p.N, p.JM);
+  T* h_acc = sh + L.h;
+  T* u_s = sh + L.u;
+  T* x_s = sh + L.x;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * caps;
+  const int count = static_cast<int>(p.I - i0 < caps ? p.I - i0 : caps);
+  const int CN = count * p.N;
+  const int NJM = p.N * p.JM;
+  for (int e = threadIdx.x; e < count * NJM; e += blockDim.x) h_acc[e] = T(0);
+  for (int64_t b0 = 0; b0 < p.B; b0 += S) {
+    const int nb = static_cast<int>(p.B - b0 < S ? p.B - b0 : S);
+    for (int e = threadIdx.x; e < nb * CN; e += blockDim.x) {
+      const int bl = e / CN, r = e % CN;
+      u_s[bl * CN + r] = p.u[((b0 + bl) * p.I + i0) * p.N + r];
+    }
+    for (int e = threadIdx.x; e < nb * p.JM; e += blockDim.x) {
+      const int bl = e / p.JM, c = e % p.JM;
+      x_s[e] = p.agree_x[((b0 + bl) * p.R + p.k) * p.JM + c];
+    }
+    __syncthreads();
+    // Neighbouring threads take neighbouring (j, m): x_s rows are read without conflicts, u_s
+    // values are broadcast.
+    for (int e = threadIdx.x; e < count * NJM; e += blockDim.x) {
+      const int r = e / p.JM, c = e % p.JM;
+      T h = h_acc[e];
+      for (int bl = 0; bl < nb; ++bl) h += u_s[bl * CN + r] * x_s[bl * p.JM + c];
+      h_acc[e] = h;
+    }
+    __syncthreads();
+  }
+  const int NM = p.N * p.M;
+  for (int q = threadIdx.x; q < count * p.J; q += blockDim.x) {
+    const int ci = q / p.J, j = q % p.J;
+    const T* w = p.w + ((i0 + ci) * p.J + j) * NM;
+    const T* h = h_acc + static_cast<int64_t>(ci) * NJM + j * p.M;
+    T x = 0;
+    for (int n = 0; n < p.N; ++n) {
+      for (int m = 0; m < p.M; ++m) x += w[n * p.M + m] * h[n * p.JM + m];
+    }
+    p.agree[(i0 + ci) * p.J + j] = x;
+  }
+}
+
+// dl^k = c (e - sum_j' c e) over j (a thread per capsule), or c (e - sum_i' c e) over i (a warp
+// per output capsule, a butterfly over its lanes' strided sums); D^k = D^{k+1} + dl^k. The leak
+// changes only the values of c. e is p.agree (shared_agree_kernel's output).
+template <typename T>
+__global__ void shared_logits_back_kernel(Params<T> p) {
+  const int J = p.J;
+  const T* c = p.coup + static_cast<int64_t>(p.k) * p.I * J;
+  const T* e = p.agree;
+  if (!p.in_caps) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.I) return;
+    T ce = 0;
+    for (int j = 0; j < J; ++j) ce += c[i * J + j] * e[i * J + j];
+    for (int j = 0; j < J; ++j) {
+      const int64_t ij = i * J + j;
+      const T d = c[ij] * (e[ij] - ce);
+      p.d_out[ij] = p.d_in != nullptr ? p.d_in[ij] + d : d;
+    }
+    return;
+  }
+  const int j = blockIdx.x;
+  const int lane = threadIdx.x;
+  T ce = 0;
+  for (int64_t i = lane; i < p.I; i += kWarpSize) ce += c[i * J + j] * e[i * J + j];
+  ce = warp_sum(ce);
+  for (int64_t i = lane; i < p.I; i += kWarpSize) {
+    const int64_t ij = i * J + j;
+    const T d = c[ij] * (e[ij] - ce);
+    p.d_out[ij] = p.d_in != nullptr ? p.d_in[ij] + d : d;
+  }
+}
+
+// out[e] = 0 for e < n: dprior of an empty batch.
+template <typename T>
+__global__ void zero_kernel(T* out, int64_t n) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < n) out[e] = T(0);
+}
+
 // Host side.
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -999,8 +1286,9 @@ int plan_error(Plan* plan, const char* message) {
   return cudaErrorInvalidConfiguration;
 }
 
+// Sizes, options, tiles and tensors; no workspace.
 template <typename T>
-Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
+Params<T> base_params(const Plan& plan, const Tensors<T>& t) {
   const Sizes& sz = plan.sz;
   Params<T> p{};
   p.B = static_cast<int>(sz.B);
@@ -1044,6 +1332,17 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
   p.dw = t.dw;
   p.dprior = t.dprior;
   p.dbias = t.dbias;
+  p.v_iter = t.v_iter;
+  p.coup = t.c;
+  p.agree_caps = plan.tiles.agree_caps;
+  p.agree_samples = plan.tiles.agree_samples;
+  return p;
+}
+
+template <typename T>
+Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
+  const Sizes& sz = plan.sz;
+  Params<T> p = base_params(plan, t);
   // Workspace, in the order of forward_workspace / backward_workspace.
   T* ws = t.workspace;
   const int64_t B = sz.B, I = sz.I, J = sz.J, JM = sz.J * sz.M;
@@ -1055,6 +1354,8 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
   }
   if (!backward) {
     p.part_first = ws;
+    p.gemm_out = ws;
+    p.gemm_coef = plan.opt.has_prior ? p.c1 : nullptr;
     ws += plan.gemm_splits * B * JM;
     if (sz.R > 1) {
       p.part_s = ws;
@@ -1076,6 +1377,31 @@ Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
     p.beta = ws;
     ws += B * sz.R * I * J;
   }
+  return p;
+}
+
+// The shared-logits launchers' parameters, workspace in the order of shared_forward_workspace
+// / shared_backward_workspace.
+template <typename T>
+Params<T> make_shared_params(const Plan& plan, const Tensors<T>& t, bool backward) {
+  const Sizes& sz = plan.sz;
+  Params<T> p = base_params(plan, t);
+  p.shared = true;
+  p.kappa_div = plan.opt.batch_mean ? static_cast<int>(std::max<int64_t>(sz.B, 1)) : 1;
+  const int64_t B = sz.B, IJ = sz.I * sz.J, JM = sz.J * sz.M;
+  T* ws = t.workspace;
+  p.agree = ws;
+  ws += IJ;
+  p.part = ws;
+  ws += plan.gemm_splits * B * JM;
+  if (!backward) {
+    p.logits = ws;
+    ws += IJ;
+  } else {
+    p.d_hist = ws;
+    ws += sz.R * IJ;
+  }
+  p.gemm_out = p.part;
   return p;
 }
 
@@ -1178,8 +1504,9 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
                                                         t.sweep_warps, N, J, KP, backward)
                                                .total);
   };
-  // Shrink what was not asked for until the backward sweep (the larger) fits.
-  while (sweep_bytes(true) > max_shared) {
+  // Shrink what was not asked for until the backward sweep (the larger) fits. The
+  // shared-logits launchers run no sweep: any J x M that the other kernels fit will do.
+  while (!opt.shared_logits && sweep_bytes(true) > max_shared) {
     if (auto_stage && t.sweep_stage > 1) {
       t.sweep_stage /= 2;
     } else if (auto_samples && t.sweep_samples > kGroup) {
@@ -1243,6 +1570,35 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
   if (t.combine_warps < 1 || t.combine_warps > 32) {
     return plan_error(plan, "combine_warps must be 1..32");
   }
+
+  // Agreements of the shared-logits launchers: as the gradient blocks, up to 4 capsules per
+  // block while the grid keeps kMinBlocks blocks, 8 samples staged at a time.
+  const bool auto_agree_caps = t.agree_caps == 0, auto_agree_samples = t.agree_samples == 0;
+  if (auto_agree_caps) {
+    t.agree_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
+  }
+  if (auto_agree_samples) t.agree_samples = 8;
+  if (t.agree_warps == 0) t.agree_warps = 8;
+  auto agree_bytes = [&]() {
+    return elem_size *
+           static_cast<size_t>(agree_layout(t.agree_caps, t.agree_samples, N, JM).total);
+  };
+  while (opt.shared_logits && agree_bytes() > max_shared) {
+    if (auto_agree_samples && t.agree_samples > 1) {
+      t.agree_samples /= 2;
+    } else if (auto_agree_caps && t.agree_caps > 1) {
+      t.agree_caps /= 2;
+    } else {
+      return plan_error(plan,
+                        "the CUDA agreement kernel does not fit this N x J x M in shared memory; "
+                        "use the triton backend");
+    }
+  }
+  if (t.agree_caps < 1 || t.agree_samples < 1 || t.agree_warps < 1 || t.agree_warps > 32) {
+    return plan_error(plan, "agree tiles: caps, samples >= 1, 1..32 warps");
+  }
+  plan->agree_blocks = cdiv(I, t.agree_caps);
+  plan->agree_shared = agree_bytes();
   plan->tiles = t;
 
   const int64_t prior_ws = opt.has_prior ? I * J + J : 0;
@@ -1254,6 +1610,10 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
   plan->forward_workspace = fwd;
   plan->backward_workspace =
       prior_ws + B * JM + plan->sweep_blocks * B * JM + 2 * B * sz.R * I * J;
+  // Shared logits (make_shared_params): the agreements (or e), the GEMM's partials, then the
+  // running logits forward or D^t [R, I, J] backward.
+  plan->shared_forward_workspace = 2 * I * J + plan->gemm_splits * B * JM;
+  plan->shared_backward_workspace = (1 + sz.R) * I * J + plan->gemm_splits * B * JM;
   return 0;
 }
 
@@ -1322,12 +1682,132 @@ int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
                        dim3(plan.tiles.grads_warps * kWarpSize), plan.grads_shared, stream, p);
 }
 
+namespace {
+
+template <typename T>
+int launch_shared_logits(const Params<T>& p, void (*kernel)(Params<T>), const char* name,
+                         void* stream) {
+  if (p.in_caps) {
+    return launch_kernel(name, kernel, dim3(static_cast<unsigned>(p.J)), dim3(kWarpSize), 0,
+                         stream, p);
+  }
+  return launch_kernel(name, kernel, dim3(static_cast<unsigned>(cdiv(p.I, kLogitThreads))),
+                       dim3(kLogitThreads), 0, stream, p);
+}
+
+template <typename T>
+int launch_shared_gemm(const Plan& plan, const Params<T>& p, void* stream) {
+  const dim3 grid(static_cast<unsigned>(cdiv(p.JM, kGemmTileC)),
+                  static_cast<unsigned>(cdiv(p.B, kGemmTileB)),
+                  static_cast<unsigned>(plan.gemm_splits));
+  return launch_kernel("gemm", &gemm_kernel<T>, grid, dim3(kGemmThreads), plan.gemm_shared,
+                       stream, p);
+}
+
+template <typename T>
+int launch_shared_combine(const Plan& plan, const Params<T>& p, bool forward, void* stream) {
+  const int warps = plan.tiles.combine_warps;
+  const dim3 grid(static_cast<unsigned>(cdiv(plan.sz.B * plan.sz.J, warps)));
+  if (forward) {
+    return launch_kernel("shared_combine", &shared_combine_kernel<T>, grid,
+                         dim3(warps * kWarpSize), 0, stream, p);
+  }
+  return launch_kernel("shared_combine_back", &shared_combine_back_kernel<T>, grid,
+                       dim3(warps * kWarpSize), 0, stream, p);
+}
+
+template <typename T>
+int launch_shared_agree(const Plan& plan, const Params<T>& p, void* stream) {
+  return launch_kernel("shared_agree", &shared_agree_kernel<T>,
+                       dim3(static_cast<unsigned>(plan.agree_blocks)),
+                       dim3(plan.tiles.agree_warps * kWarpSize), plan.agree_shared, stream, p);
+}
+
+}  // namespace
+
+template <typename T>
+int shared_routing_forward(const Plan& plan, const Tensors<T>& t, void* stream) {
+  Params<T> p = make_shared_params(plan, t, false);
+  const int64_t IJ = static_cast<int64_t>(p.I) * p.J;
+  int err = cudaSuccess;
+  for (int k = 0; k < p.R; ++k) {
+    p.k = k;
+    // Without samples the logits never move: every iteration's couplings are the first.
+    p.add_agree = p.B > 0 && k > 0;
+    p.logits_in = (k <= 1 || p.B == 0) ? t.prior : p.logits;
+    p.store_logits = p.add_agree && k < p.R - 1;
+    err = launch_shared_logits(p, &shared_softmax_kernel<T>, "shared_softmax", stream);
+    if (err != cudaSuccess) return err;
+    if (p.B == 0) continue;
+    p.gemm_coef = p.coup + k * IJ;
+    if ((err = launch_shared_gemm(plan, p, stream)) != cudaSuccess) return err;
+    if ((err = launch_shared_combine(plan, p, true, stream)) != cudaSuccess) return err;
+    if (k < p.R - 1) {
+      p.agree_x = p.v_iter;
+      if ((err = launch_shared_agree(plan, p, stream)) != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+int shared_routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
+  Params<T> p = make_shared_params(plan, t, true);
+  const int64_t IJ = static_cast<int64_t>(p.I) * p.J;
+  const bool need_uhat = t.du != nullptr || t.dw != nullptr;
+  const bool need_dp = t.dprior != nullptr;
+  const bool need_db = t.dbias != nullptr;
+  const int last = p.R - 1;
+  int err = cudaSuccess;
+  if (p.B > 0) {
+    // The chain of D = dL/d(shared logits) through every iteration: needed by every gradient
+    // except du and dW with detach_inner, which read the last iteration alone.
+    const bool chain = (!p.detach_inner && need_uhat) || need_dp || need_db;
+    for (int k = last; k >= (chain ? 0 : last); --k) {
+      p.k = k;
+      if (k < last) {
+        p.gemm_coef = p.d_hist + (k + 1) * IJ;
+        if ((err = launch_shared_gemm(plan, p, stream)) != cudaSuccess) return err;
+      }
+      if ((err = launch_shared_combine(plan, p, false, stream)) != cudaSuccess) return err;
+      // e^1 feeds only dL/db^1 = dprior.
+      if (!chain || (k == 0 && !need_dp)) continue;
+      p.agree_x = p.ds;
+      if ((err = launch_shared_agree(plan, p, stream)) != cudaSuccess) return err;
+      p.d_in = k < last ? p.d_hist + (k + 1) * IJ : nullptr;
+      p.d_out = k == 0 ? t.dprior : p.d_hist + k * IJ;
+      err = launch_shared_logits(p, &shared_logits_back_kernel<T>, "shared_logits_back", stream);
+      if (err != cudaSuccess) return err;
+    }
+  } else if (need_dp) {
+    err = launch_kernel("zero", &zero_kernel<T>, dim3(static_cast<unsigned>(cdiv(IJ, 256))),
+                        dim3(256), 0, stream, t.dprior, IJ);
+    if (err != cudaSuccess) return err;
+  }
+  // Also for B = 0: dW and dbias are then zero, written by their owners.
+  if (need_db) {
+    err = launch_kernel("bias_grad", &bias_grad_kernel<T>,
+                        dim3(static_cast<unsigned>(cdiv(p.JM, kBiasThreads))), dim3(kBiasThreads),
+                        0, stream, p);
+    if (err != cudaSuccess) return err;
+  }
+  if (!need_uhat) return cudaSuccess;
+  // du and dW from du_hat (shared_uhat_grad); dprior came from the logits' backward.
+  p.dprior = nullptr;
+  return launch_kernel("grads", &grads_kernel<T>, dim3(static_cast<unsigned>(plan.grads_blocks)),
+                       dim3(plan.tiles.grads_warps * kWarpSize), plan.grads_shared, stream, p);
+}
+
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 template int routing_forward<float>(const Plan&, const Tensors<float>&, void*);
 template int routing_forward<double>(const Plan&, const Tensors<double>&, void*);
 template int routing_backward<float>(const Plan&, const Tensors<float>&, void*);
 template int routing_backward<double>(const Plan&, const Tensors<double>&, void*);
+template int shared_routing_forward<float>(const Plan&, const Tensors<float>&, void*);
+template int shared_routing_forward<double>(const Plan&, const Tensors<double>&, void*);
+template int shared_routing_backward<float>(const Plan&, const Tensors<float>&, void*);
+template int shared_routing_backward<double>(const Plan&, const Tensors<double>&, void*);
 
 }  // namespace cuda
 }  // namespace capsnet_fused

@@ -4,7 +4,9 @@
 // Shapes: u [B, I, N], w [I, J, N, M], prior [I, J] or null, bias [J, M] or null, v [B, J, M],
 // s and V [B, R, J, M], lse [B, R, J] (softmax over in_caps only), grad_v [B, J, M],
 // ds [B, R, J, M] (scratch of the backward), du [B, I, N], dw [I, J, N, M], dprior [I, J],
-// dbias [J, M].
+// dbias [J, M]. Routing logits shared by the batch (issue 18: shared_routing_forward / _backward)
+// save v_iter [B, R, J, M] (v^t of every iteration) and the couplings c [R, I, J] instead of V
+// and lse.
 #pragma once
 
 #include <cstddef>
@@ -19,12 +21,15 @@ struct Sizes {
 
 // The routing variant. Options that change the math go here (and into the kernels' Params).
 struct Options {
-  bool in_caps = false;       // couplings normalised over input capsules (else output capsules)
-  bool detach_inner = false;  // u_hat has a gradient only through the last weighted sum
-  bool has_prior = false;     // prior logits [I, J] given
-  bool has_bias = false;      // bias [J, M] added to s^t before every squash
-  bool leaky = false;         // one extra logit fixed at 0 on the softmax axis
-  double squash_eps = 1e-8;   // eps of the squash, >= 0 (0: NaN at s = 0)
+  bool in_caps = false;        // couplings normalised over input capsules (else output capsules)
+  bool detach_inner = false;   // u_hat has a gradient only through the last weighted sum
+  bool has_prior = false;      // prior logits [I, J] given
+  bool has_bias = false;       // bias [J, M] added to s^t before every squash
+  bool leaky = false;          // one extra logit fixed at 0 on the softmax axis
+  double squash_eps = 1e-8;    // eps of the squash, >= 0 (0: NaN at s = 0)
+  bool shared_logits = false;  // plan for the shared-logits launchers (no per-sample sweeps)
+  bool batch_mean = false;     // shared logits: grown by the batch mean of the agreements (else
+                               // their sum)
 };
 
 // Tile sizes. A field left 0 is chosen by plan_routing; tests set them to exercise ragged tiles.
@@ -38,6 +43,9 @@ struct Tiles {
   int grads_samples = 0;  // samples a gradient block stages at a time
   int grads_warps = 0;    // warps per gradient block
   int combine_warps = 0;  // warps per combine block (one warp per (b, j))
+  int agree_caps = 0;     // shared logits: input capsules per agreement block (their owner)
+  int agree_samples = 0;  // samples an agreement block stages at a time
+  int agree_warps = 0;    // warps per agreement block
 };
 
 // Everything the launchers need to know before they run: tiles, grids, shared memory, and the
@@ -51,8 +59,11 @@ struct Plan {
   int64_t sample_tiles;   // sample tiles of a sweep (grid.y)
   int64_t gemm_splits;    // splits of the first iteration's product (grid.z)
   int64_t grads_blocks;   // gradient blocks (grid.x)
+  int64_t agree_blocks;   // agreement blocks of the shared-logits launchers (grid.x)
   size_t sweep_forward_shared, sweep_backward_shared, gemm_shared, grads_shared;  // bytes
+  size_t agree_shared;                            // bytes
   int64_t forward_workspace, backward_workspace;  // elements
+  int64_t shared_forward_workspace, shared_backward_workspace;  // elements (shared logits)
   char error[256];  // why the problem cannot be run (plan_routing returned non-zero)
 };
 
@@ -71,6 +82,8 @@ struct Tensors {
   T* s;             // s^t, saved by the forward, read by the backward
   T* V;             // V^{t-1}, saved by the forward, read by the backward
   T* lse;           // log-sum-exp over i (in_caps), saved by the forward
+  T* v_iter;        // shared logits: v^t [B, R, J, M], saved by the forward
+  T* c;             // shared logits: couplings c^t [R, I, J], saved by the forward
   const T* grad_v;  // backward input
   T* ds;            // backward scratch [B, R, J, M]
   T* du;            // backward outputs, null when not wanted
@@ -86,6 +99,16 @@ int routing_forward(const Plan& plan, const Tensors<T>& t, void* stream);
 
 template <typename T>
 int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream);
+
+// Routing logits shared by the batch: the forward writes v, s, v_iter and c (c also for B = 0:
+// the prior's softmax in every iteration); the backward reads s, v_iter, c and grad_v and
+// writes ds and the wanted gradients (B = 0: zero dw, dprior, dbias). The prior and the bias
+// are read by the forward only.
+template <typename T>
+int shared_routing_forward(const Plan& plan, const Tensors<T>& t, void* stream);
+
+template <typename T>
+int shared_routing_backward(const Plan& plan, const Tensors<T>& t, void* stream);
 
 const char* error_string(int code);
 

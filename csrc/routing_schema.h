@@ -24,3 +24,24 @@
   "Tensor V, Tensor lse, int iterations, bool softmax_in_caps, bool detach_inner, " \
   "bool leaky, float squash_eps, bool need_du, bool need_dweight, bool need_dprior, " \
   "bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)"
+
+// Routing logits shared by the batch (issue 18): one logit tensor [I, J] for the whole batch,
+// starting at the prior (or 0) and, after every iteration but the last, increased by the batch
+// mean (batch_mean) or sum of the agreements u_hat_bij . v^t_bj, so that every sample is routed
+// with the same couplings c^t [I, J]. Other arguments as above. Returns v [B, J, M] (dtype of
+// u) and, in the compute dtype: s [B, R, J, M] (the squash input s^t + bias), v_iter
+// [B, R, J, M] (v^t = squash(s^t), the output of every iteration) and c [R, I, J] (the
+// couplings of every iteration, the leaky share excluded). The mean over B = 0 samples is 0.
+#define CAPSNET_SHARED_ROUTING_FWD_SCHEMA                                                   \
+  "(Tensor u, Tensor weight, Tensor? prior, Tensor? bias, int iterations, "                \
+  "bool softmax_in_caps, bool detach_inner, bool leaky, float squash_eps, bool batch_mean) " \
+  "-> (Tensor, Tensor, Tensor, Tensor)"
+
+// Exact gradients of the shared-logits routing with respect to u, weight, prior and bias, from
+// the forward's s, v_iter and c. An output not asked for (need_* false, or its input None) is
+// returned with shape [0].
+#define CAPSNET_SHARED_ROUTING_BWD_SCHEMA                                                   \
+  "(Tensor grad_v, Tensor u, Tensor weight, Tensor? prior, Tensor? bias, Tensor s, "        \
+  "Tensor v_iter, Tensor c, int iterations, bool softmax_in_caps, bool detach_inner, "      \
+  "bool leaky, float squash_eps, bool batch_mean, bool need_du, bool need_dweight, "        \
+  "bool need_dprior, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)"

@@ -4,9 +4,11 @@ load() compiles csrc/routing_cuda.cpp (the torch glue the CUDA build uses) and
 csrc/routing_cuda_emulated.cpp (csrc/routing_cuda.cu compiled as C++) with
 CAPSNET_FUSED_CUDA_EMULATION defined, through torch.utils.cpp_extension.load (ninja, cached under
 TORCH_EXTENSIONS_DIR: a rebuild only when a source changes). The library registers the kernels
-for CPU tensors as the test-only ops capsnet_fused::cuda_emulated_routing_fwd / _bwd, with the
-schema of cpp_routing_fwd / _bwd; load() adds the fakes and autograd of capsnet_fused._op_glue,
-so `routing` below is a backend function like capsnet_fused._cpp_op.routing.
+for CPU tensors as the test-only ops capsnet_fused::cuda_emulated_routing_fwd / _bwd (and
+cuda_emulated_shared_routing_fwd / _bwd for routing logits shared by the batch), with the schemas
+of cpp_routing_fwd / _bwd (cpp_shared_routing_fwd / _bwd); load() adds the fakes and autograd of
+capsnet_fused._op_glue, so `routing` and `shared_routing` below are backend functions like
+capsnet_fused._cpp_op's.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def load() -> None:
         verbose=False,
     )
     _op_glue.register(PREFIX)
+    _op_glue.register(PREFIX, shared=True)
     _LOADED = True
 
 
 routing = _op_glue.make_routing(PREFIX)
+shared_routing = _op_glue.make_shared_routing(PREFIX)

@@ -7,6 +7,8 @@
 //                                   each run twice, threads in forward and reverse order between
 //                                   barriers, and the results compared bit for bit
 //   cuda_emulation_check routing quick   the first shape only, one order (for TSan, ~10x slower)
+//   cuda_emulation_check shared [quick]  the same for the kernels of routing logits shared by
+//                                   the batch (issue 18), batch mean and sum
 //   cuda_emulation_check selftest   the emulation's own checks: a missing __syncthreads changes
 //                                   results with the thread order; divergent barriers, a barrier
 //                                   after early returns, shuffles in a partial warp and mixed
@@ -122,9 +124,67 @@ bool run_routing(const Sizes& sz, const Options& opt, const Tiles& tiles, Result
   return true;
 }
 
+// The shared-logits launchers on one problem (opt.shared_logits): out->V holds v_iter and
+// out->lse the couplings.
+bool run_shared(const Sizes& sz, const Options& opt, const Tiles& tiles, Result* out) {
+  std::mt19937_64 rng(1234);
+  const size_t B = sz.B, I = sz.I, J = sz.J, N = sz.N, M = sz.M, R = sz.R;
+  const std::vector<double> u = random_buffer(B * I * N, 0.6, rng);
+  const std::vector<double> w = random_buffer(I * J * N * M, 1.0 / std::sqrt(double(N)), rng);
+  const std::vector<double> prior = random_buffer(I * J, 1.0, rng);
+  const std::vector<double> grad = random_buffer(B * J * M, 1.0, rng);
+  const std::vector<double> bias = random_buffer(J * M, 0.3, rng);
+  Plan plan;
+  if (capsnet_fused::cuda::plan_routing(sz, opt, tiles, sizeof(double), &plan) != 0) {
+    std::printf("FAIL plan: %s\n", plan.error);
+    return false;
+  }
+  out->v = nan_buffer(B * J * M);
+  out->s = nan_buffer(B * R * J * M);
+  out->V = nan_buffer(B * R * J * M);
+  out->lse = nan_buffer(R * I * J);
+  std::vector<double> fwd_ws = nan_buffer(plan.shared_forward_workspace);
+  Tensors<double> t{};
+  t.u = u.data();
+  t.w = w.data();
+  t.prior = opt.has_prior ? prior.data() : nullptr;
+  t.bias = opt.has_bias ? bias.data() : nullptr;
+  t.v = out->v.data();
+  t.s = out->s.data();
+  t.v_iter = out->V.data();
+  t.c = out->lse.data();
+  t.workspace = fwd_ws.data();
+  int err = capsnet_fused::cuda::shared_routing_forward<double>(plan, t, nullptr);
+  if (err != 0) {
+    std::printf("FAIL shared forward: %s\n", capsnet_fused::cuda::error_string(err));
+    return false;
+  }
+  std::vector<double> ds = nan_buffer(B * R * J * M);
+  std::vector<double> bwd_ws = nan_buffer(plan.shared_backward_workspace);
+  out->du = nan_buffer(B * I * N);
+  out->dw = nan_buffer(I * J * N * M);
+  out->dprior = nan_buffer(opt.has_prior ? I * J : 0);
+  out->dbias = nan_buffer(opt.has_bias ? J * M : 0);
+  t.prior = nullptr;
+  t.bias = nullptr;
+  t.grad_v = grad.data();
+  t.ds = ds.data();
+  t.du = out->du.data();
+  t.dw = out->dw.data();
+  t.dprior = opt.has_prior ? out->dprior.data() : nullptr;
+  t.dbias = opt.has_bias ? out->dbias.data() : nullptr;
+  t.workspace = bwd_ws.data();
+  err = capsnet_fused::cuda::shared_routing_backward<double>(plan, t, nullptr);
+  if (err != 0) {
+    std::printf("FAIL shared backward: %s\n", capsnet_fused::cuda::error_string(err));
+    return false;
+  }
+  return true;
+}
+
 // quick: the first shape only, one thread order (ThreadSanitizer's run, which is slow: races are
-// its business there, not thread-order dependence).
-int mode_routing(bool quick) {
+// its business there, not thread-order dependence). shared: the shared-logits launchers.
+int mode_routing(bool quick, bool shared) {
   std::vector<Sizes> shapes = {{5, 13, 3, 3, 5, 3}, {9, 20, 10, 8, 16, 2}, {3, 7, 2, 2, 37, 2}};
   if (quick) shapes.resize(1);
   Tiles ragged;
@@ -137,6 +197,9 @@ int mode_routing(bool quick) {
   ragged.grads_samples = 3;
   ragged.grads_warps = 3;
   ragged.combine_warps = 3;
+  ragged.agree_caps = 3;
+  ragged.agree_samples = 3;
+  ragged.agree_warps = 3;
   const std::vector<Tiles> configs = {Tiles{}, ragged};
   int runs = 0;
   for (const Sizes& sz : shapes) {
@@ -149,20 +212,23 @@ int mode_routing(bool quick) {
       // each of the above meets them with and without; the eps-free squash in one.
       opt.has_bias = opt.leaky = (opt.in_caps + opt.has_prior + opt.detach_inner) % 2 == 1;
       opt.squash_eps = variant == 7 ? 0.0 : 1e-8;
+      opt.shared_logits = shared;
+      opt.batch_mean = variant % 2 == 0;
       for (size_t c = 0; c < configs.size(); ++c) {
         const std::string name = "B" + std::to_string(sz.B) + "-I" + std::to_string(sz.I) +
                                  "-J" + std::to_string(sz.J) + "-M" + std::to_string(sz.M) +
                                  " variant " + std::to_string(variant) + " tiles " +
                                  std::to_string(c);
         Result forward_order, reverse_order;
+        const auto run = shared ? run_shared : run_routing;
         setenv("CUDA_EMU_SCHEDULE", "forward", 1);
-        if (!run_routing(sz, opt, configs[c], &forward_order)) return 1;
+        if (!run(sz, opt, configs[c], &forward_order)) return 1;
         ++runs;
         if (quick) {
           reverse_order = forward_order;
         } else {
           setenv("CUDA_EMU_SCHEDULE", "reverse", 1);
-          if (!run_routing(sz, opt, configs[c], &reverse_order)) return 1;
+          if (!run(sz, opt, configs[c], &reverse_order)) return 1;
           ++runs;
         }
         const std::vector<double>* a[] = {&forward_order.v,      &forward_order.s,
@@ -183,7 +249,8 @@ int mode_routing(bool quick) {
       }
     }
   }
-  std::printf("routing: %d forward+backward runs, %d failures\n", runs, failures);
+  std::printf("%s: %d forward+backward runs, %d failures\n", shared ? "shared" : "routing", runs,
+              failures);
   return failures == 0 ? 0 : 1;
 }
 
@@ -340,10 +407,12 @@ int mode_overflow() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
-  if (mode == "routing") return mode_routing(argc > 2 && std::string(argv[2]) == "quick");
+  const bool quick = argc > 2 && std::string(argv[2]) == "quick";
+  if (mode == "routing") return mode_routing(quick, false);
+  if (mode == "shared") return mode_routing(quick, true);
   if (mode == "selftest") return mode_selftest();
   if (mode == "race") return mode_race();
   if (mode == "overflow") return mode_overflow();
-  std::fprintf(stderr, "usage: %s routing|selftest|race|overflow\n", argv[0]);
+  std::fprintf(stderr, "usage: %s routing|shared|selftest|race|overflow\n", argv[0]);
   return 2;
 }

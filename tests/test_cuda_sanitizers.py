@@ -71,8 +71,13 @@ def test_emulation_selftest(build):
     assert "selftest: 0 failures" in result.stdout
 
 
-def test_results_do_not_depend_on_thread_order(build):
-    result = run(build("plain"), "routing")
+# The per-sample kernels and those of routing logits shared by the batch (issue 18).
+kernel_sets = pytest.mark.parametrize("kernels", ["routing", "shared"])
+
+
+@kernel_sets
+def test_results_do_not_depend_on_thread_order(build, kernels):
+    result = run(build("plain"), kernels)
     assert result.returncode == 0, result.stdout + result.stderr
     assert ", 0 failures" in result.stdout
 
@@ -83,8 +88,9 @@ def test_address_sanitizer_reports_an_overflow(build):
     assert "heap-buffer-overflow" in result.stderr and "overflow_kernel" in result.stderr
 
 
-def test_address_sanitizer_clean(build):
-    result = run(build("asan"), "routing")
+@kernel_sets
+def test_address_sanitizer_clean(build, kernels):
+    result = run(build("asan"), kernels)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr
     assert ", 0 failures" in result.stdout
@@ -96,8 +102,9 @@ def test_thread_sanitizer_reports_a_race(build):
     assert "racy_kernel" in result.stderr
 
 
-def test_thread_sanitizer_clean(build):
-    result = run(build("tsan"), "routing", "quick")
+@kernel_sets
+def test_thread_sanitizer_clean(build, kernels):
+    result = run(build("tsan"), kernels, "quick")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "ThreadSanitizer" not in result.stderr
     assert ", 0 failures" in result.stdout

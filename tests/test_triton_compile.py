@@ -62,6 +62,22 @@ def test_backward_kernels_do_not_spill():
     assert not spilling(report) and code == 0, "\n".join(spilling(report))
 
 
+def test_shared_logits_kernels_do_not_spill():
+    # first_sweep_kernel serves the shared-logits routing too (its per-iteration GEMM), with the
+    # tiles of the forward test above.
+    code, report = compile_and_report(
+        [
+            "shared_softmax_kernel",
+            "shared_combine_kernel",
+            "shared_combine_back_kernel",
+            "shared_agree_kernel",
+            "shared_logits_back_kernel",
+            "shared_du_kernel",
+        ]
+    )
+    assert not spilling(report) and code == 0, "\n".join(spilling(report))
+
+
 def test_launcher_passes_the_register_cap_the_check_compiles_with():
     """KernelLaunch (what routing_forward/backward run) passes maxnreg; the check uses it too."""
     import torch

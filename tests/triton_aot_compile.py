@@ -29,7 +29,13 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from capsnet_fused.triton import INTERPRETED, kernels, planned_launches
+from capsnet_fused.triton import (
+    INTERPRETED,
+    kernels,
+    planned_launches,
+    planned_shared_launches,
+    shared_kernels,
+)
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # (B, I, J, N, M, R): the MNIST DigitCaps shape, other sizes the project names, and every shape
@@ -70,6 +76,24 @@ HEAVY = {
         "NEED_DPRIOR": True,
         "DETACH_INNER": False,
     },
+    # Routing logits shared by the batch (capsnet_fused/triton/shared_kernels.py).
+    "shared_softmax_kernel": {
+        "HAS_LOGITS": True,
+        "HAS_A": True,
+        "STORE_LOGITS": True,
+        "LEAKY": True,
+    },
+    "shared_combine_kernel": {"HAS_BIAS": True, "LAST": True},
+    "shared_combine_back_kernel": {"READ_PARTS": True, "LAST": False},
+    "shared_agree_kernel": {
+        "NEED_E": True,
+        "NEED_DW": True,
+        "NEED_G": True,
+        "ACCUM_DW": True,
+        "FINAL_DW": False,
+    },
+    "shared_logits_back_kernel": {"HAS_D": True},
+    "shared_du_kernel": {"DETACH_INNER": False},
 }
 KERNELS = [
     "first_sweep_kernel",
@@ -79,6 +103,16 @@ KERNELS = [
     "sweep_back_kernel",
     "grads_kernel",
 ]
+SHARED_KERNELS = [
+    "shared_softmax_kernel",
+    "shared_combine_kernel",
+    "shared_combine_back_kernel",
+    "shared_agree_kernel",
+    "shared_logits_back_kernel",
+    "shared_du_kernel",
+]
+# Where each kernel is defined (first_sweep_kernel serves both routings).
+MODULES = {name: kernels for name in KERNELS} | {name: shared_kernels for name in SHARED_KERNELS}
 
 
 def specialise(launch):
@@ -99,7 +133,7 @@ def specialise(launch):
 
 def compile_one(job):
     kernel_name, signature, constexprs, attrs, num_warps, maxnreg, arch = job
-    source = ASTSource(getattr(kernels, kernel_name), signature, constexprs, attrs)
+    source = ASTSource(getattr(MODULES[kernel_name], kernel_name), signature, constexprs, attrs)
     # The same options the launcher passes (KernelLaunch.__call__).
     compiled = triton.compile(
         source,
@@ -137,7 +171,12 @@ def jobs(archs, dtypes, every_variant, kernel_names):
         for shape in SHAPES:
             if not every_variant and dtype_name != "float32" and shape != MNIST:
                 continue
-            for launch in planned_launches([shape], DTYPES[dtype_name]):
+            launches = []
+            if kernel_names & set(KERNELS):
+                launches += planned_launches([shape], DTYPES[dtype_name])
+            if kernel_names & set(SHARED_KERNELS):
+                launches += planned_shared_launches([shape], DTYPES[dtype_name])
+            for launch in launches:
                 name = launch.kernel.__name__
                 if name not in kernel_names:
                     continue
@@ -188,12 +227,14 @@ def main() -> int:
         "about 3 s per kernel on a laptop core",
     )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
+    parser.add_argument(
+        "--kernels", nargs="+", default=KERNELS + SHARED_KERNELS, choices=KERNELS + SHARED_KERNELS
+    )
     args = parser.parse_args()
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels are interpreted, nothing to compile")
         return 2
-    todo = jobs(args.archs, args.dtypes, args.every_variant, args.kernels)
+    todo = jobs(args.archs, args.dtypes, args.every_variant, set(args.kernels))
     start = time.time()
     failures = 0
     with ProcessPoolExecutor(args.workers) as pool:

@@ -9,13 +9,25 @@ from capsnet_fused.triton.routing import (
     routing_backward,
     routing_forward,
 )
+from capsnet_fused.triton.shared_routing import (
+    SharedConfig,
+    choose_shared_config,
+    planned_shared_launches,
+    shared_routing_backward,
+    shared_routing_forward,
+)
 
 __all__ = [
     "INTERPRETED",
     "KernelLaunch",
     "RoutingConfig",
+    "SharedConfig",
     "choose_config",
+    "choose_shared_config",
     "planned_launches",
+    "planned_shared_launches",
     "routing_backward",
     "routing_forward",
+    "shared_routing_backward",
+    "shared_routing_forward",
 ]

@@ -1,0 +1,212 @@
+"""Routing logits shared by the batch (issue 18): the reference, its documented backward, the
+op contract, and every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsnet_fused import dynamic_routing, reference_routing
+from capsnet_fused.ops import shared_logits_unavailable_reason, unavailable_reason
+from capsnet_fused.reference import coupling_softmax, squash
+from tests.helpers import Shape, make_inputs
+
+
+def squash_backward(s, dv, eps):
+    """dL/ds of v = squash(s) for dL/dv = dv, through autograd of the reference squash."""
+    leaf = s.detach().clone().requires_grad_()
+    return torch.autograd.grad(squash(leaf, eps=eps), leaf, dv)[0]
+
+
+def documented_backward(u, weight, prior, bias, grad, iterations, *, softmax_over, detach_inner,
+                        leaky, squash_eps, shared_logits):  # fmt: skip
+    """The forward and backward recurrences of docs/ROUTING-MATH.md (shared logits), written
+    out: returns (v, du, dW, dprior, dbias)."""
+    batch, in_caps = u.shape[:2]
+    out_caps, out_d = weight.shape[1], weight.shape[3]
+    kappa = 1.0 / max(batch, 1) if shared_logits == "mean" else 1.0
+    dim = 1 if softmax_over == "out_caps" else 0
+    beta = bias if bias is not None else u.new_zeros(out_caps, out_d)
+    u_hat = torch.einsum("bin,ijnm->bijm", u, weight)
+    logits = prior.clone() if prior is not None else u.new_zeros(in_caps, out_caps)
+    c, s, v = [], [], []
+    for t in range(iterations):
+        c.append(coupling_softmax(logits, dim, leaky))
+        s.append(torch.einsum("ij,bijm->bjm", c[t], u_hat) + beta)
+        v.append(squash(s[t], eps=squash_eps))
+        if t < iterations - 1:
+            logits = logits + kappa * torch.einsum("bijm,bjm->ij", u_hat, v[t])
+    D = u.new_zeros(in_caps, out_caps)
+    du_hat = torch.zeros_like(u_hat)
+    dbias = u.new_zeros(out_caps, out_d)
+    for t in reversed(range(iterations)):
+        last = t == iterations - 1
+        dv = (grad if last else 0) + kappa * torch.einsum("ij,bijm->bjm", D, u_hat)
+        ds = squash_backward(s[t], dv, squash_eps)
+        e = torch.einsum("bjm,bijm->ij", ds, u_hat)
+        if softmax_over == "out_caps":
+            dl = c[t] * (e - (c[t] * e).sum(1, keepdim=True))
+        else:
+            # sum_i c_ij e_ij = sum_b ds_bj . (s_bj - bias_j)
+            dl = c[t] * (e - torch.einsum("bjm,bjm->j", ds, s[t] - beta))
+        if last or not detach_inner:
+            du_hat += c[t][None, :, :, None] * ds[:, None]
+        if not detach_inner:
+            du_hat += kappa * D[None, :, :, None] * v[t][:, None]
+        D = D + dl
+        dbias += ds.sum(0)
+    du = torch.einsum("ijnm,bijm->bin", weight, du_hat)
+    dweight = torch.einsum("bin,bijm->ijnm", u, du_hat)
+    return v[-1], du, dweight, D, dbias
+
+
+def leaves_of(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+DOC_CASES = [
+    # (softmax_over, prior, bias, detach_inner, leaky, squash_eps, shared_logits, R, B)
+    ("out_caps", False, False, False, False, 1e-8, "mean", 3, 3),
+    ("in_caps", True, True, False, True, 0.0, "mean", 2, 4),
+    ("out_caps", True, True, True, True, 0.05, "sum", 4, 3),
+    ("in_caps", False, True, True, False, 1e-8, "sum", 3, 1),
+    ("in_caps", True, False, False, False, 0.05, "sum", 1, 2),
+    ("out_caps", True, False, False, True, 0.0, "mean", 3, 5),
+]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_documented_backward_matches_autograd(case):
+    softmax_over, with_prior, with_bias, detach_inner, leaky, eps, mode, R, B = case
+    u, weight, prior, grad = make_inputs(Shape(B, 6, 3, 3, 4, R), with_prior)
+    bias = 0.1 + 0.3 * torch.randn(3, 4, dtype=torch.float64) if with_bias else None
+    options = dict(
+        softmax_over=softmax_over, detach_inner=detach_inner, leaky=leaky, squash_eps=eps,
+        shared_logits=mode,
+    )  # fmt: skip
+    leaves = leaves_of(u, weight, prior, bias)
+    v = reference_routing(leaves[0], leaves[1], R, prior=leaves[2], bias=leaves[3], **options)
+    wrt = [t for t in leaves if t is not None]
+    autograd = list(torch.autograd.grad(v, wrt, grad))
+    v_doc, *doc = documented_backward(u, weight, prior, bias, grad, R, **options)
+    doc = [g for g, t in zip(doc, (u, weight, prior, bias), strict=True) if t is not None]
+    torch.testing.assert_close(v, v_doc, rtol=1e-12, atol=1e-14)
+    for got, want in zip(autograd, doc, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_one_sample_is_the_per_sample_routing(softmax_over, mode):
+    # With B = 1 the batch mean and sum of the agreements are the sample's own: the shared
+    # logits are its logits, values and gradients alike.
+    u, weight, prior, grad = make_inputs(Shape(1, 9, 4, 3, 5, 3), True)
+    bias = 0.1 + 0.3 * torch.randn(4, 5, dtype=torch.float64)
+    results = []
+    for shared in (None, mode):
+        leaves = leaves_of(u, weight, prior, bias)
+        v = reference_routing(
+            leaves[0], leaves[1], 3, prior=leaves[2], bias=leaves[3], softmax_over=softmax_over,
+            leaky=True, shared_logits=shared,
+        )  # fmt: skip
+        results.append([v, *torch.autograd.grad(v, leaves, grad)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_output_depends_on_the_rest_of_the_batch(mode):
+    u, weight, _, _ = make_inputs(Shape(4, 9, 4, 3, 5, 3), False)
+    whole = reference_routing(u, weight, 3, shared_logits=mode)
+    other = u.clone()
+    other[1:] = other[1:].flip(-1)
+    changed = reference_routing(other, weight, 3, shared_logits=mode)
+    # Sample 0 is the same in both batches; its output is not.
+    assert (whole[0] - changed[0]).abs().max() > 1e-4
+    alone = reference_routing(u[:1], weight, 3, shared_logits=mode)
+    assert (whole[0] - alone[0]).abs().max() > 1e-4
+    # One iteration has no logit update: nothing is shared yet.
+    torch.testing.assert_close(
+        reference_routing(u, weight, 1, shared_logits=mode)[0],
+        reference_routing(u[:1], weight, 1)[0],
+        rtol=1e-14,
+        atol=0,
+    )
+
+
+def test_mean_and_sum_differ_only_with_several_samples():
+    u, weight, _, _ = make_inputs(Shape(3, 9, 4, 3, 5, 2), False)
+    mean = reference_routing(u, weight, 2, shared_logits="mean")
+    total = reference_routing(u, weight, 2, shared_logits="sum")
+    assert (mean - total).abs().max() > 1e-4
+    torch.testing.assert_close(
+        reference_routing(u[:1], weight, 2, shared_logits="mean"),
+        reference_routing(u[:1], weight, 2, shared_logits="sum"),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_empty_batch(mode):
+    u, weight, prior, grad = make_inputs(Shape(0, 7, 3, 2, 4, 3), True)
+    leaves = leaves_of(u, weight, prior)
+    v = reference_routing(leaves[0], leaves[1], 3, prior=leaves[2], shared_logits=mode)
+    assert v.shape == (0, 3, 4)
+    du, dweight, dprior = torch.autograd.grad(v, leaves, grad)
+    assert du.shape == (0, 7, 2)
+    assert torch.equal(dweight, torch.zeros_like(weight))
+    assert torch.equal(dprior, torch.zeros_like(prior))
+
+
+@pytest.mark.parametrize("bad", ["Mean", "batch", "", 1, True, ("mean",)])
+def test_shared_logits_is_validated(bad):
+    u, weight, _, _ = make_inputs(Shape(2, 5, 3, 2, 4, 2), False)
+    for fn in (reference_routing, dynamic_routing):
+        with pytest.raises(ValueError, match="shared_logits"):
+            fn(u, weight, 2, shared_logits=bad)
+
+
+def test_meta_tensors_give_the_shape():
+    u = torch.empty(5, 7, 3, device="meta")
+    weight = torch.empty(7, 4, 3, 6, device="meta")
+    v = dynamic_routing(u, weight, 3, shared_logits="mean")
+    assert v.device.type == "meta" and v.shape == (5, 4, 6)
+
+
+def test_a_backend_without_the_kernels_refuses(monkeypatch):
+    # A backend module without shared_routing (the Triton one before its kernels landed) makes
+    # the op's validation refuse, naming the backend, instead of routing per sample or falling
+    # back.
+    if unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(f"the triton backend cannot run here: {unavailable_reason('triton', 'cpu')}")
+    from capsnet_fused import ops
+
+    module = ops._backend_module("triton")
+    monkeypatch.delattr(module, "shared_routing")
+    reason = shared_logits_unavailable_reason("triton", "cpu")
+    assert reason is not None and "not implemented in the triton backend yet" in reason
+    assert shared_logits_unavailable_reason("reference", "cpu") is None
+    u, weight, _, _ = make_inputs(Shape(2, 5, 3, 2, 4, 2), False)
+    with pytest.raises(NotImplementedError, match="not implemented in the triton backend yet"):
+        dynamic_routing(u, weight, 2, shared_logits="mean", backend="triton")
+
+
+def test_op_contract_shapes_on_meta_tensors():
+    # The fakes of the cpp pair (the Triton pair follows the same contract): v [B, J, M] in the
+    # input dtype; s and v_iter [B, R, J, M] and the couplings [R, I, J] in the state dtype
+    # (float32 for half inputs); gradients shaped as their inputs, [0] when not asked for.
+    pytest.importorskip("capsnet_fused._C")
+    ops = torch.ops.capsnet_fused
+    u = torch.empty(5, 7, 3, device="meta", dtype=torch.float16)
+    weight = torch.empty(7, 4, 3, 6, device="meta", dtype=torch.float16)
+    bias = torch.empty(4, 6, device="meta", dtype=torch.float16)
+    flags = (3, True, False, True, 0.0, True)
+    v, s, v_iter, c = ops.cpp_shared_routing_fwd(u, weight, None, bias, *flags)
+    assert v.shape == (5, 4, 6) and v.dtype == torch.float16
+    assert s.shape == v_iter.shape == (5, 3, 4, 6) and c.shape == (3, 7, 4)
+    assert s.dtype == v_iter.dtype == c.dtype == torch.float32
+    grads = ops.cpp_shared_routing_bwd(
+        v, u, weight, None, bias, s, v_iter, c, *flags, True, False, True, True
+    )
+    assert [tuple(g.shape) for g in grads] == [(5, 7, 3), (0,), (0,), (4, 6)]
