@@ -27,4 +27,8 @@ TORCH_LIBRARY(capsnet_fused, m) {
       "cpp_routing_bwd(Tensor grad_v, Tensor u, Tensor weight, Tensor? prior, Tensor s, "
       "Tensor V, Tensor lse, int iterations, bool softmax_in_caps, bool detach_inner, "
       "bool need_du, bool need_dweight, bool need_dprior) -> (Tensor, Tensor, Tensor)");
+  // JSON describing the CPU kernels that calls in this process run: the instruction-set clone
+  // ("x86-64-v4", "x86-64-v3" or "default"), the L2 bytes per core read at run time and the
+  // u_hat cache setting with its decision at the MNIST shape (routing_cpu.cpp).
+  m.def("cpp_kernel_info() -> str");
 }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -61,16 +64,56 @@ BATCH_SHAPES = [
 CPP_SHAPES = SHAPES + BATCH_SHAPES
 
 
+# CAPSNET_FUSED_CPU_ISA values and the kernel clones they force (csrc/routing_cpu.cpp).
+CLONES = {"generic": "default", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+
+
+def kernel_info() -> dict:
+    return json.loads(OPS.cpp_kernel_info())
+
+
+def require_clone(isa: str, monkeypatch) -> None:
+    """Skip unless this build has the clone that CAPSNET_FUSED_CPU_ISA=isa forces and the CPU
+    runs it; then force it for the rest of the test."""
+    monkeypatch.delenv("CAPSNET_FUSED_CPU_ISA", raising=False)
+    info, clone = kernel_info(), CLONES[isa]
+    if clone not in info["clones_built"]:
+        pytest.skip(f"this build of capsnet_fused._C has no {clone} clone ({info['clones_built']})")
+    if clone not in info["clones_cpu_runs"]:
+        needs = "avx512f/bw/cd/dq/vl" if isa == "avx512" else "avx2/fma/bmi2"
+        pytest.skip(f"this CPU cannot run the {clone} clone (it needs {needs})")
+    monkeypatch.setenv("CAPSNET_FUSED_CPU_ISA", isa)
+
+
+# The float64 reference of each (shape, variant, dtype) case, computed once for all the
+# clones and u_hat paths that are compared with it.
+_REFERENCES: dict = {}
+
+
+def reference_case(shape: Shape, variant, dtype):
+    key = (shape, variant, dtype)
+    if key not in _REFERENCES:
+        u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+        want = reference64(u, weight, prior, grad, **routing_kwargs(shape, variant))
+        _REFERENCES[key] = (u, weight, prior, grad), want
+    return _REFERENCES[key]
+
+
+# Every clone of the kernels (forced; the ones the CPU cannot run skip) with u_hat recomputed
+# in every sweep and cached across sweeps (forced; "auto" picks one of the two by size).
 @pytest.mark.parametrize("shape", CPP_SHAPES, ids=[s.id for s in CPP_SHAPES])
 @variant_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_matches_reference(shape, variant, dtype):
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
-    kwargs = routing_kwargs(shape, variant)
-    out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+@pytest.mark.parametrize("uhat_cache", ["off", "on"], ids=["recompute", "cached"])
+@pytest.mark.parametrize("isa", list(CLONES))
+def test_matches_reference(shape, variant, dtype, uhat_cache, isa, monkeypatch):
+    require_clone(isa, monkeypatch)
+    monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", uhat_cache)
+    (u, weight, prior, grad), want = reference_case(shape, variant, dtype)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, **routing_kwargs(shape, variant))
     assert out[0].dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-11
-    assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), tol)
+    assert_matches_reference(out, want, tol)
 
 
 GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
@@ -251,7 +294,9 @@ def test_torch_compile_capsnet_fullgraph():
     torch.testing.assert_close(compiled_grad, model.digit.weight.grad)
 
 
-def test_threads_do_not_change_results():
+@pytest.mark.parametrize("uhat_cache", ["off", "on"], ids=["recompute", "cached"])
+def test_threads_do_not_change_results(uhat_cache, monkeypatch):
+    monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", uhat_cache)
     shape = Shape(70, 40, 5, 4, 16, 3)
     u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
     kwargs = dict(iterations=3, softmax_over="in_caps")
@@ -288,3 +333,85 @@ def test_flush_to_zero_is_restored_after_the_kernels():
     run_with_grads(cpp_routing, u, weight, prior, grad, iterations=2)
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert (tiny * 1.5).item() != 0.0
+
+
+def test_kernel_info_reports_clone_l2_and_uhat_cache(monkeypatch):
+    monkeypatch.delenv("CAPSNET_FUSED_CPU_ISA", raising=False)
+    monkeypatch.delenv("CAPSNET_FUSED_UHAT_CACHE", raising=False)
+    info = kernel_info()
+    assert info["clone"] in CLONES.values()
+    # Without a setting, the best clone this CPU runs (they are listed best first).
+    assert info["clone"] == info["clones_cpu_runs"][0]
+    assert set(info["clones_cpu_runs"]) <= set(info["clones_built"])
+    # The default clone has 64-byte vectors only when the build's own flags have AVX-512 (a
+    # native build on such a CPU, which has no other clone).
+    wide = info["clone"] == "x86-64-v4" or (
+        info["clone"] == "default" and info["build_isa"] == "avx512f"
+    )
+    assert info["sample_vector_bytes"] == (64 if wide else 32)
+    if "x86-64-v4" in info["clones_built"]:
+        assert info["build_isa"] == "baseline"
+    assert info["u_hat_cache"] == "auto"
+    l2 = info["l2_bytes_per_core"]
+    assert isinstance(l2, int) and l2 >= 0
+    sys_l2 = _sysfs_l2_bytes()
+    if sys_l2 is not None:
+        assert l2 == sys_l2
+    mnist = info["u_hat_cache_mnist"]
+    assert mnist["u_hat_bytes_per_group"] == 1152 * 10 * 16 * mnist["sample_vector_bytes"]
+    fits = 4 * mnist["u_hat_bytes_per_group"] <= 3 * l2
+    assert mnist["path"] == ("cached" if fits else "recompute")
+    for setting, path in (("on", "cached"), ("off", "recompute")):
+        monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", setting)
+        forced = kernel_info()
+        assert forced["u_hat_cache"] == setting and forced["u_hat_cache_mnist"]["path"] == path
+    monkeypatch.setenv("CAPSNET_FUSED_CPU_ISA", "generic")
+    assert kernel_info()["clone"] == "default"
+
+
+def _sysfs_l2_bytes() -> int | None:
+    """cpu0's L2 size as Linux describes it, or None where /sys does not say."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    if not os.path.isdir(root):
+        return None
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        try:
+            with open(os.path.join(path, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(path, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if level == 2 and kind != "Instruction":
+            units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("CAPSNET_FUSED_CPU_ISA", "sse9"), ("CAPSNET_FUSED_UHAT_CACHE", "sometimes")],
+)
+def test_invalid_settings_are_refused(variable, value, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    u, weight, _, _ = make_inputs(Shape(2, 5, 3, 2, 4, 2), False, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"{variable} must be"):
+        cpp_routing(u, weight, iterations=2)
+    with pytest.raises(ValueError, match=f"{variable} must be"):
+        kernel_info()
+
+
+def test_forcing_a_clone_the_cpu_cannot_run_is_refused(monkeypatch):
+    monkeypatch.delenv("CAPSNET_FUSED_CPU_ISA", raising=False)
+    info = kernel_info()
+    missing = [isa for isa, clone in CLONES.items() if clone not in info["clones_cpu_runs"]]
+    if not missing:
+        pytest.skip(f"this CPU and build run every clone ({info['clones_cpu_runs']})")
+    isa = missing[0]
+    monkeypatch.setenv("CAPSNET_FUSED_CPU_ISA", isa)
+    u, weight, _, _ = make_inputs(Shape(9, 5, 3, 2, 4, 2), False, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=f"CAPSNET_FUSED_CPU_ISA={isa} asks for the"):
+        cpp_routing(u, weight, iterations=2)
