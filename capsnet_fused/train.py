@@ -69,6 +69,7 @@ class TrainConfig:
     out: str | None = None
     num_workers: int = 0
     amp: bool = False
+    channels_last: bool = False
     checkpoint_every: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -220,6 +221,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA",
     )
     add(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="channels-last memory order for the convolutions (see the README for where it is "
+        "faster)",
+    )
+    add(
         "--checkpoint-every",
         type=int,
         metavar="N",
@@ -298,6 +306,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> CapsN
         detach_inner=config.detach_inner,
         backend=config.backend,
         digit_init_scale=config.digit_init_scale,
+        channels_last=config.channels_last,
     )
 
 
