@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -310,18 +311,20 @@ def test_tolerance_rule_and_summary():
     assert (stats["min_ms"], stats["max_ms"], stats["runs"]) == (pytest.approx(1.0), 5.0, 5)
 
 
+SMALL_CAPSNET = dict(
+    image_size=20,
+    num_classes=3,
+    conv_channels=8,
+    kernel_size=5,
+    primary_caps=2,
+    primary_dim=4,
+    digit_dim=4,
+    decoder_hidden=(16, 16),
+)
+
+
 def test_end_to_end_checks_and_times(fake_cpp):
-    small = dict(
-        image_size=20,
-        num_classes=3,
-        conv_channels=8,
-        kernel_size=5,
-        primary_caps=2,
-        primary_dim=4,
-        digit_dim=4,
-        decoder_hidden=(16, 16),
-    )
-    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=small)
+    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=SMALL_CAPSNET)
     fake_cpp(_correct)
     rows = bm.run_end_to_end(config)
     assert [r["backend"] for r in rows] == ["reference", "cpp"]
@@ -334,3 +337,48 @@ def test_end_to_end_checks_and_times(fake_cpp):
     assert rows[1]["status"] == "failed" and "d_conv1_weight" in rows[1]["error"]
     assert rows[1]["train_images_per_s"] is None
     assert "failed: wrong result" in bm.format_e2e_table(rows)
+
+
+def test_end_to_end_times_every_amp_and_layout_setting(fake_cpp):
+    both = (False, True)
+    config = tiny_config(
+        e2e_batch=4,
+        repeats=1,
+        model_kwargs=SMALL_CAPSNET,
+        e2e_amp=both,
+        e2e_channels_last=both,
+    )
+    fake_cpp(_correct)
+    rows = bm.run_end_to_end(config)
+    assert [(r["backend"], r["amp"], r["channels_last"]) for r in rows] == [
+        (backend, amp, last) for amp in both for last in both for backend in ("reference", "cpp")
+    ]
+    by_key = {(r["backend"], r["amp"], r["channels_last"]): r for r in rows}
+    for (backend, amp, last), row in by_key.items():
+        assert row["status"] == "ok", row["error"]
+        assert row["autocast_dtype"] == ("torch.bfloat16" if amp else None)
+        plain = by_key[backend, False, False]
+        ref = by_key["reference", amp, last]
+        assert row["train_speedup_vs_plain"] == pytest.approx(
+            plain["train_median_ms"] / row["train_median_ms"]
+        )
+        assert row["infer_speedup_vs_reference"] == pytest.approx(
+            ref["infer_median_ms"] / row["infer_median_ms"]
+        )
+        # Under autocast the check allows twice the reference router's own bfloat16 error.
+        assert min(row["tolerances"].values()) >= 1e-3
+    table = bm.format_e2e_table(rows)
+    assert "bfloat16 channels_last" in table and "float32 contiguous" in table
+    # A wrong gradient is still refused under autocast: its error is far above bfloat16's.
+    fake_cpp(_wrong_backward)
+    amp_only = dataclasses.replace(config, e2e_amp=(True,), e2e_channels_last=(False,))
+    rows = bm.run_end_to_end(amp_only)
+    assert rows[1]["status"] == "failed" and "wrong result" in rows[1]["error"]
+
+
+def test_end_to_end_flags():
+    config = bm.config_from_args(_parse(["--end-to-end", "--amp", "--channels-last"]))
+    assert tuple(config.e2e_amp) == (False, True)
+    assert tuple(config.e2e_channels_last) == (False, True)
+    plain = bm.config_from_args(_parse(["--end-to-end"]))
+    assert bm.e2e_settings(plain) == [bm.E2ESetting()]
