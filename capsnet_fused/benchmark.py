@@ -741,6 +741,19 @@ def _e2e_inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: 
     return images, labels
 
 
+def _cpu_kernel_fields(device: torch.device) -> dict[str, Any]:
+    """Which clone of the C++ CPU kernels runs and the L2 they read: the CPU's name alone does
+    not say (a virtual machine reports "AMD EPYC" for Zen 1 to Zen 5). Empty off the CPU or
+    without capsnet_fused._C."""
+    if device.type != "cpu":
+        return {}
+    try:
+        info = json.loads(torch.ops.capsnet_fused.cpp_kernel_info())
+    except (AttributeError, RuntimeError, ValueError):  # not built, or a refused setting
+        return {}
+    return {"cpp_clone": info["clone"], "cpu_l2_bytes_per_core": info["l2_bytes_per_core"]}
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """The --amp dtype, as training uses it: bfloat16 on CPU, float16 (with GradScaler) on CUDA."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -811,6 +824,7 @@ def run_end_to_end(
     def errors_of(got):
         return {n: _rel_error(g, w) for n, g, w in zip(names, got, expected, strict=True)}
 
+    cpu_kernel_fields = _cpu_kernel_fields(device)
     plain = E2ESetting()
     images, labels = _e2e_inputs(build("reference", plain), config.e2e_batch, device, config.seed)
     expected = check_pass(build("reference", plain), images, labels, plain)
@@ -832,6 +846,7 @@ def run_end_to_end(
                 "autocast_dtype": str(autocast_dtype(device)) if setting.amp else None,
                 "channels_last": setting.channels_last,
                 "setting": setting.label(device),
+                **cpu_kernel_fields,
                 "status": "ok",
                 "error": "",
                 "rel_errors": {},

@@ -382,3 +382,11 @@ def test_end_to_end_flags():
     assert tuple(config.e2e_channels_last) == (False, True)
     plain = bm.config_from_args(_parse(["--end-to-end"]))
     assert bm.e2e_settings(plain) == [bm.E2ESetting()]
+
+
+def test_end_to_end_rows_name_the_cpu_kernel_clone():
+    pytest.importorskip("capsnet_fused._C", reason="capsnet_fused._C is not built")
+    fields = bm._cpu_kernel_fields(CPU)
+    assert fields["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
+    assert fields["cpu_l2_bytes_per_core"] >= 0
+    assert bm._cpu_kernel_fields(torch.device("meta")) == {}
