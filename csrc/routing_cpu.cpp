@@ -121,16 +121,17 @@ constexpr int kDefaultWideBytes = 32;
 #endif
 
 // A vector of L values (GCC vector extension) in Bytes bytes: with 32, one AVX register in the
-// x86-64-v3 clone and a pair of SSE registers in the baseline one. Batches that fit one 16-byte
-// vector (4 float32 / 2 float64 samples) use 16-byte sample vectors: on this CPU a 256-bit FMA
-// is two 128-bit ones, so half-empty 32-byte vectors would cost twice the time.
+// x86-64-v3 clone and a pair of SSE registers in the baseline one; with 64 (x86-64-v4 clone
+// only), one AVX-512 register. Batches that fit one 16-byte vector (4 float32 / 2 float64
+// samples) use 16-byte sample vectors: on the Zen 1 machine a 256-bit FMA is two 128-bit ones,
+// so half-empty 32-byte vectors would cost twice the time.
 template <typename T, int Bytes = 32>
 struct Lanes {
   typedef T V __attribute__((vector_size(Bytes)));
   static constexpr int64_t L = Bytes / sizeof(T);
 };
 
-// A 32-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
+// A 64-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
 // and the aligned vector stores crashed).
 template <typename V>
 class Buffer {
