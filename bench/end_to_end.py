@@ -4,7 +4,8 @@
     python bench/end_to_end.py --e2e-batch 32 --repeats 3
 
 Same as `capsnet-fused bench --end-to-end`. Results go to
-bench/results/<device>-end-to-end.{csv,json}.
+./bench-results/<device>-end-to-end.{csv,json}; the committed ones were written with
+--out-dir bench/results.
 """
 
 import sys

@@ -4,7 +4,8 @@
     python bench/routing.py --full     # the whole grid; --help lists every flag
 
 Same flags as `capsnet-fused bench` and `python -m capsnet_fused.benchmark`. Results go to
-bench/results/<device>.{csv,json,png}.
+./bench-results/<device>.{csv,json,png}; the committed ones were written with
+--out-dir bench/results.
 """
 
 import sys

@@ -1,21 +1,27 @@
 """What the fused backends' torch ops share: their fake implementations and their autograd.
 
-Each fused backend defines a pair of ops with the same signatures (the cpp pair in csrc/ops.cpp,
-the Triton pair as torch.library.custom_op):
+Each fused backend defines a pair of ops with the same signatures (the cpp pair in csrc/ops.cpp
+with routing_schema.h, the Triton pair as torch.library.custom_op):
 
-    <prefix>_routing_fwd(u, weight, prior, iterations, softmax_in, detach_inner)
+    <prefix>_routing_fwd(u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky,
+                         squash_eps)
         -> (v [B, J, M], s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J])
-    <prefix>_routing_bwd(grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in,
-                         detach_inner, need_du, need_dweight, need_dprior)
-        -> (du [B, I, N], dweight [I, J, N, M], dprior [I, J]); a gradient not needed is [0]
+    <prefix>_routing_bwd(grad_v, u, weight, prior, bias, s, v_prev, lse, iterations,
+                         softmax_in, detach_inner, leaky, squash_eps,
+                         need_du, need_dweight, need_dprior, need_dbias)
+        -> (du [B, I, N], dweight [I, J, N, M], dprior [I, J], dbias [J, M]);
+           a gradient not needed (or whose input is None) is [0]
 
-s, v_prev and lse are the states the backward reads (lse only with the softmax over in_caps),
-in the state dtype; they are outputs only so that autograd can save them.
+s (the squash input s^t + bias), v_prev and lse are the states the backward reads (lse only
+with the softmax over in_caps), in the state dtype; they are outputs only so that autograd can
+save them.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,7 +29,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(u, weight, prior, iterations, softmax_in, detach_inner):
+def _fwd_fake(u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps):
     batch, out_caps, out_d = u.shape[0], weight.shape[1], weight.shape[3]
     state = (batch, iterations, out_caps, out_d)
     lse = (batch, iterations if softmax_in else 0, out_caps)
@@ -37,24 +43,27 @@ def _fwd_fake(u, weight, prior, iterations, softmax_in, detach_inner):
 
 
 def _bwd_fake(
-    grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in, detach_inner,
-    need_du, need_dweight, need_dprior,
+    grad_v, u, weight, prior, bias, s, v_prev, lse, iterations, softmax_in, detach_inner,
+    leaky, squash_eps, need_du, need_dweight, need_dprior, need_dbias,
 ):  # fmt: skip
     # Each gradient has its input's dtype, also when it is not needed and comes back as [0].
     need_dprior = need_dprior and prior is not None
+    need_dbias = need_dbias and bias is not None
     return (
         u.new_empty(u.shape if need_du else (0,)),
         weight.new_empty(weight.shape if need_dweight else (0,)),
         (u if prior is None else prior).new_empty(prior.shape if need_dprior else (0,)),
+        (u if bias is None else bias).new_empty(bias.shape if need_dbias else (0,)),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, weight, prior, iterations, softmax_in, detach_inner = inputs
+    u, weight, prior, bias = inputs[:4]
     _, s, v_prev, lse = output
     ctx.mark_non_differentiable(s, v_prev, lse)
-    ctx.save_for_backward(u, weight, prior, s, v_prev, lse)
-    ctx.routing_args = (iterations, softmax_in, detach_inner)
+    ctx.save_for_backward(u, weight, prior, bias, s, v_prev, lse)
+    # iterations, softmax_in, detach_inner, leaky, squash_eps
+    ctx.routing_args = tuple(inputs[4:])
 
 
 def register(prefix: str) -> None:
@@ -66,23 +75,15 @@ def register(prefix: str) -> None:
     bwd_op = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_bwd")
 
     def backward(ctx, grad_v, _grad_s, _grad_v_prev, _grad_lse):
-        u, weight, prior, s, v_prev, lse = ctx.saved_tensors
-        need_du, need_dweight, need_dprior = ctx.needs_input_grad[:3]
-        need_dprior = need_dprior and prior is not None
-        if not (need_du or need_dweight or need_dprior):
-            return None, None, None, None, None, None
-        du, dweight, dprior = bwd_op(
-            grad_v, u, weight, prior, s, v_prev, lse, *ctx.routing_args,
-            need_du, need_dweight, need_dprior,
-        )  # fmt: skip
-        return (
-            du if need_du else None,
-            dweight if need_dweight else None,
-            dprior if need_dprior else None,
-            None,
-            None,
-            None,
-        )
+        u, weight, prior, bias, s, v_prev, lse = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:4])
+        need[2] = need[2] and prior is not None
+        need[3] = need[3] and bias is not None
+        rest = (None,) * len(ctx.routing_args)
+        if not any(need):
+            return (None,) * 4 + rest
+        grads = bwd_op(grad_v, u, weight, prior, bias, s, v_prev, lse, *ctx.routing_args, *need)
+        return tuple(g if n else None for g, n in zip(grads, need, strict=True)) + rest
 
     def double_backward(ctx, *_grads):
         raise RuntimeError(
@@ -100,21 +101,56 @@ def register(prefix: str) -> None:
     )
 
 
+def _refuse_function_transforms(prefix: str, tensors) -> None:
+    """Raise where the fused ops would give a wrong derivative or torch's obscure error.
+
+    Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) would silently drop
+    the tangent: the ops have no jvp rule. torch.func.grad / vjp / jacrev fail inside torch
+    (register_autograd's generated autograd.Function has no setup_context). torch.func.vmap works.
+    """
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        what = "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+    elif any(t.requires_grad for t in tensors) and any(
+        i.key() == torch._C._functorch.TransformType.Grad
+        for i in retrieve_all_functorch_interpreters()
+    ):
+        what = "torch.func.grad, vjp and jacrev (torch.func.vmap works)"
+    else:
+        return
+    raise NotImplementedError(
+        f"the fused routing backend {prefix!r} does not support {what}; "
+        f"use backend='reference' for it"
+    )
+
+
 def make_routing(prefix: str):
-    """The backend's routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
-    (the contract of capsnet_fused.ops), calling capsnet_fused::<prefix>_routing_fwd."""
+    """The backend's routing(u, weight, prior, bias, iterations, softmax_over, detach_inner,
+    leaky, squash_eps) -> v (the contract of capsnet_fused.ops), calling
+    capsnet_fused::<prefix>_routing_fwd."""
 
     def routing(
         u: torch.Tensor,
         weight: torch.Tensor,
         prior: torch.Tensor | None,
+        bias: torch.Tensor | None,
         iterations: int,
         softmax_over: str,
         detach_inner: bool,
+        leaky: bool,
+        squash_eps: float,
     ) -> torch.Tensor:
-        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None (validated)."""
+        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M]
+        or None (validated)."""
+        # Skipped while torch.compile traces, so that these checks of Python-level autograd
+        # state stay out of the graph.
+        if not torch.compiler.is_compiling():
+            tensors = [t for t in (u, weight, prior, bias) if t is not None]
+            _refuse_function_transforms(prefix, tensors)
         forward = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_fwd")
-        v, _, _, _ = forward(u, weight, prior, iterations, softmax_over == "in_caps", detach_inner)
+        softmax_in = softmax_over == "in_caps"
+        v, _, _, _ = forward(
+            u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps
+        )
         return v
 
     return routing

@@ -8,12 +8,14 @@ kernels, but its fake path runs the interpreted kernel on fake tensors, so it ca
 on a CPU machine.)
 
 Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
-routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v.
+routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps) -> v.
 """
 
 from __future__ import annotations
 
+import numpy
 import torch
+import triton
 
 from capsnet_fused import _op_glue
 from capsnet_fused.triton import INTERPRETED, routing_backward, routing_forward
@@ -26,6 +28,29 @@ _INTERPRET_REASON = (
 )
 
 
+def _interpreter_problem() -> str | None:
+    """Why this triton's interpreter cannot run the kernels with this numpy, or None.
+
+    Before triton 3.9 the interpreter turns its one-element arrays into loop bounds with int(),
+    which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
+    checked with triton 3.6: numpy 2.3.5 works, 2.4 does not.
+    """
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if not INTERPRETED or version >= (3, 9):
+        return None
+    try:
+        int(numpy.array([1]))
+    except TypeError:
+        return (
+            f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (found "
+            f"{numpy.__version__}): pip install 'numpy<2.4', or triton >= 3.9"
+        )
+    return None
+
+
+_INTERPRETER_PROBLEM = _interpreter_problem()
+
+
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when the Triton kernels can run for tensors of `dtype` on `device`, else why not."""
     if dtype not in _DTYPES:
@@ -33,7 +58,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and INTERPRETED:
-        return None
+        return _INTERPRETER_PROBLEM
     return _INTERPRET_REASON if device.type == "cpu" else f"no Triton backend for {device.type}"
 
 
@@ -42,15 +67,20 @@ def routing_fwd(
     u: torch.Tensor,
     weight: torch.Tensor,
     prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
     iterations: int,
     softmax_in: bool,
     detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(v [B, J, M], s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J or 0]) in one launch.
+    """(v [B, J, M], s [B, R, J, M] (s^t + bias), v_prev [B, R, J, M], lse [B, R, J or 0]).
 
     detach_inner does not change the forward; it is an argument so that the backward sees it.
     """
-    return routing_forward(u, weight, prior, iterations, softmax_in)
+    return routing_forward(
+        u, weight, prior, iterations, softmax_in, bias=bias, leaky=leaky, squash_eps=squash_eps
+    )
 
 
 @torch.library.custom_op("capsnet_fused::triton_routing_bwd", mutates_args=())
@@ -59,17 +89,22 @@ def routing_bwd(
     u: torch.Tensor,
     weight: torch.Tensor,
     prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
     s: torch.Tensor,
     v_prev: torch.Tensor,
     lse: torch.Tensor,
     iterations: int,
     softmax_in: bool,
     detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
     need_du: bool,
     need_dweight: bool,
     need_dprior: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(du [B, I, N], dweight [I, J, N, M], dprior [I, J]); a gradient not needed is [0]."""
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du [B, I, N], dweight [I, J, N, M], dprior [I, J], dbias [J, M]); a gradient not
+    needed is [0]."""
     return routing_backward(
         grad_v,
         u,
@@ -84,6 +119,10 @@ def routing_bwd(
         need_du,
         need_dweight,
         need_dprior,
+        bias=bias,
+        leaky=leaky,
+        squash_eps=squash_eps,
+        need_dbias=need_dbias,
     )
 
 

@@ -20,7 +20,8 @@ for the device (except "triton" on CPU: the interpreter is not a speed path) are
    /proc/self/clear_refs where Linux allows, else the baseline is taken before the first call).
 
 Speed-ups and memory savings against the reference and the compiled reference come from the
-same run. Results go to a terminal table and to <out_dir>/<device>.csv, .json and .png.
+same run. Results go to a terminal table and to <out_dir>/<device>.csv, .json and .png
+(out_dir: ./bench-results unless --out-dir is given; the PNG only with matplotlib).
 
 End-to-end benchmark (--end-to-end): a CapsNet training step (forward, margin + reconstruction
 loss, backward, Adam step) and an inference forward at batch 128, images per second, with the
@@ -1250,11 +1251,11 @@ def _shape_name(text: str) -> str:
     return text
 
 
-def _default_out_dir() -> Path:
-    # Inside a checkout, the repository's bench/results; elsewhere, under the working directory.
-    if (_REPO_ROOT / "bench").is_dir():
-        return _REPO_ROOT / "bench" / "results"
-    return Path("bench") / "results"
+# Results go under the working directory unless --out-dir says otherwise: never into the
+# package's folder (site-packages once installed) or a checkout's tracked bench/results, which
+# is refreshed on purpose with --out-dir bench/results.
+DEFAULT_OUT_DIR = Path("bench-results")
+PLOTS_HINT = "pip install capsnet-fused[plots]"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1322,7 +1323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out-dir",
         type=Path,
         default=None,
-        help="where the CSV, JSON and PNG go (default bench/results)",
+        help=f"where the CSV, JSON and PNG go (default ./{DEFAULT_OUT_DIR})",
     )
     run_group.add_argument(
         "--name", default=None, help="file stem (default: the device, e.g. cpu or nvidia-h100)"
@@ -1394,7 +1395,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"capsnet-fused bench: error: {exc}", file=sys.stderr)
         return 2
     env = environment_info(device)
-    out_dir = args.out_dir if args.out_dir is not None else _default_out_dir()
+    out_dir = args.out_dir if args.out_dir is not None else DEFAULT_OUT_DIR
     stem = args.name or device_slug(device)
     print(
         f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads), "
@@ -1414,9 +1415,14 @@ def run(args: argparse.Namespace) -> int:
     env["duration_s"] = round(time.perf_counter() - started, 1)
     paths = write_results(rows, env, out_dir, stem, config)
     if not args.end_to_end and not args.no_plot:
-        plot = plot_results(
-            rows, out_dir / f"{stem}.png", title=f"{env['device_name']}, torch {env['torch']}"
-        )
+        try:
+            plot = plot_results(
+                rows, out_dir / f"{stem}.png", title=f"{env['device_name']}, torch {env['torch']}"
+            )
+        except ImportError:
+            # The results are written; only the picture is missing (matplotlib is optional).
+            plot = None
+            print(f"no plot: it needs matplotlib ({PLOTS_HINT})", file=sys.stderr)
         if plot is not None:
             paths["png"] = plot
     print("wrote " + ", ".join(str(p) for p in paths.values()))

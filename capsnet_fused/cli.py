@@ -1,4 +1,4 @@
-"""The `capsnet-fused` command: train, eval, visualize and bench.
+"""The `capsnet-fused` command: train, eval, visualize, bench and info.
 
 Run it as `capsnet-fused ...` once installed, or `python -m capsnet_fused.cli ...` from a
 checkout. `bench` is defined by capsnet_fused.benchmark (add_arguments, run), imported only
@@ -14,15 +14,15 @@ from collections.abc import Sequence
 
 from capsnet_fused.ops import BACKENDS
 
-SUBCOMMANDS = ("train", "eval", "visualize", "bench")
+SUBCOMMANDS = ("train", "eval", "visualize", "bench", "info")
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint file or run folder")
     parser.add_argument(
         "--data-dir",
-        help="folder with the IDX files (default: the one used "
-        "for training, then ./data and /usr/share/datasets/fashion-mnist)",
+        help="folder with the IDX files (default: the folder the run was trained on, "
+        "recorded in its checkpoint)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
@@ -92,6 +92,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     if argv and argv[0] == "bench":
         _benchmark_module().add_arguments(bench)
+    from capsnet_fused.info import add_arguments as add_info_arguments
+
+    add_info_arguments(
+        sub.add_parser(
+            "info",
+            help="versions, build, backends per device, CPU and GPU: what to put in a bug report",
+        )
+    )
     return parser
 
 
@@ -149,10 +157,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in paths:
                 print(f"wrote {path}")
             return 0
+        if args.command == "info":
+            from capsnet_fused.info import run as run_info
+
+            return run_info(args)
         return int(_benchmark_module().run(args))
+    # One line, no traceback: 2 for bad input (flags, files, checkpoints), 1 for what the
+    # machine refused (full disk, permissions, a missing optional package), 130 for Ctrl-C.
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -196,10 +196,17 @@ def _find_file(directory: Path, gz_name: str) -> Path | None:
 
 
 def candidate_dirs(dataset: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    """Folders searched, in order: data_dir, data_dir/<dataset>, then the system folders."""
+    """Folders searched, in order: data_dir and data_dir/<dataset> when data_dir is given;
+    else ./data, ./data/<dataset> and the system folders."""
     _check_dataset(dataset)
-    base = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
-    return [base, base / dataset, *SYSTEM_DIRS[dataset]]
+    if data_dir is not None:
+        return [Path(data_dir), Path(data_dir) / dataset]
+    return [DEFAULT_DATA_DIR, DEFAULT_DATA_DIR / dataset, *SYSTEM_DIRS[dataset]]
+
+
+def _missing_files(directory: Path) -> list[str]:
+    names = [name for split in SPLITS for name in FILES[split]]
+    return [name for name in names if _find_file(directory, name) is None]
 
 
 def find_dataset_dir(
@@ -209,21 +216,30 @@ def find_dataset_dir(
     download: bool = True,
     downloader: Downloader | None = None,
 ) -> Path:
-    """The first folder holding all four files of `dataset`, downloading them when absent.
+    """The folder holding all four files of `dataset`, downloading them when absent.
 
-    Downloads go to data_dir/<dataset> (data_dir defaults to ./data).
+    A given data_dir is the only place looked at (data_dir itself or data_dir/<dataset>): a
+    mistyped folder is an error naming it and the missing files (or, with download=True, where
+    the download goes), never a silent switch to another copy. Without data_dir, ./data,
+    ./data/<dataset> and the system folders are searched, and downloads go to ./data/<dataset>.
     """
     dirs = candidate_dirs(dataset, data_dir)
     for directory in dirs:
-        names = [name for split in SPLITS for name in FILES[split]]
-        if all(_find_file(directory, name) is not None for name in names):
+        if not _missing_files(directory):
             return directory
-    if not download:
-        searched = ", ".join(str(d) for d in dirs)
+    if download:
+        return download_dataset(dataset, dirs[1], downloader=downloader)
+    if data_dir is not None:
+        missing = ", ".join(_missing_files(dirs[0]))
         raise DatasetNotFoundError(
-            f"{dataset} not found in {searched}; {_where_to_put(dataset, dirs[0])}"
+            f"{dataset} files missing in {dirs[0]} (and in {dirs[1]}): {missing}; "
+            f"{_where_to_put(dataset, dirs[0])}, or give no data folder (--data-dir) to search "
+            f"./data and the system folders and download"
         )
-    return download_dataset(dataset, dirs[1], downloader=downloader)
+    searched = ", ".join(str(d) for d in dirs)
+    raise DatasetNotFoundError(
+        f"{dataset} not found in {searched}; {_where_to_put(dataset, dirs[0])}"
+    )
 
 
 def load_arrays(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +254,8 @@ def load_arrays(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, n
             raise DatasetNotFoundError(f"{directory / name} (or its unzipped form) not found")
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if len(images) == 0:
+        raise ValueError(f"{paths[0]}: holds 0 images")
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(
             f"{paths[0]}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}"
@@ -256,9 +274,14 @@ def load_arrays(directory: str | os.PathLike, split: str) -> tuple[np.ndarray, n
 
 
 class ImageDataset(Dataset):
-    """In-memory images uint8 [N, 1, H, W] and labels int64 [N]; item -> (image, label)."""
+    """In-memory images uint8 [N, 1, H, W] and labels int64 [N]; item -> (image, label).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    `source` is the folder the files were read from (None when built from tensors).
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, source: Path | None = None
+    ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(
                 f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
@@ -266,6 +289,7 @@ class ImageDataset(Dataset):
         if labels.shape != images.shape[:1]:
             raise ValueError(f"expected labels [N={images.shape[0]}], got {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
+        self.source = source
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -287,7 +311,10 @@ def load_dataset(
     download: bool = True,
     downloader: Downloader | None = None,
 ) -> ImageDataset:
-    """One split of MNIST or Fashion-MNIST; `limit` keeps the first `limit` samples."""
+    """One split of MNIST or Fashion-MNIST; `limit` keeps the first `limit` samples.
+
+    The folder is found by find_dataset_dir (data_dir alone when given) and kept as `source`.
+    """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     directory = find_dataset_dir(dataset, data_dir, download=download, downloader=downloader)
@@ -295,7 +322,7 @@ def load_dataset(
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
-    return ImageDataset(images_t, torch.from_numpy(labels.astype(np.int64)))
+    return ImageDataset(images_t, torch.from_numpy(labels.astype(np.int64)), directory)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -317,16 +344,19 @@ def random_shift(
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     if max_shift == 0 or images.shape[0] == 0:
         return images
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     shifts = torch.randint(-max_shift, max_shift + 1, (2, batch), generator=generator)
     shifts = shifts.to(images.device)
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    # Output pixel (y, x) reads padded pixel (y - dy + p, x - dx + p).
+    # Output pixel (y, x) reads padded pixel (y - dy + p, x - dx + p). Indexed in [B, C, H, W]
+    # order, so that the result has the standard strides: a permuted gather gave [B, 1, H, W]
+    # channels-last strides, which made conv1's weight gradient channels-last and DDP warn
+    # that grad strides do not match its buckets.
     rows = torch.arange(height, device=images.device) + (max_shift - shifts[0])[:, None]
     cols = torch.arange(width, device=images.device) + (max_shift - shifts[1])[:, None]
-    index = torch.arange(batch, device=images.device)[:, None, None]
-    shifted = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]
-    return shifted.permute(0, 3, 1, 2).contiguous()
+    index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channel = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class ResumableSampler(DistributedSampler):
@@ -358,3 +388,17 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(super().__len__() - self.start, 0)
+
+    def real_samples(self, begin: int, end: int) -> int:
+        """How many of this shard's positions [begin, end) of an epoch (counted from its
+        first sample, whatever set_start says) hold distinct dataset samples.
+
+        DistributedSampler pads the epoch's order by repeating its first samples until every
+        shard has the same length; the padding is the tail of the order, so the real samples
+        of a batch are its first real_samples(...) ones.
+        """
+        if self.drop_last:
+            return max(end - begin, 0)
+        # Shard position p holds position rank + p * num_replicas of the padded order.
+        real_positions = max(-(-(len(self.dataset) - self.rank) // self.num_replicas), 0)
+        return max(min(end, real_positions) - begin, 0)

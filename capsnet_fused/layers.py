@@ -5,15 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet_fused.ops import dynamic_routing
-from capsnet_fused.reference import SOFTMAX_OVER, squash
+from capsnet_fused.ops import BACKENDS, check_iterations, check_squash_eps, dynamic_routing
+from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, squash
+
+# The official code's (Sabour et al.'s release) initial value of its capsule biases.
+BIAS_INIT = 0.1
 
 
 class FusedRouter(nn.Module):
     """Dynamic routing between capsule layers with a fused backend.
 
     Parameters: `weight` [I, J, N, M] (the layout and name of labml's Router, so its state_dict
-    loads unchanged) and, with learn_prior=True, `prior` [I, J], the initial routing logits.
+    loads unchanged); with learn_prior=True, `prior` [I, J], the initial routing logits; with
+    learn_bias=True, `bias` [J, M], added to s before every squash, starting at 0.1 (the
+    official code's value). leaky and squash_eps: see reference_routing.
     forward(u [B, I, N]) -> v [B, J, M].
 
     weight starts at init_scale * randn: with the softmax over out_caps, unit-variance weights
@@ -30,7 +35,10 @@ class FusedRouter(nn.Module):
         *,
         softmax_over: str = "out_caps",
         learn_prior: bool = False,
+        learn_bias: bool = False,
         detach_inner: bool = False,
+        leaky: bool = False,
+        squash_eps: float = SQUASH_EPS,
         backend: str = "auto",
         init_scale: float = 0.01,
     ) -> None:
@@ -40,17 +48,26 @@ class FusedRouter(nn.Module):
                 f"in_caps, out_caps, in_d and out_d must be >= 1, "
                 f"got {(in_caps, out_caps, in_d, out_d)}"
             )
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        iterations = check_iterations(iterations)
         if softmax_over not in SOFTMAX_OVER:
             raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+        if not isinstance(leaky, bool):
+            raise ValueError(f"leaky must be a bool, got {leaky!r}")
+        squash_eps = check_squash_eps(squash_eps)
+        # Whether the backend can run is known only at the first call (it depends on the
+        # tensors' device and dtype); a name that is no backend at all is refused now.
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.in_caps, self.out_caps, self.in_d, self.out_d = in_caps, out_caps, in_d, out_d
         self.iterations = iterations
         self.softmax_over = softmax_over
         self.detach_inner = detach_inner
+        self.leaky = leaky
+        self.squash_eps = squash_eps
         self.backend = backend
         self.weight = nn.Parameter(init_scale * torch.randn(in_caps, out_caps, in_d, out_d))
         self.prior = nn.Parameter(torch.zeros(in_caps, out_caps)) if learn_prior else None
+        self.bias = nn.Parameter(torch.full((out_caps, out_d), BIAS_INIT)) if learn_bias else None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return dynamic_routing(
@@ -58,8 +75,11 @@ class FusedRouter(nn.Module):
             self.weight,
             self.iterations,
             prior=self.prior,
+            bias=self.bias,
             softmax_over=self.softmax_over,
             detach_inner=self.detach_inner,
+            leaky=self.leaky,
+            squash_eps=self.squash_eps,
             backend=self.backend,
         )
 
@@ -68,25 +88,34 @@ class FusedRouter(nn.Module):
             f"in_caps={self.in_caps}, out_caps={self.out_caps}, in_d={self.in_d}, "
             f"out_d={self.out_d}, iterations={self.iterations}, "
             f"softmax_over={self.softmax_over!r}, learn_prior={self.prior is not None}, "
-            f"detach_inner={self.detach_inner}, backend={self.backend!r}"
+            f"learn_bias={self.bias is not None}, detach_inner={self.detach_inner}, "
+            f"leaky={self.leaky}, squash_eps={self.squash_eps:g}, backend={self.backend!r}"
         )
 
 
 class PrimaryCaps(nn.Module):
     """Convolutional capsules: x [B, C, H, W] -> squashed u [B, caps * H' * W', dim].
 
-    Capsule index order is (capsule channel, row, column).
+    Capsule index order is (capsule channel, row, column); capsule channel k takes the conv's
+    output channels k * dim .. k * dim + dim - 1. squash_eps: the eps of its squash.
     """
 
     def __init__(
-        self, in_channels: int, caps: int, dim: int, kernel_size: int = 9, stride: int = 2
+        self,
+        in_channels: int,
+        caps: int,
+        dim: int,
+        kernel_size: int = 9,
+        stride: int = 2,
+        squash_eps: float = SQUASH_EPS,
     ) -> None:
         super().__init__()
         self.caps, self.dim = caps, dim
+        self.squash_eps = check_squash_eps(squash_eps)
         self.conv = nn.Conv2d(in_channels, caps * dim, kernel_size, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
         batch, _, height, width = out.shape
         out = out.view(batch, self.caps, self.dim, height * width).permute(0, 1, 3, 2)
-        return squash(out.reshape(batch, self.caps * height * width, self.dim))
+        return squash(out.reshape(batch, self.caps * height * width, self.dim), eps=self.squash_eps)

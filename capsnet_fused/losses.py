@@ -14,12 +14,16 @@ def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
 class MarginLoss(nn.Module):
     """L = sum_k T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2, batch mean.
 
+    squared=False drops the squares (the unsquared hinge of labml's and cezannec's code).
     forward(lengths [B, J], labels [B] int64) -> scalar.
     """
 
-    def __init__(self, m_pos: float = 0.9, m_neg: float = 0.1, lambda_: float = 0.5) -> None:
+    def __init__(
+        self, m_pos: float = 0.9, m_neg: float = 0.1, lambda_: float = 0.5, squared: bool = True
+    ) -> None:
         super().__init__()
         self.m_pos, self.m_neg, self.lambda_ = m_pos, m_neg, lambda_
+        self.squared = squared
 
     def forward(self, lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if lengths.dim() != 2 or labels.shape != lengths.shape[:1]:
@@ -28,8 +32,10 @@ class MarginLoss(nn.Module):
                 f"and {tuple(labels.shape)}"
             )
         target = nn.functional.one_hot(labels, lengths.shape[1]).to(lengths.dtype)
-        present = torch.relu(self.m_pos - lengths) ** 2
-        absent = torch.relu(lengths - self.m_neg) ** 2
+        present = torch.relu(self.m_pos - lengths)
+        absent = torch.relu(lengths - self.m_neg)
+        if self.squared:
+            present, absent = present**2, absent**2
         per_class = target * present + self.lambda_ * (1.0 - target) * absent
         return per_class.sum(dim=1).mean()
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from capsnet_fused.layers import FusedRouter, PrimaryCaps
 from capsnet_fused.losses import capsule_lengths
+from capsnet_fused.reference import SQUASH_EPS
 
 
 class CapsNetOutput(NamedTuple):
@@ -17,12 +19,24 @@ class CapsNetOutput(NamedTuple):
     reconstructions: torch.Tensor  # [B, C, H, W] decoder output in [0, 1]
 
 
+# torch.export.save writes the output's pytree spec, which can name a namedtuple only once it is
+# registered with a serialized name; torch.export.load rebuilds CapsNetOutput from that name
+# (importing capsnet_fused registers it). Namedtuples have no public counterpart of
+# torch.export.register_dataclass: pytree's _register_namedtuple is the API (torch >= 2.4).
+pytree._register_namedtuple(
+    CapsNetOutput, serialized_type_name="capsnet_fused.models.CapsNetOutput"
+)
+
+
 def _conv_out(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
 class CapsNet(nn.Module):
     """The paper's CapsNet, every size and routing option a constructor argument.
+
+    squash_eps is the eps of both squashes (PrimaryCaps and the routing); learn_prior,
+    learn_bias, leaky, detach_inner and softmax_over are FusedRouter's options for DigitCaps.
 
     forward(images [B, C, H, W], labels [B] or None) -> CapsNetOutput. The decoder sees only the
     digit capsule of the true label while training (when labels are given) and of the
@@ -48,7 +62,10 @@ class CapsNet(nn.Module):
         routing_iterations: int = 3,
         softmax_over: str = "out_caps",
         learn_prior: bool = False,
+        learn_bias: bool = False,
         detach_inner: bool = False,
+        leaky: bool = False,
+        squash_eps: float = SQUASH_EPS,
         backend: str = "auto",
         digit_init_scale: float = 0.01,
         channels_last: bool = False,
@@ -66,7 +83,9 @@ class CapsNet(nn.Module):
         self.num_classes = num_classes
         self.channels_last = channels_last
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv_channels, kernel_size), nn.ReLU())
-        self.primary = PrimaryCaps(conv_channels, primary_caps, primary_dim, kernel_size, 2)
+        self.primary = PrimaryCaps(
+            conv_channels, primary_caps, primary_dim, kernel_size, 2, squash_eps=squash_eps
+        )
         if channels_last:
             self.conv1.to(memory_format=torch.channels_last)
             self.primary.to(memory_format=torch.channels_last)
@@ -78,7 +97,10 @@ class CapsNet(nn.Module):
             routing_iterations,
             softmax_over=softmax_over,
             learn_prior=learn_prior,
+            learn_bias=learn_bias,
             detach_inner=detach_inner,
+            leaky=leaky,
+            squash_eps=squash_eps,
             backend=backend,
             init_scale=digit_init_scale,
         )

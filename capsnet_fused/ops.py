@@ -4,27 +4,65 @@ Each fused backend lives in its own module (capsnet_fused._triton_op, capsnet_fu
 that registers its torch op and exposes two functions:
 
     unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    routing(u, weight, prior, iterations, softmax_over, detach_inner) -> v
+    routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps)
+        -> v
 
 `routing` receives validated arguments of one floating dtype on one device (possibly
-non-contiguous, possibly B = 0) and returns v [B, J, M] with autograd to u, weight and prior.
+non-contiguous, possibly B = 0; prior and bias may be None; squash_eps a float >= 0) and
+returns v [B, J, M] with autograd to u, weight, prior and bias.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import operator
 import os
 from types import ModuleType
 
 import torch
 
-from capsnet_fused.reference import SOFTMAX_OVER, reference_routing
+from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, reference_routing
 
 BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
 _BACKEND_MODULES = {"triton": "capsnet_fused._triton_op", "cpp": "capsnet_fused._cpp_op"}
 # Fastest first; "auto" takes the first one available for the device.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
+# Routing iterations beyond this are a mistake (the paper uses 3; the saved states grow with R,
+# and 2**40 iterations would try to allocate terabytes).
+MAX_ITERATIONS = 1000
+
+
+def check_iterations(iterations) -> int:
+    """iterations as an int in [1, MAX_ITERATIONS]: anything with __index__ (int, numpy
+    integers, integer tensors of one element) except bools; else ValueError."""
+    is_bool = isinstance(iterations, bool) or (
+        isinstance(iterations, torch.Tensor) and iterations.dtype == torch.bool
+    )
+    try:
+        count = None if is_bool else operator.index(iterations)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= MAX_ITERATIONS:
+        raise ValueError(
+            f"iterations must be an integer in [1, {MAX_ITERATIONS}] (not a bool), "
+            f"got {iterations!r}"
+        )
+    return count
+
+
+def check_squash_eps(squash_eps) -> float:
+    """squash_eps as a float >= 0 (finite; not a bool), else ValueError."""
+    valid = isinstance(squash_eps, (int, float)) and not isinstance(squash_eps, bool)
+    if valid:
+        squash_eps = float(squash_eps)
+        valid = math.isfinite(squash_eps) and squash_eps >= 0
+    if not valid:
+        raise ValueError(
+            f"squash_eps must be a finite number >= 0 (0: the eps-free squash), got {squash_eps!r}"
+        )
+    return squash_eps
 
 
 def validate_routing_args(
@@ -33,9 +71,16 @@ def validate_routing_args(
     iterations: int,
     prior: torch.Tensor | None,
     softmax_over: str,
-) -> None:
-    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing."""
-    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None"
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
+) -> tuple[int, float]:
+    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing.
+
+    Returns (iterations as an int (see check_iterations), squash_eps as a float).
+    """
+    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None"
     if not isinstance(u, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(f"u and weight must be tensors; {expect}")
     if u.dim() != 3:
@@ -50,20 +95,27 @@ def validate_routing_args(
         )
     if min(in_caps, out_caps, in_d, out_d) < 1:
         raise ValueError(f"I, J, N and M must be >= 1, got weight {tuple(weight.shape)}")
-    if prior is not None:
-        if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (in_caps, out_caps):
-            got = tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__
-            raise ValueError(f"prior must be [I={in_caps}, J={out_caps}] or None, got {got}")
-    tensors = [u, weight] + ([prior] if prior is not None else [])
-    for name, t in zip(("u", "weight", "prior"), tensors):
+    for name, t, shape, letters in (
+        ("prior", prior, (in_caps, out_caps), f"[I={in_caps}, J={out_caps}]"),
+        ("bias", bias, (out_caps, out_d), f"[J={out_caps}, M={out_d}]"),
+    ):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be {letters} or None, got {got}")
+    named = [("u", u), ("weight", weight), ("prior", prior), ("bias", bias)]
+    for name, t in named:
+        if t is None:
+            continue
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    iterations = check_iterations(iterations)
     if softmax_over not in SOFTMAX_OVER:
         raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
+    if not isinstance(leaky, bool):
+        raise ValueError(f"leaky must be a bool, got {leaky!r}")
+    return iterations, check_squash_eps(squash_eps)
 
 
 def _import_backend(name: str) -> ModuleType | str:
@@ -93,12 +145,28 @@ def _backend_module(name: str) -> ModuleType | str:
     return _MODULES[name]
 
 
+def _missing_device(device: torch.device) -> str | None:
+    """Why `device` does not exist on this machine, or None. Only CUDA devices can be absent
+    here: every other device a tensor can be on exists, and the fused backends refuse the
+    types they do not support."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"{device} does not exist ({torch.cuda.device_count()} CUDA device(s) here)"
+    return None
+
+
 def unavailable_reason(
     backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> str | None:
     """None when `backend` can run on `device` with `dtype`, else the reason it cannot."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'"
+    missing = _missing_device(torch.device(device))
+    if missing is not None:
+        return missing
     if backend == "reference":
         return None
     module = _backend_module(backend)
@@ -122,26 +190,39 @@ def choose_backend(
     """The backend that dynamic_routing(..., backend=backend) uses for such tensors.
 
     The environment variable CAPSNET_FUSED_BACKEND, when set, replaces "auto". A backend named
-    explicitly that cannot run raises ValueError with the reason; there is no silent fallback.
+    explicitly (or by that variable) that cannot run raises ValueError with the reason; there is
+    no silent fallback. So does "auto" when nothing can run on the device (a CUDA device on a
+    machine without one).
     """
+    source = f"routing backend {backend!r}"
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        source = f"routing backend {backend!r} (from the environment variable {BACKEND_ENV})"
     if backend == "auto":
         order = _AUTO_ORDER.get(torch.device(device).type, ("reference",))
-        return next(name for name in order if unavailable_reason(name, device, dtype) is None)
+        for name in order:
+            if unavailable_reason(name, device, dtype) is None:
+                return name
+        reason = unavailable_reason("reference", device, dtype)
+        raise ValueError(f"no routing backend can run on {device}: {reason}")
     reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
-        raise ValueError(f"routing backend {backend!r} is not available: {reason}")
+        raise ValueError(f"{source} is not available: {reason}")
     return backend
 
 
-def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, prior: torch.Tensor | None):
-    """The dtype the routing runs in: autocast's when autocast is on, else the promoted one."""
+def _routing_dtype(u: torch.Tensor, weight: torch.Tensor, *optional: torch.Tensor | None):
+    """The dtype the routing runs in: autocast's when autocast is on, else the promoted one
+    of u, weight and the optional tensors given (prior, bias)."""
     device_type = u.device.type
-    if torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, for shape inference) cannot even be asked about it.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     dtype = torch.promote_types(u.dtype, weight.dtype)
-    return dtype if prior is None else torch.promote_types(dtype, prior.dtype)
+    for t in optional:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def dynamic_routing(
@@ -150,29 +231,39 @@ def dynamic_routing(
     iterations: int = 3,
     *,
     prior: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     softmax_over: str = "out_caps",
     detach_inner: bool = False,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dynamic routing by agreement, computed by the chosen backend.
 
-    u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]. Same semantics as
-    reference_routing (see there for softmax_over and detach_inner). backend: "auto",
-    "reference", "triton" or "cpp"; see available_backends() and choose_backend().
-    Under torch.autocast the inputs are cast to the autocast dtype (accumulation stays float32
-    in the fused backends); otherwise mixed float dtypes are promoted.
+    u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None -> v [B, J, M].
+    Same semantics as reference_routing (see there for softmax_over, bias, leaky, detach_inner
+    and squash_eps). backend: "auto", "reference", "triton" or "cpp"; see available_backends()
+    and choose_backend(). Under torch.autocast the inputs are cast to the autocast dtype
+    (accumulation stays float32 in the fused backends); otherwise mixed float dtypes are
+    promoted.
     """
-    validate_routing_args(u, weight, iterations, prior, softmax_over)
+    iterations, squash_eps = validate_routing_args(
+        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky, squash_eps=squash_eps
+    )
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {backend!r}")
-    dtype = _routing_dtype(u, weight, prior)
+    dtype = _routing_dtype(u, weight, prior, bias)
     name = choose_backend(u.device, dtype, backend)
     u, weight = u.to(dtype), weight.to(dtype)
     prior = None if prior is None else prior.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    options = dict(softmax_over=softmax_over, detach_inner=detach_inner, leaky=leaky)
     if name == "reference":
         return reference_routing(
-            u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
+            u, weight, iterations, prior=prior, bias=bias, squash_eps=squash_eps, **options
         )
     module = _backend_module(name)
     with torch.autocast(u.device.type, enabled=False):
-        return module.routing(u, weight, prior, iterations, softmax_over, detach_inner)
+        return module.routing(
+            u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+        )

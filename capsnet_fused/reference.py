@@ -12,9 +12,55 @@ SOFTMAX_OVER = ("out_caps", "in_caps")
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
-    """squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), finite (zero) at s = 0."""
-    sq_norm = (s * s).sum(dim=dim, keepdim=True)
-    return sq_norm / (1.0 + sq_norm) * s / torch.sqrt(sq_norm + eps)
+    """squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), eps >= 0.
+
+    Computed without overflow (the formulation every backend uses): with a = max |s_m|,
+    t = s / a, qt = |t|^2 in [1, M] and r = 1 / a^2,
+            squash(s) = t / (1 + r / qt) / sqrt(qt + eps r),
+    so |s| up to the dtype's maximum gives a unit vector instead of 0 or NaN (|s|^2 overflows
+    float32 once |s| > 1.8e19, float16 once |s| > 256). float16 and bfloat16 inputs are
+    computed in float32 and the result cast back. a is a constant to autograd: v does not depend
+    on it, so every derivative (double backward included) is exact.
+
+    At s = 0: with eps > 0, v = 0 and a zero gradient (the limit). With eps = 0 the formula is
+    the eps-free one of the published implementations, s / |s| * |s|^2 / (1 + |s|^2), which is
+    0/0 there: v and its gradient are NaN, as theirs are. Every backend follows this.
+    """
+    x = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    a = x.detach().abs().amax(dim=dim, keepdim=True)
+    # a != 0 also holds for NaN, which then propagates; an all-zero capsule gives v = 0 (and a
+    # zero gradient) through the torch.where below, with a = qt = 1 so that the branch not
+    # taken stays finite (a NaN there would leak into the gradient).
+    nonzero = a != 0
+    a = torch.where(nonzero, a, torch.ones_like(a))
+    t = x / a
+    qt = torch.where(nonzero, (t * t).sum(dim=dim, keepdim=True), torch.ones_like(a))
+    # 1 / a^2 is inf for tiny a (float32: a < 5e-20); the dtype's largest value gives the same
+    # forward (v underflows to 0 either way) and keeps inf * 0 = NaN out of the gradient.
+    r = (1.0 / (a * a)).clamp(max=torch.finfo(a.dtype).max)
+    er = eps * r if eps != 0 else torch.zeros_like(r)
+    # qt / (qt + r) is 1 / (1 + r / qt); written so, its derivative for small a does not pass
+    # through (qt / r)^2, a float32 denormal (1% error in the gradient at |s| = 1e-10).
+    g = qt / (qt + r) / torch.sqrt(qt + er)
+    # eps = 0: NaN at s = 0, and NaN as its gradient (x times NaN there, times 0 elsewhere, so
+    # that no NaN reaches the gradient of the capsules where the other branch is taken).
+    if eps != 0:
+        at_zero = torch.zeros_like(t)
+    else:
+        at_zero = x * torch.where(nonzero, 0.0, float("nan")).to(x.dtype)
+    return torch.where(nonzero, g * t, at_zero).to(s.dtype)
+
+
+def coupling_softmax(logits: torch.Tensor, dim: int, leaky: bool = False) -> torch.Tensor:
+    """softmax(logits) over `dim`; with leaky=True one more logit, fixed at 0, joins the
+    softmax and its share is dropped: c_k = exp(l_k) / (1 + sum_k' exp(l_k')) (the leaky
+    routing of Sabour et al.'s code, there over the output capsules)."""
+    if not leaky:
+        return torch.softmax(logits, dim=dim)
+    shape = list(logits.shape)
+    shape[dim] = 1
+    padded = torch.cat([logits.new_zeros(shape), logits], dim=dim)
+    return torch.softmax(padded, dim=dim).narrow(dim, 1, logits.shape[dim])
 
 
 def reference_routing(
@@ -23,21 +69,34 @@ def reference_routing(
     iterations: int = 3,
     *,
     prior: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     softmax_over: str = "out_caps",
     detach_inner: bool = False,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
 ) -> torch.Tensor:
     """Dynamic routing (Sabour et al. 2017, Procedure 1) as plain PyTorch ops.
 
-    u [B, I, N] input capsules, weight [I, J, N, M], prior [I, J] initial logits or None.
-    Returns v [B, J, M] after `iterations` weighted sums. softmax_over="out_caps" normalises
-    the couplings of each input capsule over the output capsules (the paper); "in_caps"
-    normalises over input capsules (labml, gram-ai, cezannec). detach_inner=True routes with
-    u_hat detached everywhere except the final weighted sum (CapsNet-Keras).
+    u [B, I, N] input capsules, weight [I, J, N, M], prior [I, J] initial logits or None,
+    bias [J, M] or None. Returns v [B, J, M] after `iterations` weighted sums.
+
+    - softmax_over="out_caps" normalises the couplings of each input capsule over the output
+      capsules (the paper); "in_caps" normalises over input capsules (labml, gram-ai, cezannec).
+    - bias is added to every weighted sum before its squash, s^t + bias (the official code's
+      learned biases).
+    - leaky=True adds one logit fixed at 0 to the softmax axis (the official code's leaky
+      routing; over in_caps the extra logit is on the input-capsule axis).
+    - detach_inner=True routes with u_hat detached everywhere except the final weighted sum
+      (XifengGuo/CapsNet-Pytorch; CapsNet-Keras before December 2017): same values, other
+      gradients.
+    - squash_eps >= 0 is the eps of squash (see there); 0 reproduces the eps-free squash.
     """
     # Imported here: ops imports this module.
     from capsnet_fused.ops import validate_routing_args
 
-    validate_routing_args(u, weight, iterations, prior, softmax_over)
+    iterations, squash_eps = validate_routing_args(
+        u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky, squash_eps=squash_eps
+    )
     batch, in_caps = u.shape[0], u.shape[1]
     out_caps = weight.shape[1]
     softmax_dim = 2 if softmax_over == "out_caps" else 1
@@ -51,9 +110,11 @@ def reference_routing(
 
     for t in range(iterations):
         last = t == iterations - 1
-        coupling = torch.softmax(logits, dim=softmax_dim)
+        coupling = coupling_softmax(logits, softmax_dim, leaky)
         s = torch.einsum("bij,bijm->bjm", coupling, u_hat if last else u_hat_inner)
-        v = squash(s)
+        if bias is not None:
+            s = s + bias.to(s.dtype)
+        v = squash(s, eps=squash_eps)
         if not last:
             logits = logits + torch.einsum("bijm,bjm->bij", u_hat_inner, v)
     return v

@@ -2,9 +2,16 @@
 
 One process or many under torchrun (DistributedDataParallel: gloo on CPU, nccl on CUDA). Rank 0
 alone writes the run folder: config.json, metrics.jsonl (one JSON object per epoch) and
-checkpoint.pt (written atomically every epoch and every --checkpoint-every steps). A resumed run
-restores the model, optimiser, scheduler, grad scaler, every RNG state and the position in the
-epoch, so it follows the trajectory of an uninterrupted run.
+checkpoint.pt, all atomically (capsnet_fused.checkpoint). A resumed run restores the model,
+optimiser, scheduler, grad scaler, every RNG state and the position in the epoch, so it follows
+the trajectory of an uninterrupted run.
+
+A checkpoint holds only a state known to be good: the state after step k is written once the
+loss of step k+1, computed from it, is finite (or, at the end of an epoch, once the test loss
+is), and its parameters and optimiser state are finite. So a run that diverges keeps the last
+good checkpoint. The checkpoint also holds the epoch records, and metrics.jsonl is rewritten
+from them, so the two always agree. SIGINT and SIGTERM stop the run at the next step with a
+checkpoint (exit status 130 / 143).
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +39,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from capsnet_fused.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRICS_NAME,
+    RESUME_KEYS,
+    CheckpointWriteError,  # noqa: F401 (raised through save_checkpoint; importable from here)
+    checkpoint_path,
+    history_for,
+    load_checkpoint,
+    read_metrics_lenient,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_metrics,
+    write_text_atomic,
+)
 from capsnet_fused.data import (
     DATASETS,
     ImageDataset,
@@ -39,12 +66,7 @@ from capsnet_fused.data import (
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
 from capsnet_fused.models import CapsNet
 from capsnet_fused.ops import BACKENDS, choose_backend
-from capsnet_fused.reference import SOFTMAX_OVER
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.json"
-CHECKPOINT_FORMAT = 1
+from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS
 
 
 @dataclass
@@ -62,7 +84,10 @@ class TrainConfig:
     routing_iterations: int = 3
     softmax_over: str = "out_caps"
     learn_prior: bool = False
+    learn_bias: bool = False
     detach_inner: bool = False
+    leaky: bool = False
+    squash_eps: float = SQUASH_EPS
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -111,19 +136,32 @@ class TrainConfig:
         for name in ("num_workers", "checkpoint_every", "max_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not 0 < self.lr_decay <= 1:
-            raise ValueError(f"need lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}")
-        if not self.digit_init_scale > 0:
+        # `not x > 0` also refuses NaN; math.isfinite refuses inf (lr = inf diverges at once).
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not (math.isfinite(self.recon_scale) and self.recon_scale >= 0):
+            raise ValueError(f"recon_scale must be a finite number >= 0, got {self.recon_scale}")
+        if not (math.isfinite(self.digit_init_scale) and self.digit_init_scale > 0):
             raise ValueError(f"digit_init_scale must be > 0, got {self.digit_init_scale}")
+        if not (math.isfinite(self.squash_eps) and self.squash_eps >= 0):
+            raise ValueError(f"squash_eps must be a finite number >= 0, got {self.squash_eps}")
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
 
 
-# Settings a resumed run may change; all others come from the checkpoint.
+# Settings added after checkpoints were first written, with the values that reproduce what a
+# checkpoint without them trained with: such a checkpoint resumes with these.
+ADDED_SETTINGS = {"learn_bias": False, "leaky": False, "squash_eps": SQUASH_EPS}
+
+# Settings a resumed run may change; all others come from the checkpoint. The backend changes
+# only how the routing is computed, not what (every backend computes the same function).
 RESUMABLE_OVERRIDES = (
     "epochs",
     "data_dir",
     "device",
+    "backend",
     "out",
     "num_workers",
     "checkpoint_every",
@@ -138,7 +176,17 @@ def _flag(name: str) -> str:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint is kept."""
+    """The loss, the test loss or the parameters became NaN or Inf; the last good checkpoint
+    is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after writing a checkpoint; exit_status is 128 + the
+    signal number (130, 143)."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,8 +196,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=DATASETS, help=f"dataset to train on (default {d.dataset})")
     add(
         "--data-dir",
-        help="folder with the IDX files (searched before "
-        "/usr/share/datasets/fashion-mnist; downloads go to DATA_DIR/<dataset>; default ./data)",
+        help="folder with the IDX files (or its <dataset> subfolder); an error when they are "
+        "not there. Without it: ./data, ./data/<dataset>, /usr/share/datasets/fashion-mnist, "
+        "else a download to ./data/<dataset>",
     )
     add("--epochs", type=int, help=f"number of epochs to train in total (default {d.epochs})")
     add("--batch-size", type=int, help=f"images per step per process (default {d.batch_size})")
@@ -188,10 +237,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="learn the initial routing logits (default off)",
     )
     add(
+        "--learn-bias",
+        action="store_true",
+        default=None,
+        help="learn a DigitCaps bias [J, M] added to s before every squash, starting at 0.1 "
+        "(the official code's; default off)",
+    )
+    add(
         "--detach-inner",
         action="store_true",
         default=None,
         help="no gradient through the inner routing iterations (default off)",
+    )
+    add(
+        "--leaky",
+        action="store_true",
+        default=None,
+        help="leaky routing: one extra logit fixed at 0 on the softmax axis (the official "
+        "code's; default off)",
+    )
+    add(
+        "--squash-eps",
+        type=float,
+        metavar="EPS",
+        help=f"eps of every squash, |s|^2/(1+|s|^2) s/sqrt(|s|^2+EPS); 0 is the eps-free "
+        f"squash, NaN at s = 0 (default {d.squash_eps:g})",
     )
     add(
         "--backend",
@@ -303,7 +373,10 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> CapsN
         routing_iterations=config.routing_iterations,
         softmax_over=config.softmax_over,
         learn_prior=config.learn_prior,
+        learn_bias=config.learn_bias,
         detach_inner=config.detach_inner,
+        leaky=config.leaky,
+        squash_eps=config.squash_eps,
         backend=config.backend,
         digit_init_scale=config.digit_init_scale,
         channels_last=config.channels_last,
@@ -328,14 +401,26 @@ class CapsNetLoss(nn.Module):
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:local_rank when CUDA is available, else cpu."""
+    """'auto' -> cuda:local_rank when CUDA is available, else cpu. ValueError for anything
+    that is not an existing cpu or cuda device."""
+    expect = "expected cpu, cuda, cuda:N or auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a device; {expect}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: training runs on cpu or cuda; {expect}")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(dev)!r} requested but there are {torch.cuda.device_count()} CUDA "
+            f"device(s)"
+        )
     return dev
 
 
@@ -348,60 +433,55 @@ def autocast_context(device: torch.device, enabled: bool):
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write `state` to path atomically: a temporary file in the same folder, then os.replace.
-
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def config_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "") -> TrainConfig:
+    """The TrainConfig stored in a checkpoint; ValueError naming `path` when it does not fit
+    this version's settings (unknown or missing fields, values out of range)."""
+    config = state["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the checkpoint's config is not a dict of settings")
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    config = {**{k: v for k, v in ADDED_SETTINGS.items() if k not in config}, **config}
+    unknown, missing = sorted(set(config) - known), sorted(known - set(config))
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: the checkpoint's config does not match this version of capsnet-fused "
+            f"(unknown settings: {', '.join(unknown) or 'none'}; missing: "
+            f"{', '.join(missing) or 'none'})"
+        )
+    config = dict(config)
     try:
-        with tmp.open("wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        config["decoder_hidden"] = tuple(config["decoder_hidden"])
+        result = TrainConfig(**config)
+        result.validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the checkpoint's config is invalid ({exc})") from exc
+    return result
 
 
-def checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the checkpoint inside a run folder."""
-    path = Path(path)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint (a file or its run folder)."""
-    path = checkpoint_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+def _load_state_dict(target, state: dict, what: str, path: str | os.PathLike) -> None:
+    """target.load_state_dict(state) with a one-line error naming the checkpoint."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable capsnet-fused checkpoint ({exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a capsnet-fused checkpoint (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
-    config = dict(state["config"])
-    config["decoder_hidden"] = tuple(config["decoder_hidden"])
-    return TrainConfig(**config)
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: the checkpoint's {what} does not fit the model its config describes "
+            f"({first[:200]})"
+        ) from exc
 
 
 def model_from_checkpoint(
-    state: dict[str, Any], device: torch.device | str = "cpu", backend: str | None = None
+    state: dict[str, Any],
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+    path: str | os.PathLike = "",
 ) -> tuple[CapsNet, TrainConfig]:
     """The trained model (eval mode) and its config; backend overrides the trained one."""
-    config = config_from_checkpoint(state)
+    config = config_from_checkpoint(state, path)
     if backend is not None:
         config.backend = backend
     model = build_model(config, tuple(state["image_shape"]))
-    model.load_state_dict(state["model"])
+    _load_state_dict(model, state["model"], "model", path)
     return model.to(device).eval(), config
 
 
@@ -491,10 +571,13 @@ def evaluate(
     amp: bool = False,
     info: DistInfo | None = None,
     progress: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Test loss (margin + scaled reconstruction of the predicted capsule) and accuracy.
 
     Under DDP each process takes every world_size-th image, so the sums cover each image once.
+    stop (one process only) is asked after every batch; when it says True the evaluation ends
+    there, and "complete" is False in the result (which covers the images seen).
     """
     info = info or DistInfo()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
@@ -502,9 +585,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, margin, recon, correct, count
+    complete = True
     for images, labels in tqdm(
         loader, desc="eval", unit="batch", leave=False, disable=not (progress and info.main)
     ):
+        if stop is not None and not info.enabled and sums[4] > 0 and stop():
+            complete = False
+            break
         images, labels = to_float(images.to(device)), labels.to(device)
         with autocast_context(device, amp):
             output = model(images)
@@ -528,6 +615,7 @@ def evaluate(
         "recon_loss": recon / count,
         "accuracy": correct / count,
         "images": int(count),
+        "complete": complete,
     }
 
 
@@ -541,20 +629,38 @@ def evaluate_checkpoint(
     backend: str | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Test accuracy and loss of a checkpoint on its dataset's test split."""
+    """Test accuracy and loss of a checkpoint on its dataset's test split.
+
+    The data folder is data_dir, else the one the run was trained on (recorded as an absolute
+    path); only checkpoints of runs that searched the default folders search them again.
+    """
     dev = resolve_device(device)
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state, dev, backend)
-    test_set = load_dataset(config.dataset, "test", data_dir or config.data_dir, limit=limit)
-    if test_set.image_shape != tuple(state["image_shape"]):
-        raise ValueError(
-            f"test images are {test_set.image_shape}, the model expects "
-            f"{tuple(state['image_shape'])}"
-        )
+    ckpt = checkpoint_path(checkpoint)
+    state = load_checkpoint(ckpt)
+    model, config = model_from_checkpoint(state, dev, backend, ckpt)
+    test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
     criterion = CapsNetLoss(config.recon_scale)
     metrics = evaluate(model, test_set, criterion, dev, batch_size=batch_size, progress=progress)
     metrics["backend"] = choose_backend(dev, torch.float32, config.backend)
     return metrics
+
+
+def load_test_set(
+    config: TrainConfig,
+    data_dir: str | None,
+    limit: int | None,
+    image_shape: tuple[int, ...],
+) -> ImageDataset:
+    """The test split a trained model is evaluated on: from data_dir, else the folder its run
+    read (config.data_dir); ValueError when the images do not have image_shape [C, H, W]."""
+    folder = data_dir or config.data_dir
+    test_set = load_dataset(config.dataset, "test", folder, limit=limit, download=folder is None)
+    if test_set.image_shape != image_shape:
+        raise ValueError(
+            f"test images in {test_set.source} are {list(test_set.image_shape)} "
+            f"[C, H, W]; the model expects {list(image_shape)}"
+        )
+    return test_set
 
 
 # ---------------------------------------------------------------- training
@@ -571,8 +677,10 @@ def _prepare_config(
     if resume is None:
         config.validate()
         return config, None
-    state = load_checkpoint(resume)
-    saved = config_from_checkpoint(state)
+    path = checkpoint_path(resume)
+    state = load_checkpoint(path, require=RESUME_KEYS)
+    state["path"] = str(path)
+    saved = config_from_checkpoint(state, path)
     given = given if given is not None else {}
     for name, value in given.items():
         if name in RESUMABLE_OVERRIDES:
@@ -584,7 +692,7 @@ def _prepare_config(
                 f"{', '.join(_flag(n) for n in RESUMABLE_OVERRIDES)}"
             )
     if "out" not in given:
-        saved.out = str(checkpoint_path(resume).parent)
+        saved.out = str(path.parent)
     saved.validate()
     return saved, state
 
@@ -598,6 +706,82 @@ def _format_epoch(record: dict[str, Any], epochs: int) -> str:
     )
 
 
+def _position(epoch: int, step_in_epoch: int, step: int) -> str:
+    """Where training stands, in words: after `epoch` whole epochs and step_in_epoch steps."""
+    if step_in_epoch == 0:
+        return f"the end of epoch {epoch} (step {step})"
+    return f"step {step_in_epoch} of epoch {epoch + 1} (step {step} overall)"
+
+
+class _StopSignals:
+    """While active (main thread only), SIGINT and SIGTERM ask the training loop to stop at
+    its next safe point, with a checkpoint, instead of killing it; a second SIGINT stops at
+    once (KeyboardInterrupt, the last checkpoint kept). The previous handlers come back on
+    exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        sys.stderr.write(
+            f"\n{signal.Signals(signum).name} received: stopping after the current step with "
+            "a checkpoint (Ctrl-C again to stop at once, without one)\n"
+        )
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process (a Ctrl-C reaches the
+    whole process group; a dead worker would end the epoch with an error, not a checkpoint).
+    They exit with it."""
+    for signum in _StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the run folder and check that it can be written, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"--out {out} cannot be used as a run folder: {exc.strerror or exc}"
+        ) from exc
+
+
+def _finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter and every floating-point optimiser state is finite."""
+    tensors = [p.detach() for p in model.parameters()]
+    for per_param in optimizer.state.values():
+        tensors += [t for t in per_param.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -609,21 +793,38 @@ def train(
 
     `given` holds the settings passed explicitly (see config_from_args): on resume those among
     RESUMABLE_OVERRIDES replace the checkpoint's, and any other that differs is an error.
-    Raises TrainingDiverged when the loss becomes NaN or Inf (the last checkpoint is kept).
+    Raises TrainingDiverged when the loss, the test loss or the state becomes NaN or Inf (the
+    last good checkpoint is kept), TrainingInterrupted after SIGINT / SIGTERM (a checkpoint is
+    written first) and CheckpointWriteError when the run folder cannot be written.
     """
     config, state = _prepare_config(config, given, None if resume is None else str(resume))
-    info = setup_distributed(config.device)
-    try:
-        return _train(config, state, info, log)
-    finally:
-        if info.owns_group:
-            dist.destroy_process_group()
+    if state is not None and state["epoch"] >= config.epochs:
+        log(
+            f"{state['path']} has already trained {state['epoch']} epochs (--epochs "
+            f"{config.epochs}); nothing to do"
+        )
+        history = state.get("history") or read_metrics_lenient(Path(config.out) / METRICS_NAME)
+        return history[-1] if history else {}
+    resolve_device(config.device)
+    with _StopSignals() as stop:
+        info = setup_distributed(config.device)
+        try:
+            return _train(config, state, info, log, stop)
+        finally:
+            if info.owns_group:
+                dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, state: dict | None, info: DistInfo, log, stop: _StopSignals
+) -> dict[str, Any]:
     device = resolve_device(config.device, info.local_rank)
     out = Path(config.out) if config.out else _default_out(config)
     ckpt_file = out / CHECKPOINT_NAME
+    if info.main:
+        _prepare_out(out)
+        for stale in remove_stale_temporaries(out):
+            log(f"removed {stale}, left by a process that no longer runs")
     if state is None and ckpt_file.exists():
         raise ValueError(
             f"{out} already holds a checkpoint; resume it with --resume {out} "
@@ -637,9 +838,27 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
     # One generator per process for the shifts, so ranks augment independently.
     augment_gen = torch.Generator().manual_seed(config.seed + 7919 * (info.rank + 1))
 
-    train_set = load_dataset(config.dataset, "train", config.data_dir, limit=config.limit_train)
-    test_set = load_dataset(config.dataset, "test", config.data_dir, limit=config.limit_test)
+    # An explicit data folder is the only place looked at (no download); the folder actually
+    # read is recorded as an absolute path, so eval and visualize find it from anywhere.
+    explicit = config.data_dir is not None
+    train_set = load_dataset(
+        config.dataset, "train", config.data_dir, limit=config.limit_train, download=not explicit
+    )
+    config.data_dir = str(Path(train_set.source).resolve())
+    test_set = load_dataset(
+        config.dataset, "test", config.data_dir, limit=config.limit_test, download=False
+    )
     image_shape = train_set.image_shape
+    if test_set.image_shape != image_shape:
+        raise ValueError(
+            f"test images in {config.data_dir} are {list(test_set.image_shape)} [C, H, W] but "
+            f"training images are {list(image_shape)}"
+        )
+    if state is not None and tuple(state["image_shape"]) != image_shape:
+        raise ValueError(
+            f"{state['path']} was trained on images {list(state['image_shape'])}, but those in "
+            f"{config.data_dir} are {list(image_shape)}"
+        )
     model = build_model(config, image_shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
@@ -657,24 +876,35 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
         sampler=sampler,
         num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals if config.num_workers else None,
     )
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
 
     epoch, step, step_in_epoch = 0, 0, 0
-    epoch_sums = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, images, seconds
+    # loss sum, correct, images (without the sampler's padding), seconds, images processed
+    epoch_sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+    history: list[dict[str, Any]] = []
+    saved_at: tuple[int, int, int] | None = None  # (epoch, step_in_epoch, step) of ckpt_file
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], augment_gen)
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        epoch_sums = list(state["epoch_sums"])
+        path = state["path"]
         if state["world_size"] != info.world_size:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} processes; "
                 f"resume it with the same number (got {info.world_size})"
             )
+        _load_state_dict(model, state["model"], "model", path)
+        _load_state_dict(optimizer, state["optimizer"], "optimizer state", path)
+        _load_state_dict(scheduler, state["scheduler"], "scheduler state", path)
+        _load_state_dict(scaler, state["scaler"], "grad scaler state", path)
+        _set_rng_state(state["rng"], augment_gen)
+        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        saved_at = (epoch, step_in_epoch, step)
+        sums = list(state["epoch_sums"])
+        # Checkpoints from before the padding was told apart counted processed images only.
+        epoch_sums = sums + [sums[2]] if len(sums) == 4 else sums
+        history = state.get("history")
+        if history is None:  # an older checkpoint: its epochs from metrics.jsonl, once each
+            history = history_for(read_metrics_lenient(out / METRICS_NAME), epoch)
 
     ddp_model: nn.Module = model
     if info.enabled:
@@ -683,36 +913,71 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
         )
 
     if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        # metrics.jsonl agrees with the checkpoint: the epochs it holds, no more, none twice
+        # (a fresh run removes a stale file).
+        if history:
+            write_metrics(out / METRICS_NAME, history)
+        else:
+            (out / METRICS_NAME).unlink(missing_ok=True)
+        write_text_atomic(
+            out / CONFIG_NAME, json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+        )
         log(
-            f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images) "
-            f"on {device} x{info.world_size}, backend {backend}, run folder {out}"
+            f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images "
+            f"from {config.data_dir}) on {device} x{info.world_size}, backend {backend}, "
+            f"run folder {out}"
         )
 
-    def snapshot() -> None:
-        if not info.main:
-            return
-        save_checkpoint(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": dataclasses.asdict(config),
-                "image_shape": list(image_shape),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(augment_gen),
-                "epoch": epoch,
-                "step": step,
-                "step_in_epoch": step_in_epoch,
-                "epoch_sums": epoch_sums,
-                "world_size": info.world_size,
-            },
-            ckpt_file,
+    def kept() -> str:
+        if saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {ckpt_file} holds {_position(*saved_at)}"
+
+    def snapshot(rng: dict[str, Any], sums: list[float]) -> None:
+        """Checkpoint the current model and optimiser state at (epoch, step_in_epoch, step)."""
+        nonlocal saved_at
+        # Every rank holds the same state, so every rank reaches the same verdict.
+        if not _finite_state(model, optimizer):
+            raise TrainingDiverged(
+                f"parameters or optimiser state became NaN or Inf by "
+                f"{_position(epoch, step_in_epoch, step)}; stopping ({kept()}). "
+                "Try a lower --lr or disabling --amp."
+            )
+        if info.main:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": dataclasses.asdict(config),
+                    "image_shape": list(image_shape),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng,
+                    "epoch": epoch,
+                    "step": step,
+                    "step_in_epoch": step_in_epoch,
+                    "epoch_sums": sums,
+                    "world_size": info.world_size,
+                    "history": history,
+                },
+                ckpt_file,
+            )
+        saved_at = (epoch, step_in_epoch, step)
+
+    def interrupted() -> TrainingInterrupted:
+        name = signal.Signals(stop.signum).name
+        where = _position(*saved_at) if saved_at else "nothing"
+        return TrainingInterrupted(
+            f"stopped by {name}; {ckpt_file} holds {where}. Continue with: "
+            f"capsnet-fused train --resume {out}",
+            128 + stop.signum,
         )
 
-    record: dict[str, Any] = {}
+    record: dict[str, Any] = history[-1] if history else {}
+    # A --checkpoint-every checkpoint is due; it is written once the next loss, computed from
+    # the same state, has come out finite.
+    due = False
     while epoch < config.epochs:
         sampler.set_epoch(epoch)
         sampler.set_start(step_in_epoch * config.batch_size)
@@ -728,6 +993,15 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
         )
         start = time.perf_counter()
         for images, labels in bar:
+            # The state a checkpoint written at this step resumes from: before this batch.
+            rng = _rng_state(augment_gen)
+            sums_before = [
+                *epoch_sums[:3],
+                epoch_sums[3] + time.perf_counter() - start,
+                epoch_sums[4],
+            ]
+            first = step_in_epoch * config.batch_size
+            real = sampler.real_samples(first, first + labels.shape[0])
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             images = to_float(images)
             if config.max_shift:
@@ -735,28 +1009,32 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
             with autocast_context(device, config.amp):
                 output = ddp_model(images, labels)
             loss, _, _ = criterion(output, images, labels)
-            correct = (output.lengths.argmax(dim=1) == labels).sum()
+            hits = output.lengths.argmax(dim=1) == labels
             stats = torch.stack(
                 [
                     loss.detach().double() * labels.shape[0],
-                    correct.double(),
+                    hits[:real].sum().double(),
+                    torch.tensor(real, device=device, dtype=torch.float64),
                     torch.tensor(labels.shape[0], device=device, dtype=torch.float64),
+                    torch.tensor(float(stop.requested), device=device, dtype=torch.float64),
                 ]
             )
             if info.enabled:
                 dist.all_reduce(stats)
-            loss_sum, batch_correct, batch_images = stats.tolist()
+            loss_sum, batch_correct, batch_real, batch_images, stopping = stats.tolist()
             if not math.isfinite(loss_sum):
                 bar.close()
-                kept = (
-                    f"the last good checkpoint is {ckpt_file}"
-                    if ckpt_file.exists()
-                    else "no checkpoint was written yet"
-                )
                 raise TrainingDiverged(
                     f"loss became {loss_sum / batch_images} at epoch {epoch + 1}, step "
-                    f"{step + 1}; stopping ({kept}). Try a lower --lr or disabling --amp."
+                    f"{step + 1}; stopping ({kept()}). Try a lower --lr or disabling --amp."
                 )
+            # The loss is finite: the state after the previous step is good to keep.
+            if due or stopping:
+                snapshot(rng, sums_before)
+                due = False
+            if stopping:
+                bar.close()
+                raise interrupted()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -767,23 +1045,23 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
             epoch_sums = [
                 epoch_sums[0] + loss_sum,
                 epoch_sums[1] + batch_correct,
-                epoch_sums[2] + batch_images,
+                epoch_sums[2] + batch_real,
                 epoch_sums[3],
+                epoch_sums[4] + batch_images,
             ]
             if step_in_epoch % 10 == 0 or step_in_epoch == steps_per_epoch:
                 seconds = epoch_sums[3] + elapsed
                 bar.set_postfix(
-                    loss=f"{epoch_sums[0] / epoch_sums[2]:.4f}",
-                    acc=f"{100 * epoch_sums[1] / epoch_sums[2]:.2f}%",
+                    loss=f"{epoch_sums[0] / epoch_sums[4]:.4f}",
+                    acc=f"{100 * epoch_sums[1] / max(epoch_sums[2], 1.0):.2f}%",
                     img_s=f"{epoch_sums[2] / max(seconds, 1e-9):.1f}",
                 )
             if config.checkpoint_every and step % config.checkpoint_every == 0:
-                saved_sums = epoch_sums
-                epoch_sums = [*epoch_sums[:3], epoch_sums[3] + elapsed]
-                snapshot()
-                epoch_sums = saved_sums
+                due = True
         bar.close()
         epoch_sums[3] += time.perf_counter() - start
+        # The test loss checks the state after the epoch's last step, as the next step's loss
+        # checks a mid-epoch one.
         test = evaluate(
             model,
             test_set,
@@ -793,13 +1071,24 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
             amp=config.amp,
             info=info,
             progress=config.progress,
+            stop=lambda: stop.requested,
         )
+        if not math.isfinite(test["loss"]):
+            raise TrainingDiverged(
+                f"test loss became {test['loss']} after epoch {epoch + 1} (step {step}); "
+                f"stopping ({kept()}). Try a lower --lr or disabling --amp."
+            )
+        if not test["complete"]:
+            # Stopped during the evaluation: keep the epoch's training, evaluate on resume.
+            snapshot(_rng_state(augment_gen), list(epoch_sums))
+            raise interrupted()
         images_seen = max(epoch_sums[2], 1.0)
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": epoch_sums[0] / images_seen,
+            "train_loss": epoch_sums[0] / max(epoch_sums[4], 1.0),
             "train_accuracy": epoch_sums[1] / images_seen,
+            "train_images": int(epoch_sums[2]),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
             "test_margin_loss": test["margin_loss"],
@@ -812,26 +1101,44 @@ def _train(config: TrainConfig, state: dict | None, info: DistInfo, log) -> dict
             "backend": backend,
             "amp": config.amp,
         }
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A run resumed after its epoch's last step (stopped during the evaluation) steps
+            # the scheduler before this process stepped the optimiser; the schedule is right.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()
         epoch += 1
         step_in_epoch = 0
-        epoch_sums = [0.0, 0.0, 0.0, 0.0]
+        epoch_sums = [0.0, 0.0, 0.0, 0.0, 0.0]
+        history = [*history, record]
+        due = False
+        # The checkpoint first: metrics.jsonl never shows an epoch the checkpoint lacks.
+        snapshot(_rng_state(augment_gen), list(epoch_sums))
         if info.main:
-            with (out / METRICS_NAME).open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            write_metrics(out / METRICS_NAME, history)
             log(_format_epoch(record, config.epochs))
-        snapshot()
+        # Every process takes part in the vote, or the others would wait for it forever.
+        if _any_rank(stop.requested, info, device) if info.enabled else stop.requested:
+            raise interrupted()
     if info.enabled:
         dist.barrier()
     return record
 
 
+def _any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """Whether any process has `flag` set (every process must call this)."""
+    return _all_sum([float(flag)], info, device)[0] > 0
+
+
 def main_train(args: argparse.Namespace) -> int:
-    """Entry point of `capsnet-fused train` (see cli.py)."""
+    """Entry point of `capsnet-fused train` (see cli.py). Exit status: 0 done, 3 diverged,
+    130 / 143 stopped by SIGINT / SIGTERM with a checkpoint; cli.py maps other errors."""
     config, given = config_from_args(args)
     try:
         train(config, resume=args.resume, given=given)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_status
     return 0

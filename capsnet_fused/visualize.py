@@ -1,7 +1,8 @@
 """Figures: reconstructions, the paper's Figure 4 (capsule dimension perturbations), curves.
 
-matplotlib is imported inside each function (it is an optional dependency) with the Agg
-backend, so the figures are written without a display.
+matplotlib is imported inside each function (it is an optional dependency, the "plots" extra)
+with the Agg backend, so the figures are written without a display; without it they raise
+PlotsUnavailable, an ImportError saying what to install.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from capsnet_fused.data import load_dataset, to_float
+from capsnet_fused.data import to_float
 from capsnet_fused.models import CapsNet
 from capsnet_fused.train import (
     METRICS_NAME,
     checkpoint_path,
     load_checkpoint,
+    load_test_set,
     model_from_checkpoint,
     resolve_device,
 )
@@ -26,8 +28,18 @@ from capsnet_fused.train import (
 PERTURBATIONS = tuple(round(-0.25 + 0.05 * k, 2) for k in range(11))
 
 
+PLOTS_HINT = "pip install capsnet-fused[plots]"
+
+
+class PlotsUnavailable(ImportError):
+    """matplotlib is not installed."""
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PlotsUnavailable(f"the figures need matplotlib: {PLOTS_HINT}") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -215,15 +227,20 @@ def visualize_checkpoint(
         raise ValueError(
             f"num_images and num_perturbed must be >= 1, got {num_images}, {num_perturbed}"
         )
+    # Everything that can fail is checked before the output folder is created.
+    _pyplot()
     dev = resolve_device(device)
     ckpt = checkpoint_path(checkpoint)
     state = load_checkpoint(ckpt)
-    model, config = model_from_checkpoint(state, dev, backend)
+    model, config = model_from_checkpoint(state, dev, backend, ckpt)
     limit = max(num_images, num_perturbed)
-    test_set = load_dataset(config.dataset, "test", data_dir or config.data_dir, limit=limit)
+    test_set = load_test_set(config, data_dir, limit, tuple(state["image_shape"]))
     images = to_float(test_set.images.to(dev))
     out = Path(out_dir) if out_dir is not None else ckpt.parent
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from exc
     written = [
         plot_reconstructions(
             model, images[:num_images], test_set.labels[:num_images], out / "reconstructions.png"

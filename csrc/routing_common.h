@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -40,7 +41,7 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 inline RoutingSizes check_routing_args(
     const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& prior,
-    int64_t iterations) {
+    const std::optional<at::Tensor>& bias, int64_t iterations, double squash_eps) {
   TORCH_CHECK(u.dim() == 3, "capsnet_fused: u must be [B, I, N], got ", u.sizes());
   TORCH_CHECK(weight.dim() == 4, "capsnet_fused: weight must be [I, J, N, M], got ",
               weight.sizes());
@@ -65,6 +66,18 @@ inline RoutingSizes check_routing_args(
     TORCH_CHECK(prior->device() == u.device(), "capsnet_fused: prior is on ", prior->device(),
                 " but u is on ", u.device());
   }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == sz.J && bias->size(1) == sz.M,
+                "capsnet_fused: bias must be [J, M] = [", sz.J, ", ", sz.M, "], got ",
+                bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == u.scalar_type(),
+                "capsnet_fused: bias must have the dtype of u, got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == u.device(), "capsnet_fused: bias is on ", bias->device(),
+                " but u is on ", u.device());
+  }
+  // `!(x >= 0)` also refuses NaN.
+  TORCH_CHECK_VALUE(!(squash_eps < 0) && std::isfinite(squash_eps),
+                    "capsnet_fused: squash_eps must be a finite number >= 0, got ", squash_eps);
   return sz;
 }
 
@@ -83,17 +96,23 @@ inline void check_saved_states(const RoutingSizes& sz, bool softmax_in_caps, con
               "capsnet_fused: saved states must be ", dtype);
 }
 
+// An optional input in the compute dtype, contiguous; undefined when absent.
+inline at::Tensor optional_input(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
+}
+
 // One forward call: contiguous inputs in the compute dtype and freshly allocated outputs.
 struct ForwardCall {
   RoutingSizes sz;
   at::ScalarType dtype;  // compute dtype
-  at::Tensor u, w, prior, v, s, V, lse;  // prior undefined when absent
+  at::Tensor u, w, prior, bias, v, s, V, lse;  // prior, bias undefined when absent
 };
 
 inline ForwardCall prepare_forward(const at::Tensor& u, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& prior, int64_t iterations,
-                                   bool softmax_in_caps) {
-  const RoutingSizes sz = check_routing_args(u, weight, prior, iterations);
+                                   const std::optional<at::Tensor>& prior,
+                                   const std::optional<at::Tensor>& bias, int64_t iterations,
+                                   bool softmax_in_caps, double squash_eps) {
+  const RoutingSizes sz = check_routing_args(u, weight, prior, bias, iterations, squash_eps);
   const at::ScalarType dtype = compute_dtype(u.scalar_type());
   const at::TensorOptions opts = u.options().dtype(dtype);
   return ForwardCall{
@@ -101,29 +120,33 @@ inline ForwardCall prepare_forward(const at::Tensor& u, const at::Tensor& weight
       dtype,
       u.to(dtype).contiguous(),
       weight.to(dtype).contiguous(),
-      prior.has_value() ? prior->to(dtype).contiguous() : at::Tensor(),
+      optional_input(prior, dtype),
+      optional_input(bias, dtype),
       new_output({sz.B, sz.J, sz.M}, opts),
       new_output({sz.B, sz.R, sz.J, sz.M}, opts),
       new_output({sz.B, sz.R, sz.J, sz.M}, opts),
       new_output({sz.B, softmax_in_caps ? sz.R : 0, sz.J}, opts)};
 }
 
-// One backward call. du, dw, dp are [0]-shaped where not wanted; ds [B, R, J, M] is scratch.
+// One backward call. du, dw, dp, db are [0]-shaped where not wanted; ds [B, R, J, M] is
+// scratch (dL/d(s^t + bias)).
 struct BackwardCall {
   RoutingSizes sz;
   at::ScalarType dtype;  // compute dtype
-  bool need_du, need_dw, need_dp;
-  at::Tensor g, u, w, prior, s, V, lse, ds, du, dw, dp;
-  bool any() const { return need_du || need_dw || need_dp; }
+  bool need_du, need_dw, need_dp, need_db;
+  at::Tensor g, u, w, prior, bias, s, V, lse, ds, du, dw, dp, db;
+  bool any() const { return need_du || need_dw || need_dp || need_db; }
 };
 
 inline BackwardCall prepare_backward(const at::Tensor& grad_v, const at::Tensor& u,
                                      const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& prior, const at::Tensor& s,
+                                     const std::optional<at::Tensor>& prior,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& s,
                                      const at::Tensor& V, const at::Tensor& lse,
-                                     int64_t iterations, bool softmax_in_caps, bool need_du,
-                                     bool need_dweight, bool need_dprior) {
-  const RoutingSizes sz = check_routing_args(u, weight, prior, iterations);
+                                     int64_t iterations, bool softmax_in_caps, double squash_eps,
+                                     bool need_du, bool need_dweight, bool need_dprior,
+                                     bool need_dbias) {
+  const RoutingSizes sz = check_routing_args(u, weight, prior, bias, iterations, squash_eps);
   const at::ScalarType dtype = compute_dtype(u.scalar_type());
   TORCH_CHECK(grad_v.sizes() == at::IntArrayRef({sz.B, sz.J, sz.M}),
               "capsnet_fused: grad_v must be [B, J, M] = [", sz.B, ", ", sz.J, ", ", sz.M,
@@ -133,15 +156,18 @@ inline BackwardCall prepare_backward(const at::Tensor& grad_v, const at::Tensor&
   check_saved_states(sz, softmax_in_caps, s, V, lse, dtype);
   const at::TensorOptions opts = u.options().dtype(dtype);
   need_dprior = need_dprior && prior.has_value();
-  BackwardCall call{sz, dtype, need_du, need_dweight, need_dprior};
+  need_dbias = need_dbias && bias.has_value();
+  BackwardCall call{sz, dtype, need_du, need_dweight, need_dprior, need_dbias};
   call.du = need_du ? new_output({sz.B, sz.I, sz.N}, opts) : at::empty({0}, opts);
   call.dw = need_dweight ? new_output({sz.I, sz.J, sz.N, sz.M}, opts) : at::empty({0}, opts);
   call.dp = need_dprior ? new_output({sz.I, sz.J}, opts) : at::empty({0}, opts);
+  call.db = need_dbias ? new_output({sz.J, sz.M}, opts) : at::empty({0}, opts);
   if (call.any()) {
     call.g = grad_v.to(dtype).contiguous();
     call.u = u.to(dtype).contiguous();
     call.w = weight.to(dtype).contiguous();
-    call.prior = prior.has_value() ? prior->to(dtype).contiguous() : at::Tensor();
+    call.prior = optional_input(prior, dtype);
+    call.bias = optional_input(bias, dtype);
     call.s = s.contiguous();
     call.V = V.contiguous();
     call.lse = lse.contiguous();
@@ -156,11 +182,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_forward
   return {call.v.to(out_dtype), call.s, call.V, call.lse};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
     const BackwardCall& call, const at::Tensor& u, const at::Tensor& weight,
-    const std::optional<at::Tensor>& prior) {
+    const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& bias) {
   return {call.du.to(u.scalar_type()), call.dw.to(weight.scalar_type()),
-          call.dp.to(prior.has_value() ? prior->scalar_type() : u.scalar_type())};
+          call.dp.to(prior.has_value() ? prior->scalar_type() : u.scalar_type()),
+          call.db.to(bias.has_value() ? bias->scalar_type() : u.scalar_type())};
 }
 
 template <typename T>

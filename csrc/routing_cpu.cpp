@@ -228,33 +228,66 @@ CAPSNET_INLINE V vexp(V x) {
   }
 }
 
-// v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors.
+// v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors
+// (v may be s). Computed on t = s / a, a = max |s_m|, so that nothing overflows: with
+// qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r). The naive
+// |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is inf for
+// tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
 template <typename T, typename V>
 CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
-  T n2 = 0;
-  for (int64_t m = 0; m < M; ++m) n2 += s[m][k] * s[m][k];
-  const T f = n2 / ((T(1) + n2) * std::sqrt(n2 + T(kSquashEps)));
-  for (int64_t m = 0; m < M; ++m) v[m][k] = f * s[m][k];
+  // a = max_m |s_m|, NaN when some s_m is NaN (std::max would drop it, and a capsule of zeros
+  // and a NaN would then squash to 0).
+  T a = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T x = std::abs(s[m][k]);
+    a = (x > a || x != x) && a == a ? x : a;
+  }
+  if (a == 0) {
+    for (int64_t m = 0; m < M; ++m) v[m][k] = 0;
+    return;
+  }
+  T qt = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T t = s[m][k] / a;
+    qt += t * t;
+  }
+  const T r = T(1) / (a * a);
+  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
+  for (int64_t m = 0; m < M; ++m) v[m][k] = g * (s[m][k] / a);
 }
 
-// ds = dL/ds from dv = dL/dv for v = f(|s|^2) s: ds = f dv + 2 f'(|s|^2) (s . dv) s, with
-// f' = 1 / ((1 + n2)^2 sqrt(n2 + eps)) - f / (2 (n2 + eps)), finite at s = 0. Lane k of one
-// capsule; returns ds . s (what the softmax over in_caps needs).
+// ds = dL/ds from dv = dL/dv for v = f(|s|^2) s, on the scaled t = s / a of squash_lane:
+// ds = (g / a) (dv + 2 h (t . dv) t) with h = 1/qt - 1/(r + qt) - 1/(2 (qt + eps r)), which is
+// f dv + 2 f'(|s|^2) (s . dv) s (h = a^2 f' / f); 0 at s = 0. Lane k of one capsule; returns
+// ds . s (what the softmax over in_caps needs).
 template <typename T, typename V>
 CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M) {
-  T n2 = 0, sdv = 0;
+  T a = 0;  // max_m |s_m|, NaN when some s_m is NaN (as in squash_lane)
   for (int64_t m = 0; m < M; ++m) {
-    n2 += s[m][k] * s[m][k];
-    sdv += s[m][k] * dv[m][k];
+    const T x = std::abs(s[m][k]);
+    a = (x > a || x != x) && a == a ? x : a;
   }
-  const T root = std::sqrt(n2 + T(kSquashEps));
-  const T f = n2 / ((T(1) + n2) * root);
-  const T df = T(1) / ((T(1) + n2) * (T(1) + n2) * root) - T(0.5) * f / (n2 + T(kSquashEps));
-  const T c = T(2) * df * sdv;
+  if (a == 0) {
+    for (int64_t m = 0; m < M; ++m) ds[m][k] = 0;
+    return 0;
+  }
+  T qt = 0, tdv = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T t = s[m][k] / a;
+    qt += t * t;
+    tdv += t * dv[m][k];
+  }
+  const T r = T(1) / (a * a);
+  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
+  const T h = T(1) / qt - T(1) / (r + qt) - T(0.5) / (qt + er);
+  const T scale = g / a, c = T(2) * h * tdv;
   T dss = 0;
   for (int64_t m = 0; m < M; ++m) {
-    ds[m][k] = f * dv[m][k] + c * s[m][k];
-    dss += ds[m][k] * s[m][k];
+    const T sm = s[m][k];
+    ds[m][k] = scale * (dv[m][k] + c * (sm / a));
+    dss += ds[m][k] * sm;
   }
   return dss;
 }
@@ -1181,10 +1214,22 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
   }
 }
 
+// bias, leaky and a squash eps other than 1e-8 (issue 15) are not in these kernels yet: the
+// kernels are being reworked on another branch, and the options follow once that is merged.
+void refuse_new_options(const std::optional<at::Tensor>& bias, bool leaky, double squash_eps) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !bias.has_value() && !leaky && squash_eps == kSquashEps,
+      "capsnet_fused: the cpp CPU kernels do not implement bias, leaky or a squash_eps other "
+      "than 1e-8 yet; use backend='reference' for these options on the CPU");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& prior,
-    int64_t iterations, bool softmax_in_caps, bool /*detach_inner: backward only*/) {
-  const ForwardCall call = prepare_forward(u, weight, prior, iterations, softmax_in_caps);
+    const std::optional<at::Tensor>& bias, int64_t iterations, bool softmax_in_caps,
+    bool /*detach_inner: backward only*/, bool leaky, double squash_eps) {
+  const ForwardCall call =
+      prepare_forward(u, weight, prior, bias, iterations, softmax_in_caps, squash_eps);
+  refuse_new_options(bias, leaky, squash_eps);
   const Clone clone = clone_for_call();
   AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_fwd", [&] {
     using T = scalar_t;
@@ -1204,13 +1249,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
   return finish_forward(call, u.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
     const at::Tensor& grad_v, const at::Tensor& u, const at::Tensor& weight,
-    const std::optional<at::Tensor>& prior, const at::Tensor& s, const at::Tensor& V,
-    const at::Tensor& lse, int64_t iterations, bool softmax_in_caps, bool detach_inner,
-    bool need_du, bool need_dweight, bool need_dprior) {
-  const BackwardCall call = prepare_backward(grad_v, u, weight, prior, s, V, lse, iterations,
-                                             softmax_in_caps, need_du, need_dweight, need_dprior);
+    const std::optional<at::Tensor>& prior, const std::optional<at::Tensor>& bias,
+    const at::Tensor& s, const at::Tensor& V, const at::Tensor& lse, int64_t iterations,
+    bool softmax_in_caps, bool detach_inner, bool leaky, double squash_eps, bool need_du,
+    bool need_dweight, bool need_dprior, bool need_dbias) {
+  const BackwardCall call =
+      prepare_backward(grad_v, u, weight, prior, bias, s, V, lse, iterations, softmax_in_caps,
+                       squash_eps, need_du, need_dweight, need_dprior, need_dbias);
+  refuse_new_options(bias, leaky, squash_eps);
   if (call.any()) {
     const Clone clone = clone_for_call();
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_bwd", [&] {
@@ -1234,7 +1282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
       });
     });
   }
-  return finish_backward(call, u, weight, prior);
+  return finish_backward(call, u, weight, prior, bias);
 }
 
 // The MNIST DigitCaps routing problem at B = 128, float32: what cpp_kernel_info reports the

@@ -1,28 +1,160 @@
 // CUDA kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
-// Only the CUDA runtime is used (no torch), so `nvcc -c` checks this file on any machine.
+// Only the CUDA runtime is used (no torch), so `nvcc -c` checks this file on any machine, and
+// with CAPSNET_FUSED_CUDA_EMULATION the same source runs on the CPU (cuda_compat.h).
 //
-// This is the fallback GPU path (Triton is the fast one), written for clarity and exactness:
-//   forward          one block per sample; each sweep walks the input capsules in order and
-//                    recomputes u_hat_bi [J, M] into shared memory (threads over (j, m)).
-//   backward phase 1 one block per sample: ds^t = dL/ds^t for every t, running the sweeps
-//                    t = R..2 that carry dL/dV backwards (as the CPU kernel).
-//   backward phase 2 one block per input capsule i: walks the samples in order, recomputes
-//                    u_hat_bi, the couplings and logit gradients, and accumulates du[b, i],
-//                    dW[i] and dprior[i], which the block owns (no atomics: deterministic).
-// Nothing of size B x I x J x M is stored; u_hat is recomputed once per sweep.
-#include <cuda_runtime.h>
-
+// The decomposition (the plan of the Triton backend, with CUDA's thread mapping):
+//   forward   prior_softmax (with a prior), then
+//             gemm_kernel: s^1 without softmax: u [B, I*N] x W [I*N, J*M] with the first
+//               couplings folded into W as it is loaded, split over capsule ranges (split-K),
+//             combine_forward_kernel(0), then for t = 2..R:
+//             sweep_forward_kernel(t): tiles of (samples x input capsules); W of a few capsules
+//               staged in shared memory and used by every sample of the tile; warps along
+//               samples (4 at a time), lanes along (j, m); logits, couplings and the partial s
+//               of the tile, written to a partials buffer [capsule blocks, B, J, M] (with the
+//               running max and sum per (b, j) for the softmax over input capsules),
+//             combine_forward_kernel(t): per (b, j), the partials summed in capsule-block
+//               order (the split-softmax merge over i), squash, V^t = V^{t-1} + v^t.
+//   backward  combine_backward_kernel(t): ds^t from dL/dv^t = [t = R] g + D, D the dL/dV carry
+//               plus the partials A of sweep t+1, in fixed order,
+//             sweep_backward_kernel(t), t = R..2 (and 1 when the prior needs its gradient):
+//               the forward's tiles; couplings alpha^t and logit gradients beta^t stored as
+//               [B, R, I, J] scalars, partial A = sum_i beta u_hat,
+//             grads_kernel: each block owns a few capsules and walks every sample in order:
+//               du_hat from alpha, beta, ds and V, then du, dW and dprior of its capsules.
+// No float atomics: every reduction has one owner and a fixed order, so results are
+// deterministic (for given tiles). Nothing of size B x I x J x M is allocated.
+//
+// Thread mapping of the sweeps: a row (j, m) of a capsule is laid out over lanes with m padded
+// to MP (a power of two up to 32), so that the m-sums of the logits and of dL/dc are butterflies
+// within the MP lanes of a j (the softmax over j, a butterfly over the warp); per (sample,
+// capsule) a warp makes KP / 32 passes. The per-sample state (V^{t-1}, ds^t, the partial sums)
+// stays in shared memory, each element owned by one lane. Tiles are chosen by plan_routing
+// (two blocks per SM of an H100/H200 at the MNIST shape: 64 capsule blocks x 4 sample tiles of
+// 32 at B = 128); J x M is limited by shared memory (227 KB per block on sm_90: J * MP up to
+// about 2000 in float32), beyond which plan_routing refuses and the triton backend is the way.
+// bench/cuda_traffic.py counts each launch's bytes and FLOPs; tests/test_cuda_emulated.py runs
+// this file on the CPU (cuda_emulation.h).
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 
+#include "cuda_compat.h"
 #include "routing_cuda.h"
 
 namespace capsnet_fused {
 namespace cuda {
 namespace {
 
-constexpr double kSquashEps = 1e-8;
-// Dynamic shared memory a block may use without opting in to more.
-constexpr size_t kMaxSharedBytes = 48 * 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+// Samples a warp works on at once: each W value loaded from shared memory serves 4 samples.
+constexpr int kGroup = 4;
+// Blocks per launch to aim for: two per SM of an H100/H200 (132 SMs).
+constexpr int64_t kTargetBlocks = 264;
+constexpr int64_t kMinBlocks = 132;
+// gemm_kernel's tile: 32 samples x 64 columns (j, m), 32 rows (i, n) staged at a time;
+// 256 threads, each 4 samples x 2 columns.
+constexpr int kGemmThreads = 256;
+constexpr int kGemmTileB = 32;
+constexpr int kGemmTileC = 64;
+constexpr int kGemmTileK = 32;
+constexpr int kGemmStrideB = kGemmTileB + 4;  // padded rows: 4-way instead of 32-way conflicts
+constexpr int kPriorThreads = 256;
+constexpr int kBiasThreads = 256;
+
+// Everything the kernels read: sizes, variant, tiles, tensors, workspace and the per-launch
+// iteration. One struct, passed by value to every kernel, so that a new routing option is one
+// field here and one in Options.
+template <typename T>
+struct Params {
+  int B, I, J, N, M, R;
+  int JM;      // J * M
+  int MP;      // M padded: a power of two up to 32, a multiple of 32 above
+  int SW;      // lanes that hold one (j) row of a pass: min(MP, 32)
+  int KP;      // columns of a sweep row: J * MP rounded up to a multiple of 32
+  int passes;  // KP / 32
+  bool in_caps, detach_inner, has_prior, has_bias, leaky;
+  T squash_eps;
+  int sweep_samples, sweep_caps, sweep_stage, sweep_blocks;
+  int gemm_caps, gemm_splits;
+  int grads_caps, grads_samples;
+  const T* u;
+  const T* w;
+  const T* prior;
+  const T* bias;
+  const T* grad_v;
+  T* v;
+  T* s;
+  T* V;
+  T* lse;
+  T* ds;
+  T* du;
+  T* dw;
+  T* dprior;
+  T* dbias;
+  // workspace
+  T* c1;          // [I, J] first couplings softmax(prior)
+  T* lse1;        // [J] log-sum-exp over i of the prior (in_caps)
+  T* part_first;  // [gemm_splits, B, J, M]
+  T* part_s;      // [sweep_blocks, B, J, M]
+  T* part_max;    // [sweep_blocks, B, J] (in_caps)
+  T* part_sum;    // [sweep_blocks, B, J] (in_caps)
+  T* carry;       // [B, J, M] dL/dV carried between backward iterations
+  T* part_a;      // [sweep_blocks, B, J, M]
+  T* alpha;       // [B, R, I, J] couplings
+  T* beta;        // [B, R, I, J] logit gradients
+  // per launch
+  int k;  // iteration, 0-based (t = k + 1)
+  bool read_a, read_carry, write_carry, store_alpha, need_beta, need_a;
+};
+
+__host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
+
+__host__ __device__ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Offsets (elements) of a sweep block's shared arrays; the host sizes the launch with it.
+struct SweepLayout {
+  int64_t w, u, prior, V, acc, ds, stat0, stat1, warp, per_warp, total;
+};
+
+__host__ __device__ inline SweepLayout sweep_layout(int64_t samples, int64_t stage,
+                                                    int64_t warps, int64_t N, int64_t J,
+                                                    int64_t KP, bool backward) {
+  SweepLayout L;
+  L.w = 0;                                         // [stage, N, KP] W, (j, m) padded
+  L.u = L.w + round4(stage * N * KP);              // [stage, N, samples]
+  L.prior = L.u + round4(stage * N * samples);     // [stage, J]
+  L.V = L.prior + round4(stage * J);               // [samples, KP] V^{t-1}
+  L.acc = L.V + round4(samples * KP);              // [samples, KP] partial s or A
+  L.ds = L.acc + round4(samples * KP);             // [samples, KP] ds^t (backward)
+  L.stat0 = L.ds + (backward ? round4(samples * KP) : 0);  // [samples, J] max | lse
+  L.stat1 = L.stat0 + round4(samples * J);         // [samples, J] sum | ds.s
+  L.warp = L.stat1 + round4(samples * J);
+  // per warp: u_hat [4, KP], logits, coupling-gradient e, couplings and scales [4, J] each
+  L.per_warp = round4(kGroup * KP) + 4 * round4(kGroup * J);
+  L.total = L.warp + warps * L.per_warp;
+  return L;
+}
+
+// Offsets (elements) of a gradient block's shared arrays.
+struct GradsLayout {
+  int64_t w, dw, duh, u, dp, total, JMs;
+};
+
+__host__ __device__ inline GradsLayout grads_layout(int64_t caps, int64_t samples, int64_t J,
+                                                    int64_t N, int64_t M) {
+  GradsLayout L;
+  // Rows of J*M padded to an odd length: threads along n read rows without bank conflicts.
+  L.JMs = J * M + ((J * M) % 2 == 0 ? 1 : 0);
+  L.w = 0;                                        // [caps, N, JMs]
+  L.dw = L.w + round4(caps * N * L.JMs);          // [caps, J, N, M] dW accumulators
+  L.duh = L.dw + round4(caps * J * N * M);        // [samples, caps, JMs] du_hat
+  L.u = L.duh + round4(samples * caps * L.JMs);   // [samples, caps, N]
+  L.dp = L.u + round4(samples * caps * N);        // [caps, J] dprior accumulators
+  L.total = L.dp + round4(caps * J);
+  return L;
+}
 
 __device__ inline float dev_exp(float x) { return expf(x); }
 __device__ inline double dev_exp(double x) { return exp(x); }
@@ -30,375 +162,1172 @@ __device__ inline float dev_log(float x) { return logf(x); }
 __device__ inline double dev_log(double x) { return log(x); }
 __device__ inline float dev_sqrt(float x) { return sqrtf(x); }
 __device__ inline double dev_sqrt(double x) { return sqrt(x); }
+__device__ inline float dev_abs(float x) { return fabsf(x); }
+__device__ inline double dev_abs(double x) { return fabs(x); }
 
 template <typename T>
-__device__ inline T neg_inf();
-template <>
-__device__ inline float neg_inf<float>() { return -INFINITY; }
-template <>
-__device__ inline double neg_inf<double>() { return -static_cast<double>(INFINITY); }
-
-// uh [J, M] = sum_n u_bi[n] w_i[:, n, :], threads over (j, m).
-template <typename T>
-__device__ void predict(const T* u_bi, const T* w_i, T* uh, int J, int N, int M) {
-  for (int k = threadIdx.x; k < J * M; k += blockDim.x) {
-    const int j = k / M, m = k % M;
-    const T* w = w_i + static_cast<int64_t>(j) * N * M + m;
-    T acc = 0;
-    for (int n = 0; n < N; ++n) acc += u_bi[n] * w[static_cast<int64_t>(n) * M];
-    uh[k] = acc;
-  }
+__device__ inline T neg_inf() {
+  return -static_cast<T>(INFINITY);
 }
 
-// l[j] = prior_ij + uh_j . V_j (V = V^{t-1}; zero at the first iteration), threads over j.
+// max that returns NaN when either argument is NaN, the same whichever comes first (so that a
+// butterfly gives every lane the same value).
 template <typename T>
-__device__ void logits(const T* uh, const T* V, const T* prior_i, bool first, T* l, int J,
-                       int M) {
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    T x = prior_i != nullptr ? prior_i[j] : T(0);
-    if (!first) {
-      for (int m = 0; m < M; ++m) x += uh[j * M + m] * V[j * M + m];
-    }
-    l[j] = x;
-  }
+__device__ inline T max_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
 }
 
-// c[j] = c^t_ij: softmax of l over j (out_caps), or exp(l - lse_t) (in_caps); threads over j.
+// Butterfly reductions over the warp: every lane gets the result, the same bits on every lane
+// (each step adds a pair in both orders), in a fixed order.
 template <typename T>
-__device__ void couplings(const T* l, const T* lse_t, bool in_caps, T* c, int J) {
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    if (in_caps) {
-      c[j] = dev_exp(l[j] - lse_t[j]);
+__device__ inline T warp_sum(T x) {
+  for (int off = kWarpSize / 2; off > 0; off /= 2) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+template <typename T>
+__device__ inline T warp_max(T x) {
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    const T y = __shfl_xor_sync(kFullMask, x, off);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+template <typename T>
+__device__ inline T warp_max_nan(T x) {
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    x = max_nan(x, __shfl_xor_sync(kFullMask, x, off));
+  }
+  return x;
+}
+
+// Sums over aligned groups of `width` lanes (a power of two up to 32).
+template <typename T>
+__device__ inline T group_sum(T x, int width) {
+  for (int off = width / 2; off > 0; off /= 2) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+template <typename T>
+struct alignas(kGroup * sizeof(T)) Group {
+  T x[kGroup];
+};
+
+template <typename T>
+__device__ inline Group<T> load_group(const T* p) {
+  return *reinterpret_cast<const Group<T>*>(p);
+}
+
+// The overflow-safe squash of one capsule, the formulation every backend uses: a = max |s_m|,
+// t = s / a, v = g t with g = 1 / (1 + r / qt) / sqrt(qt + eps r), r = 1 / a^2, qt = |t|^2
+// (the same as |s|^2 / (1 + |s|^2) s / sqrt(|s|^2 + eps), which overflows in float32 once |s|
+// passes ~7e12). A warp computes it with lanes along m; Squash holds what the forward and
+// backward share. At s = 0, v = 0 and ds = 0 for eps > 0; for eps = 0 both are NaN (the
+// eps-free squash is 0/0 there), as in the reference.
+template <typename T>
+struct Squash {
+  T a;   // max |s_m| (0: see at_zero)
+  T qt;  // |s / a|^2
+  T r;   // 1 / a^2
+  T er;  // eps r (0 when eps is 0)
+  T g;   // v = g s / a
+  T at_zero;  // v and ds where a = 0: 0, or NaN when eps = 0
+};
+
+template <typename T>
+__device__ inline Squash<T> warp_squash(const T* s_row, int M, T eps, int lane) {
+  Squash<T> q;
+  T a = 0;
+  for (int m = lane; m < M; m += kWarpSize) a = max_nan(a, dev_abs(s_row[m]));
+  q.a = warp_max_nan(a);
+  q.qt = q.r = q.er = q.g = 0;
+  q.at_zero = eps == T(0) ? static_cast<T>(NAN) : T(0);
+  if (q.a == T(0)) return q;
+  T qt = 0;
+  for (int m = lane; m < M; m += kWarpSize) {
+    const T t = s_row[m] / q.a;
+    qt += t * t;
+  }
+  q.qt = warp_sum(qt);
+  q.r = T(1) / (q.a * q.a);
+  q.er = eps == T(0) ? T(0) : eps * q.r;
+  q.g = T(1) / (T(1) + q.r / q.qt) / dev_sqrt(q.qt + q.er);
+  return q;
+}
+
+// prior softmax: c1 = softmax(prior) over j (out_caps: a thread per capsule) or over i (in_caps:
+// a warp per output capsule j, which also writes lse1[j]). Leaky: one more logit, 0, in the
+// max and the sum.
+
+template <typename T>
+__global__ void prior_softmax_kernel(Params<T> p) {
+  const int J = p.J;
+  if (!p.in_caps) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= p.I) return;
+    const T* row = p.prior + i * J;
+    T mx = p.leaky ? T(0) : neg_inf<T>();
+    for (int j = 0; j < J; ++j) mx = row[j] > mx ? row[j] : mx;
+    T den = p.leaky ? dev_exp(-mx) : T(0);
+    for (int j = 0; j < J; ++j) den += dev_exp(row[j] - mx);
+    for (int j = 0; j < J; ++j) p.c1[i * J + j] = dev_exp(row[j] - mx) / den;
+    return;
+  }
+  const int j = blockIdx.x;
+  const int lane = threadIdx.x;
+  // Per lane an online max and sum over its capsules, then a butterfly merge; the leaky
+  // logit 0 starts lane 0's.
+  const bool leak = p.leaky && lane == 0;
+  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
+  for (int64_t i = lane; i < p.I; i += kWarpSize) {
+    const T x = p.prior[i * J + j];
+    if (x > mx) {
+      sum = sum * dev_exp(mx - x) + T(1);
+      mx = x;
     } else {
-      T mx = l[0];
-      for (int jj = 1; jj < J; ++jj) mx = l[jj] > mx ? l[jj] : mx;
-      T sum = 0;
-      for (int jj = 0; jj < J; ++jj) sum += dev_exp(l[jj] - mx);
-      c[j] = dev_exp(l[j] - mx) / sum;
+      sum += dev_exp(x - mx);
     }
   }
-}
-
-// e[j] = ds_j . uh_j = dL/dc_ij, threads over j.
-template <typename T>
-__device__ void coupling_grads(const T* ds_t, const T* uh, T* e, int J, int M) {
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    T x = 0;
-    for (int m = 0; m < M; ++m) x += ds_t[j * M + m] * uh[j * M + m];
-    e[j] = x;
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    const T om = __shfl_xor_sync(kFullMask, mx, off);
+    const T os = __shfl_xor_sync(kFullMask, sum, off);
+    const T nm = om > mx ? om : mx;
+    // A lane without capsules has sum 0 and max -inf: it adds nothing (and no inf - inf).
+    const T mine = sum == T(0) ? T(0) : sum * dev_exp(mx - nm);
+    const T other = os == T(0) ? T(0) : os * dev_exp(om - nm);
+    sum = mine + other;
+    mx = nm;
+  }
+  const T lse = mx + dev_log(sum);
+  if (lane == 0) p.lse1[j] = lse;
+  for (int64_t i = lane; i < p.I; i += kWarpSize) {
+    p.c1[i * J + j] = dev_exp(p.prior[i * J + j] - lse);
   }
 }
 
-// dl[j] = dL/dl_ij from c and e; over in_caps sum_i c_ij e_ij = dss_t[j]. Threads over j.
+// First iteration: part_first[split, b, c] = sum over the split's rows (i, n) of
+// u[b, i, n] c1[i, j] W[i, j, n, m], c = (j, m). Without a prior c1 is uniform and the combine
+// divides by J (out_caps) or I (in_caps).
+
 template <typename T>
-__device__ void logit_grads(const T* c, const T* e, const T* dss_t, bool in_caps, T* dl, int J) {
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    if (in_caps) {
-      dl[j] = c[j] * (e[j] - dss_t[j]);
-    } else {
-      T ce = 0;
-      for (int jj = 0; jj < J; ++jj) ce += c[jj] * e[jj];
-      dl[j] = c[j] * (e[j] - ce);
+__global__ void __launch_bounds__(kGemmThreads) gemm_kernel(Params<T> p) {
+  CAPSNET_DYNAMIC_SHARED(raw);
+  T* u_s = reinterpret_cast<T*>(raw);          // [TK, TB + 4] u, rows (i, n)
+  T* w_s = u_s + kGemmTileK * kGemmStrideB;    // [TK, TC]
+  const int tid = threadIdx.x;
+  const int ty = tid / kWarpSize, tx = tid % kWarpSize;
+  const int c0 = blockIdx.x * kGemmTileC;
+  const int b0 = blockIdx.y * kGemmTileB;
+  const int split = blockIdx.z;
+  const int64_t IN = static_cast<int64_t>(p.I) * p.N;
+  const int64_t NM = static_cast<int64_t>(p.N) * p.M;
+  const int64_t i_begin = static_cast<int64_t>(split) * p.gemm_caps;
+  const int64_t i_end = i_begin + p.gemm_caps < p.I ? i_begin + p.gemm_caps : p.I;
+  const int64_t k_end = i_end * p.N;
+  T acc[kGroup][2];
+  for (int r = 0; r < kGroup; ++r) acc[r][0] = acc[r][1] = T(0);
+  for (int64_t k0 = i_begin * p.N; k0 < k_end; k0 += kGemmTileK) {
+    for (int e = tid; e < kGemmTileB * kGemmTileK; e += kGemmThreads) {
+      const int bl = e / kGemmTileK, kq = e % kGemmTileK;
+      const int64_t b = b0 + bl, kk = k0 + kq;
+      u_s[kq * kGemmStrideB + bl] = (b < p.B && kk < k_end) ? p.u[b * IN + kk] : T(0);
     }
-  }
-}
-
-// ds = dL/ds^t from dv = dL/dv^t (squash backward), dss[j] = ds_j . s_j. f and k are [J]
-// shared scratch. Ends synchronised.
-template <typename T>
-__device__ void squash_backward(const T* s, const T* dv, T* ds, T* dss, T* f, T* k, int J,
-                                int M) {
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    T n2 = 0, sdv = 0;
-    for (int m = 0; m < M; ++m) {
-      n2 += s[j * M + m] * s[j * M + m];
-      sdv += s[j * M + m] * dv[j * M + m];
-    }
-    const T root = dev_sqrt(n2 + T(kSquashEps));
-    const T fj = n2 / ((T(1) + n2) * root);
-    const T df = T(1) / ((T(1) + n2) * (T(1) + n2) * root) - T(0.5) * fj / (n2 + T(kSquashEps));
-    f[j] = fj;
-    k[j] = T(2) * df * sdv;
-  }
-  __syncthreads();
-  for (int q = threadIdx.x; q < J * M; q += blockDim.x) {
-    const int j = q / M;
-    ds[q] = f[j] * dv[q] + k[j] * s[q];
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < J; j += blockDim.x) {
-    T x = 0;
-    for (int m = 0; m < M; ++m) x += ds[j * M + m] * s[j * M + m];
-    dss[j] = x;
-  }
-  __syncthreads();
-}
-
-template <typename T>
-__global__ void forward_kernel(const T* u, const T* w, const T* prior, T* v, T* s_out, T* V_out,
-                               T* lse, Sizes sz, bool in_caps) {
-  const int64_t b = blockIdx.x;
-  const int64_t I = sz.I;
-  const int J = static_cast<int>(sz.J), N = static_cast<int>(sz.N), M = static_cast<int>(sz.M);
-  const int R = static_cast<int>(sz.R);
-  const int JM = J * M;
-  const int64_t JNM = static_cast<int64_t>(JM) * N;
-  extern __shared__ unsigned char shared_raw[];
-  T* uh = reinterpret_cast<T*>(shared_raw);  // [J, M]
-  T* V = uh + JM;                             // [J, M] V^{t-1}
-  T* s = V + JM;                              // [J, M]
-  T* l = s + JM;                              // [J] logits
-  T* p = l + J;                               // [J] weights of u_hat_ij in s_j
-  T* mx = p + J;                              // [J] running max (in_caps)
-  T* norm = mx + J;                           // [J] running denominator (in_caps)
-  T* scale = norm + J;                        // [J] rescaling of s_j (in_caps)
-  for (int q = threadIdx.x; q < JM; q += blockDim.x) V[q] = T(0);
-  for (int t = 0; t < R; ++t) {
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) s[q] = T(0);
-    for (int j = threadIdx.x; j < J; j += blockDim.x) {
-      mx[j] = neg_inf<T>();
-      norm[j] = T(0);
+    for (int e = tid; e < kGemmTileK * kGemmTileC; e += kGemmThreads) {
+      const int kq = e / kGemmTileC, cq = e % kGemmTileC;
+      const int64_t kk = k0 + kq;
+      const int c = c0 + cq;
+      T val = 0;
+      if (kk < k_end && c < p.JM) {
+        const int64_t i = kk / p.N;
+        const int n = static_cast<int>(kk % p.N);
+        const int j = c / p.M, m = c % p.M;
+        val = p.w[(i * p.J + j) * NM + static_cast<int64_t>(n) * p.M + m];
+        if (p.has_prior) val *= p.c1[i * p.J + j];
+      }
+      w_s[kq * kGemmTileC + cq] = val;
     }
     __syncthreads();
-    for (int64_t i = 0; i < I; ++i) {
-      predict(u + (b * I + i) * N, w + i * JNM, uh, J, N, M);
-      __syncthreads();
-      logits(uh, V, prior != nullptr ? prior + i * J : nullptr, t == 0, l, J, M);
-      __syncthreads();
-      if (in_caps) {
-        // Online softmax over i: rescale s_j and the denominator when the maximum grows.
-        for (int j = threadIdx.x; j < J; j += blockDim.x) {
-          T sc = T(1);
-          if (l[j] > mx[j]) {
-            sc = dev_exp(mx[j] - l[j]);
-            norm[j] *= sc;
-            mx[j] = l[j];
+    for (int kq = 0; kq < kGemmTileK; ++kq) {
+      const Group<T> ug = load_group(u_s + kq * kGemmStrideB + ty * kGroup);
+      const T w0 = w_s[kq * kGemmTileC + tx];
+      const T w1 = w_s[kq * kGemmTileC + tx + kWarpSize];
+      for (int r = 0; r < kGroup; ++r) {
+        acc[r][0] += ug.x[r] * w0;
+        acc[r][1] += ug.x[r] * w1;
+      }
+    }
+    __syncthreads();
+  }
+  for (int r = 0; r < kGroup; ++r) {
+    const int64_t b = b0 + ty * kGroup + r;
+    for (int q = 0; q < 2; ++q) {
+      const int c = c0 + tx + q * kWarpSize;
+      if (b < p.B && c < p.JM) {
+        p.part_first[(static_cast<int64_t>(split) * p.B + b) * p.JM + c] = acc[r][q];
+      }
+    }
+  }
+}
+
+// Sweeps. Block (capsule block, sample tile); warps take groups of 4 samples, lanes take the
+// columns (j, m) of a row, padded so that each j owns SW aligned lanes (m-reductions are
+// butterflies within them) or, for M > 32, whole passes.
+
+template <typename T>
+struct SweepTile {
+  T* w;      // [stage, N, KP]
+  T* u;      // [stage, N, samples]
+  T* prior;  // [stage, J]
+  T* V;      // [samples, KP]
+  T* acc;    // [samples, KP]
+  T* ds;     // [samples, KP]
+  T* stat0;  // [samples, J]
+  T* stat1;  // [samples, J]
+  T* uh;     // this warp's [4, KP]
+  T* lg;     // this warp's [4, J] logits
+  T* e;      // this warp's [4, J] dL/dc
+  T* cf;     // this warp's [4, J] couplings, or beta
+  T* sc;     // this warp's [4, J] rescaling of the partial s (in_caps)
+  int64_t i_begin, i_end, b0;
+};
+
+template <typename T>
+__device__ inline SweepTile<T> sweep_tile(const Params<T>& p, bool backward) {
+  CAPSNET_DYNAMIC_SHARED(raw);
+  T* sh = reinterpret_cast<T*>(raw);
+  const int warps = blockDim.x / kWarpSize;
+  const SweepLayout L =
+      sweep_layout(p.sweep_samples, p.sweep_stage, warps, p.N, p.J, p.KP, backward);
+  SweepTile<T> t;
+  t.w = sh + L.w;
+  t.u = sh + L.u;
+  t.prior = sh + L.prior;
+  t.V = sh + L.V;
+  t.acc = sh + L.acc;
+  t.ds = sh + L.ds;
+  t.stat0 = sh + L.stat0;
+  t.stat1 = sh + L.stat1;
+  T* mine = sh + L.warp + (threadIdx.x / kWarpSize) * L.per_warp;
+  const int64_t gj = round4(kGroup * p.J);
+  t.uh = mine;
+  t.lg = mine + round4(kGroup * p.KP);
+  t.e = t.lg + gj;
+  t.cf = t.e + gj;
+  t.sc = t.cf + gj;
+  t.i_begin = static_cast<int64_t>(blockIdx.x) * p.sweep_caps;
+  t.i_end = t.i_begin + p.sweep_caps < p.I ? t.i_begin + p.sweep_caps : p.I;
+  t.b0 = static_cast<int64_t>(blockIdx.y) * p.sweep_samples;
+  return t;
+}
+
+// Loads rows [samples, KP] of a [B, R, J, M] state at iteration k into shared memory, in the
+// sweep's column layout (zero in padding columns and for samples past B).
+template <typename T>
+__device__ inline void load_state_rows(const Params<T>& p, const T* state, T* rows, int64_t b0) {
+  const int S = p.sweep_samples;
+  for (int e = threadIdx.x; e < S * p.KP; e += blockDim.x) {
+    const int bl = e / p.KP, col = e % p.KP;
+    const int j = col / p.MP, m = col % p.MP;
+    const int64_t b = b0 + bl;
+    T x = 0;
+    if (b < p.B && j < p.J && m < p.M) {
+      x = state[((b * p.R + p.k) * p.J + j) * p.M + m];
+    }
+    rows[e] = x;
+  }
+}
+
+// Loads W, u and the prior of capsules [c0, c0 + count) into the tile's shared arrays.
+template <typename T>
+__device__ inline void stage_capsules(const Params<T>& p, const SweepTile<T>& t, int64_t c0,
+                                      int count) {
+  const int S = p.sweep_samples;
+  const int NM = p.N * p.M;
+  const int JNM = p.J * NM;
+  for (int e = threadIdx.x; e < count * JNM; e += blockDim.x) {
+    const int ci = e / JNM, r = e % JNM;
+    const int j = r / NM, n = (r / p.M) % p.N, m = r % p.M;
+    t.w[(ci * p.N + n) * p.KP + j * p.MP + m] = p.w[(c0 + ci) * JNM + r];
+  }
+  const int CN = count * p.N;
+  for (int e = threadIdx.x; e < S * CN; e += blockDim.x) {
+    const int bl = e / CN, r = e % CN;
+    const int64_t b = t.b0 + bl;
+    t.u[r * S + bl] = b < p.B ? p.u[(b * p.I + c0) * p.N + r] : T(0);
+  }
+  for (int e = threadIdx.x; e < count * p.J; e += blockDim.x) {
+    t.prior[e] = p.has_prior ? p.prior[c0 * p.J + e] : T(0);
+  }
+}
+
+// u_hat of capsule ci for the 4 samples of group g, one pass of 32 columns: h[s] for column
+// col = lane + 32 pass.
+template <typename T>
+__device__ inline void predict(const Params<T>& p, const SweepTile<T>& t, int ci, int g, int col,
+                               T h[kGroup]) {
+  const int S = p.sweep_samples;
+  const T* wcol = t.w + ci * p.N * p.KP + col;
+  const T* urow = t.u + ci * p.N * S + g * kGroup;
+  for (int s = 0; s < kGroup; ++s) h[s] = T(0);
+  for (int n = 0; n < p.N; ++n) {
+    const T wv = wcol[n * p.KP];
+    const Group<T> ug = load_group(urow + n * S);
+    for (int s = 0; s < kGroup; ++s) h[s] += ug.x[s] * wv;
+  }
+}
+
+// Adds x, the product of one column, into the (s, j) row sum `out` (sum over m): a butterfly
+// over the SW lanes of the row, then the row's first lane writes (or, for M > 32, adds the
+// pass's share to what earlier passes wrote). `base` starts the sum.
+template <typename T>
+__device__ inline void row_sum(const Params<T>& p, T x, int lane, int col, T base, T* out) {
+  x = group_sum(x, p.SW);
+  const int j = col / p.MP;
+  if (lane % p.SW == 0 && j < p.J) {
+    const T start = (col % p.MP == 0) ? base : out[j];
+    out[j] = start + x;
+  }
+}
+
+// Softmax over j of the logits lg[0..J) of one sample: the warp's max and sum (leaky: with one
+// more logit, 0, added once after the butterflies).
+template <typename T>
+__device__ inline void softmax_stats(const T* lg, int J, bool leaky, int lane, T* mx_out,
+                                     T* den_out) {
+  T mx = leaky ? T(0) : neg_inf<T>();
+  for (int j = lane; j < J; j += kWarpSize) mx = lg[j] > mx ? lg[j] : mx;
+  mx = warp_max(mx);
+  T den = 0;
+  for (int j = lane; j < J; j += kWarpSize) den += dev_exp(lg[j] - mx);
+  *mx_out = mx;
+  *den_out = warp_sum(den) + (leaky ? dev_exp(-mx) : T(0));
+}
+
+template <typename T>
+__global__ void sweep_forward_kernel(Params<T> p) {
+  const SweepTile<T> t = sweep_tile(p, false);
+  const int S = p.sweep_samples;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  // Zero once: staging writes only the real columns, so W's padding columns stay zero.
+  for (int e = threadIdx.x; e < p.sweep_stage * p.N * p.KP; e += blockDim.x) t.w[e] = T(0);
+  load_state_rows(p, p.V, t.V, t.b0);
+  for (int e = threadIdx.x; e < S * p.KP; e += blockDim.x) t.acc[e] = T(0);
+  for (int e = threadIdx.x; e < S * p.J; e += blockDim.x) {
+    t.stat0[e] = neg_inf<T>();
+    t.stat1[e] = T(0);
+  }
+  __syncthreads();
+  for (int64_t c0 = t.i_begin; c0 < t.i_end; c0 += p.sweep_stage) {
+    const int count = static_cast<int>(min64(t.i_end - c0, p.sweep_stage));
+    stage_capsules(p, t, c0, count);
+    __syncthreads();
+    for (int g = warp; g < S / kGroup; g += warps) {
+      for (int ci = 0; ci < count; ++ci) {
+        // u_hat and the logits prior + u_hat . V of the group's samples.
+        for (int pass = 0; pass < p.passes; ++pass) {
+          const int col = lane + pass * kWarpSize;
+          T h[kGroup];
+          predict(p, t, ci, g, col, h);
+          const T base = t.prior[ci * p.J + (col / p.MP < p.J ? col / p.MP : 0)];
+          for (int s = 0; s < kGroup; ++s) {
+            t.uh[s * p.KP + col] = h[s];
+            row_sum(p, h[s] * t.V[(g * kGroup + s) * p.KP + col], lane, col, base, t.lg + s * p.J);
           }
-          scale[j] = sc;
-          p[j] = dev_exp(l[j] - mx[j]);
-          norm[j] += p[j];
         }
-      } else {
-        couplings(l, static_cast<const T*>(nullptr), false, p, J);
-        for (int j = threadIdx.x; j < J; j += blockDim.x) scale[j] = T(1);
+        __syncwarp();
+        // Couplings: softmax over j, or (in_caps) the online softmax over i of each (b, j).
+        for (int s = 0; s < kGroup; ++s) {
+          const T* lg = t.lg + s * p.J;
+          if (!p.in_caps) {
+            T mx, den;
+            softmax_stats(lg, p.J, p.leaky, lane, &mx, &den);
+            for (int j = lane; j < p.J; j += kWarpSize) {
+              t.cf[s * p.J + j] = dev_exp(lg[j] - mx) / den;
+            }
+          } else {
+            T* run_max = t.stat0 + (g * kGroup + s) * p.J;
+            T* run_sum = t.stat1 + (g * kGroup + s) * p.J;
+            for (int j = lane; j < p.J; j += kWarpSize) {
+              const T old = run_max[j];
+              const T now = lg[j] > old ? lg[j] : old;
+              const T scale = dev_exp(old - now);
+              const T weight = dev_exp(lg[j] - now);
+              run_sum[j] = run_sum[j] * scale + weight;
+              run_max[j] = now;
+              t.cf[s * p.J + j] = weight;
+              t.sc[s * p.J + j] = scale;
+            }
+          }
+        }
+        __syncwarp();
+        for (int pass = 0; pass < p.passes; ++pass) {
+          const int col = lane + pass * kWarpSize;
+          const int j = col / p.MP;
+          if (j >= p.J || col % p.MP >= p.M) continue;
+          for (int s = 0; s < kGroup; ++s) {
+            T* a = t.acc + (g * kGroup + s) * p.KP + col;
+            const T contrib = t.cf[s * p.J + j] * t.uh[s * p.KP + col];
+            *a = p.in_caps ? *a * t.sc[s * p.J + j] + contrib : *a + contrib;
+          }
+        }
       }
-      __syncthreads();
-      for (int q = threadIdx.x; q < JM; q += blockDim.x) {
-        const int j = q / M;
-        s[q] = s[q] * scale[j] + p[j] * uh[q];
-      }
-      __syncthreads();
-    }
-    const int64_t bt = b * R + t;
-    for (int j = threadIdx.x; j < J; j += blockDim.x) {
-      if (in_caps) lse[bt * J + j] = mx[j] + dev_log(norm[j]);
-      scale[j] = in_caps ? T(1) / norm[j] : T(1);
     }
     __syncthreads();
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) {
-      s[q] *= scale[q / M];
-      s_out[bt * JM + q] = s[q];
-      V_out[bt * JM + q] = V[q];
+  }
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * p.B;
+  for (int e = threadIdx.x; e < S * p.JM; e += blockDim.x) {
+    const int bl = e / p.JM, c = e % p.JM;
+    const int64_t b = t.b0 + bl;
+    if (b >= p.B) continue;
+    const int j = c / p.M, m = c % p.M;
+    p.part_s[(part + b) * p.JM + c] = t.acc[bl * p.KP + j * p.MP + m];
+  }
+  if (p.in_caps) {
+    for (int e = threadIdx.x; e < S * p.J; e += blockDim.x) {
+      const int bl = e / p.J, j = e % p.J;
+      const int64_t b = t.b0 + bl;
+      if (b >= p.B) continue;
+      p.part_max[(part + b) * p.J + j] = t.stat0[e];
+      p.part_sum[(part + b) * p.J + j] = t.stat1[e];
     }
-    __syncthreads();
-    // squash: p[j] = |s_j|^2 / (1 + |s_j|^2) / sqrt(|s_j|^2 + eps).
-    for (int j = threadIdx.x; j < J; j += blockDim.x) {
-      T n2 = 0;
-      for (int m = 0; m < M; ++m) n2 += s[j * M + m] * s[j * M + m];
-      p[j] = n2 / ((T(1) + n2) * dev_sqrt(n2 + T(kSquashEps)));
-    }
-    __syncthreads();
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) {
-      const T vq = p[q / M] * s[q];
-      V[q] += vq;
-      if (t == R - 1) v[b * JM + q] = vq;
-    }
-    __syncthreads();
   }
 }
 
 template <typename T>
-__global__ void backward_states_kernel(const T* g, const T* u, const T* w, const T* prior,
-                                       const T* s_sv, const T* V_sv, const T* lse, T* ds, T* dss,
-                                       Sizes sz, bool in_caps, bool sweeps) {
-  const int64_t b = blockIdx.x;
-  const int64_t I = sz.I;
-  const int J = static_cast<int>(sz.J), N = static_cast<int>(sz.N), M = static_cast<int>(sz.M);
-  const int R = static_cast<int>(sz.R);
-  const int JM = J * M;
-  const int64_t JNM = static_cast<int64_t>(JM) * N;
-  extern __shared__ unsigned char shared_raw[];
-  T* uh = reinterpret_cast<T*>(shared_raw);  // [J, M]
-  T* D = uh + JM;                             // [J, M] dL/dV^t from later iterations
-  T* A = D + JM;                              // [J, M]
-  T* l = A + JM;                              // [J]
-  T* c = l + J;                               // [J]
-  T* e = c + J;                               // [J]
-  T* dl = e + J;                              // [J]
-  int64_t bt = b * R + R - 1;
-  squash_backward(s_sv + bt * JM, g + b * JM, ds + bt * JM, dss + bt * J, c, e, J, M);
-  if (!sweeps) return;
-  for (int q = threadIdx.x; q < JM; q += blockDim.x) D[q] = T(0);
-  // V^0 is a constant: no sweep for the first iteration.
-  for (int t = R - 1; t >= 1; --t) {
-    bt = b * R + t;
-    const T* ds_t = ds + bt * JM;
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) A[q] = T(0);
-    __syncthreads();
-    for (int64_t i = 0; i < I; ++i) {
-      predict(u + (b * I + i) * N, w + i * JNM, uh, J, N, M);
-      __syncthreads();
-      logits(uh, V_sv + bt * JM, prior != nullptr ? prior + i * J : nullptr, false, l, J, M);
-      __syncthreads();
-      couplings(l, in_caps ? lse + bt * J : nullptr, in_caps, c, J);
-      coupling_grads(ds_t, uh, e, J, M);
-      __syncthreads();
-      logit_grads(c, e, dss + bt * J, in_caps, dl, J);
-      __syncthreads();
-      for (int q = threadIdx.x; q < JM; q += blockDim.x) A[q] += dl[q / M] * uh[q];
-      __syncthreads();
+__global__ void sweep_backward_kernel(Params<T> p) {
+  const SweepTile<T> t = sweep_tile(p, true);
+  const int S = p.sweep_samples;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  // Zero once: staging writes only the real columns, so W's padding columns stay zero.
+  for (int e = threadIdx.x; e < p.sweep_stage * p.N * p.KP; e += blockDim.x) t.w[e] = T(0);
+  load_state_rows(p, p.V, t.V, t.b0);
+  load_state_rows(p, p.ds, t.ds, t.b0);
+  for (int e = threadIdx.x; e < S * p.KP; e += blockDim.x) t.acc[e] = T(0);
+  if (p.in_caps) {
+    // lse^t and ds^t . (s^t - bias) of each (b, j): sum_i c_ij e_ij, with s the saved squash
+    // input s^t + bias.
+    for (int e = threadIdx.x; e < S * p.J; e += blockDim.x) {
+      const int bl = e / p.J, j = e % p.J;
+      const int64_t b = t.b0 + bl;
+      T lse = 0, dss = 0;
+      if (b < p.B) {
+        const int64_t bt = b * p.R + p.k;
+        lse = p.lse[bt * p.J + j];
+        const T* s_row = p.s + (bt * p.J + j) * p.M;
+        const T* ds_row = p.ds + (bt * p.J + j) * p.M;
+        const T* bias_row = p.has_bias ? p.bias + static_cast<int64_t>(j) * p.M : nullptr;
+        for (int m = 0; m < p.M; ++m) {
+          dss += ds_row[m] * (p.has_bias ? s_row[m] - bias_row[m] : s_row[m]);
+        }
+      }
+      t.stat0[e] = lse;
+      t.stat1[e] = dss;
     }
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) D[q] += A[q];
+  }
+  __syncthreads();
+  for (int64_t c0 = t.i_begin; c0 < t.i_end; c0 += p.sweep_stage) {
+    const int count = static_cast<int>(min64(t.i_end - c0, p.sweep_stage));
+    stage_capsules(p, t, c0, count);
     __syncthreads();
-    squash_backward(s_sv + (bt - 1) * JM, D, ds + (bt - 1) * JM, dss + (bt - 1) * J, c, e, J, M);
+    for (int g = warp; g < S / kGroup; g += warps) {
+      for (int ci = 0; ci < count; ++ci) {
+        const int64_t i = c0 + ci;
+        // u_hat, the logits and e = dL/dc = ds^t . u_hat of the group's samples.
+        for (int pass = 0; pass < p.passes; ++pass) {
+          const int col = lane + pass * kWarpSize;
+          T h[kGroup];
+          predict(p, t, ci, g, col, h);
+          const T base = t.prior[ci * p.J + (col / p.MP < p.J ? col / p.MP : 0)];
+          for (int s = 0; s < kGroup; ++s) {
+            if (p.need_a) t.uh[s * p.KP + col] = h[s];
+            const int row = (g * kGroup + s) * p.KP + col;
+            row_sum(p, h[s] * t.V[row], lane, col, base, t.lg + s * p.J);
+            row_sum(p, h[s] * t.ds[row], lane, col, T(0), t.e + s * p.J);
+          }
+        }
+        __syncwarp();
+        for (int s = 0; s < kGroup; ++s) {
+          const int bl = g * kGroup + s;
+          const int64_t b = t.b0 + bl;
+          const T* lg = t.lg + s * p.J;
+          const T* e = t.e + s * p.J;
+          T mx = 0, den = 1, ce = 0;
+          if (!p.in_caps) {
+            softmax_stats(lg, p.J, p.leaky, lane, &mx, &den);
+            T x = 0;
+            for (int j = lane; j < p.J; j += kWarpSize) x += dev_exp(lg[j] - mx) / den * e[j];
+            ce = warp_sum(x);
+          }
+          const int64_t scalars = ((b * p.R + p.k) * p.I + i) * p.J;
+          for (int j = lane; j < p.J; j += kWarpSize) {
+            T c, beta;
+            if (!p.in_caps) {
+              c = dev_exp(lg[j] - mx) / den;
+              beta = c * (e[j] - ce);
+            } else {
+              c = dev_exp(lg[j] - t.stat0[bl * p.J + j]);
+              beta = c * (e[j] - t.stat1[bl * p.J + j]);
+            }
+            if (b < p.B) {
+              if (p.store_alpha) p.alpha[scalars + j] = c;
+              if (p.need_beta) p.beta[scalars + j] = beta;
+            }
+            t.cf[s * p.J + j] = beta;
+          }
+        }
+        __syncwarp();
+        if (p.need_a) {
+          // A partial: sum over the tile's capsules of beta u_hat.
+          for (int pass = 0; pass < p.passes; ++pass) {
+            const int col = lane + pass * kWarpSize;
+            const int j = col / p.MP;
+            if (j >= p.J || col % p.MP >= p.M) continue;
+            for (int s = 0; s < kGroup; ++s) {
+              t.acc[(g * kGroup + s) * p.KP + col] += t.cf[s * p.J + j] * t.uh[s * p.KP + col];
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (p.need_a) {
+    const int64_t part = static_cast<int64_t>(blockIdx.x) * p.B;
+    for (int e = threadIdx.x; e < S * p.JM; e += blockDim.x) {
+      const int bl = e / p.JM, c = e % p.JM;
+      const int64_t b = t.b0 + bl;
+      if (b >= p.B) continue;
+      const int j = c / p.M, m = c % p.M;
+      p.part_a[(part + b) * p.JM + c] = t.acc[bl * p.KP + j * p.MP + m];
+    }
+  }
+}
+
+// Combines: a warp per (b, j), lanes along m; partials summed in capsule-block order.
+
+template <typename T>
+__global__ void combine_forward_kernel(Params<T> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t pair =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  if (pair >= static_cast<int64_t>(p.B) * p.J) return;
+  const int64_t b = pair / p.J;
+  const int j = static_cast<int>(pair % p.J);
+  const int64_t bt = b * p.R + p.k;
+  T* s_row = p.s + (bt * p.J + j) * p.M;
+  T* V_row = p.V + (bt * p.J + j) * p.M;
+  const int64_t col = static_cast<int64_t>(j) * p.M;
+  if (p.k == 0) {
+    // Without a prior the first couplings are uniform: 1/J over j, 1/I over i (leaky: one more
+    // logit, 1/(J+1) or 1/(I+1)).
+    const int uniform = (p.in_caps ? p.I : p.J) + (p.leaky ? 1 : 0);
+    const T divisor = p.has_prior ? T(1) : T(uniform);
+    for (int m = lane; m < p.M; m += kWarpSize) {
+      T x = 0;
+      for (int q = 0; q < p.gemm_splits; ++q) {
+        x += p.part_first[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
+      }
+      s_row[m] = x / divisor;
+      V_row[m] = T(0);
+    }
+    if (p.in_caps && lane == 0) {
+      p.lse[bt * p.J + j] = p.has_prior ? p.lse1[j] : dev_log(T(uniform));
+    }
+  } else if (!p.in_caps) {
+    for (int m = lane; m < p.M; m += kWarpSize) {
+      T x = 0;
+      for (int q = 0; q < p.sweep_blocks; ++q) {
+        x += p.part_s[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
+      }
+      s_row[m] = x;
+    }
+  } else {
+    // The split-softmax merge: rescale each block's partial to the global maximum. The leaky
+    // logit 0 joins the merge here, once per (b, j).
+    T gmax = p.leaky ? T(0) : neg_inf<T>();
+    for (int q = 0; q < p.sweep_blocks; ++q) {
+      const T x = p.part_max[(static_cast<int64_t>(q) * p.B + b) * p.J + j];
+      gmax = x > gmax ? x : gmax;
+    }
+    T den = p.leaky ? dev_exp(-gmax) : T(0);
+    for (int q = 0; q < p.sweep_blocks; ++q) {
+      const int64_t stat = (static_cast<int64_t>(q) * p.B + b) * p.J + j;
+      den += p.part_sum[stat] * dev_exp(p.part_max[stat] - gmax);
+    }
+    for (int m = lane; m < p.M; m += kWarpSize) {
+      T x = 0;
+      for (int q = 0; q < p.sweep_blocks; ++q) {
+        const int64_t stat = (static_cast<int64_t>(q) * p.B + b) * p.J + j;
+        x += p.part_s[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m] *
+             dev_exp(p.part_max[stat] - gmax);
+      }
+      s_row[m] = x / den;
+    }
+    if (lane == 0) p.lse[bt * p.J + j] = gmax + dev_log(den);
+  }
+  // The squash input (and saved s) is s^t + bias. Each lane reads back only the elements it
+  // wrote.
+  if (p.has_bias) {
+    for (int m = lane; m < p.M; m += kWarpSize) s_row[m] += p.bias[col + m];
+  }
+  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
+  const bool last = p.k == p.R - 1;
+  T* out = last ? p.v + (b * p.J + j) * p.M : V_row + static_cast<int64_t>(p.J) * p.M;
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    const T vm = q.a == T(0) ? q.at_zero : q.g * (s_row[m] / q.a);
+    out[m] = last ? vm : V_row[m] + vm;
   }
 }
 
 template <typename T>
-__global__ void backward_inputs_kernel(const T* u, const T* w, const T* prior, const T* V_sv,
-                                       const T* lse, const T* ds, const T* dss, T* du, T* dw,
-                                       T* dprior, Sizes sz, bool in_caps, bool detach_inner) {
-  const int64_t i = blockIdx.x;
-  const int64_t B = sz.B, I = sz.I;
-  const int J = static_cast<int>(sz.J), N = static_cast<int>(sz.N), M = static_cast<int>(sz.M);
-  const int R = static_cast<int>(sz.R);
-  const int JM = J * M;
-  const int64_t JNM = static_cast<int64_t>(JM) * N;
-  const bool need_uhat_grad = du != nullptr || dw != nullptr;
-  extern __shared__ unsigned char shared_raw[];
-  T* uh = reinterpret_cast<T*>(shared_raw);  // [J, M]
-  T* duh = uh + JM;                           // [J, M]
-  T* l = duh + JM;                            // [J]
-  T* c = l + J;                               // [J]
-  T* e = c + J;                               // [J]
-  T* dl = e + J;                              // [J]
-  T* dp = dl + J;                             // [J]
-  const T* w_i = w + i * JNM;
-  const T* prior_i = prior != nullptr ? prior + i * J : nullptr;
-  T* dw_i = dw != nullptr ? dw + i * JNM : nullptr;
-  if (dw_i != nullptr) {
-    for (int64_t q = threadIdx.x; q < JNM; q += blockDim.x) dw_i[q] = T(0);
+__global__ void combine_backward_kernel(Params<T> p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t pair =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+  if (pair >= static_cast<int64_t>(p.B) * p.J) return;
+  const int64_t b = pair / p.J;
+  const int j = static_cast<int>(pair % p.J);
+  const int64_t bt = b * p.R + p.k;
+  const T* s_row = p.s + (bt * p.J + j) * p.M;
+  T* ds_row = p.ds + (bt * p.J + j) * p.M;
+  const int64_t bj = (b * p.J + j) * p.M;
+  const bool last = p.k == p.R - 1;
+  // dL/dv^t = [t = R] g + D, D = dL/dV^t = carry + A^{t+1}; ds_row holds dv until the squash.
+  const int64_t col = static_cast<int64_t>(j) * p.M;
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    T a = 0;
+    if (p.read_a) {
+      for (int q = 0; q < p.sweep_blocks; ++q) {
+        a += p.part_a[(static_cast<int64_t>(q) * p.B + b) * p.JM + col + m];
+      }
+    }
+    const T d = (p.read_carry ? p.carry[bj + m] : T(0)) + a;
+    if (p.write_carry) p.carry[bj + m] = d;
+    ds_row[m] = last ? d + p.grad_v[bj + m] : d;
   }
-  for (int j = threadIdx.x; j < J; j += blockDim.x) dp[j] = T(0);
-  for (int64_t b = 0; b < B; ++b) {
-    const T* u_bi = u + (b * I + i) * N;
-    predict(u_bi, w_i, uh, J, N, M);
-    for (int q = threadIdx.x; q < JM; q += blockDim.x) duh[q] = T(0);
-    __syncthreads();
-    for (int t = 0; t < R; ++t) {
-      // detach_inner: u_hat has a gradient only through the last weighted sum.
-      const bool uhat_grad = need_uhat_grad && (!detach_inner || t == R - 1);
-      if (!uhat_grad && dprior == nullptr) continue;
-      const int64_t bt = b * R + t;
-      const T* Vp = V_sv + bt * JM;
-      const T* ds_t = ds + bt * JM;
-      logits(uh, Vp, prior_i, t == 0, l, J, M);
-      __syncthreads();
-      couplings(l, in_caps ? lse + bt * J : nullptr, in_caps, c, J);
-      coupling_grads(ds_t, uh, e, J, M);
-      __syncthreads();
-      logit_grads(c, e, dss + bt * J, in_caps, dl, J);
-      __syncthreads();
-      if (uhat_grad) {
-        const bool through_logits = !detach_inner && t > 0;
-        for (int q = threadIdx.x; q < JM; q += blockDim.x) {
-          const int j = q / M;
-          duh[q] += c[j] * ds_t[q] + (through_logits ? dl[j] * Vp[q] : T(0));
-        }
-      }
-      if (dprior != nullptr) {
-        for (int j = threadIdx.x; j < J; j += blockDim.x) dp[j] += dl[j];
-      }
-      __syncthreads();
-    }
-    if (du != nullptr) {
-      for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        T acc = 0;
-        for (int j = 0; j < J; ++j) {
-          for (int m = 0; m < M; ++m) acc += w_i[(static_cast<int64_t>(j) * N + n) * M + m] * duh[j * M + m];
-        }
-        du[(b * I + i) * N + n] = acc;
-      }
-    }
-    if (dw_i != nullptr) {
-      for (int64_t q = threadIdx.x; q < JNM; q += blockDim.x) {
-        const int64_t j = q / (static_cast<int64_t>(N) * M);
-        const int64_t n = (q / M) % N;
-        const int64_t m = q % M;
-        dw_i[q] += u_bi[n] * duh[j * M + m];
-      }
-    }
-    __syncthreads();
+  // Squash backward: ds = (g / a) (dv + 2 h (t . dv) t), h = 1/qt - 1/(r + qt) - 1/(2 (qt + er)).
+  const Squash<T> q = warp_squash(s_row, p.M, p.squash_eps, lane);
+  if (q.a == T(0)) {
+    for (int m = lane; m < p.M; m += kWarpSize) ds_row[m] = q.at_zero;
+    return;
   }
-  if (dprior != nullptr) {
-    for (int j = threadIdx.x; j < J; j += blockDim.x) dprior[i * J + j] = dp[j];
+  T td = 0;
+  for (int m = lane; m < p.M; m += kWarpSize) td += (s_row[m] / q.a) * ds_row[m];
+  td = warp_sum(td);
+  const T h = T(1) / q.qt - T(1) / (q.r + q.qt) - T(1) / (T(2) * (q.qt + q.er));
+  const T scale = q.g / q.a;
+  const T k2 = T(2) * h * td;
+  for (int m = lane; m < p.M; m += kWarpSize) {
+    ds_row[m] = scale * (ds_row[m] + k2 * (s_row[m] / q.a));
   }
 }
 
-// Threads per block: enough for the (j, m) elements of one capsule pair, a multiple of a warp.
-int block_threads(const Sizes& sz) {
-  const int64_t want = ((sz.J * sz.M + 31) / 32) * 32;
-  return static_cast<int>(want < 64 ? 64 : (want > 256 ? 256 : want));
+// Gradients: block per grads_caps capsules, the owner of their dW and dprior; walks the
+// samples in order, grads_samples at a time.
+
+template <typename T>
+__device__ inline T first_coupling(const Params<T>& p, int64_t i, int j) {
+  if (p.has_prior) return p.c1[i * p.J + j];
+  return T(1) / T((p.in_caps ? p.I : p.J) + (p.leaky ? 1 : 0));
+}
+
+// du_hat[b, i, j, m] (c = j M + m): c^1 ds^1 + sum_{t >= 2} (alpha^t ds^t + beta^t V^{t-1}),
+// or alpha^R ds^R alone with detach_inner.
+template <typename T>
+__device__ inline T uhat_grad(const Params<T>& p, int64_t b, int64_t i, int c) {
+  const int j = c / p.M;
+  const int64_t JM = p.JM;
+  if (p.detach_inner) {
+    const int k = p.R - 1;
+    const T a = k == 0 ? first_coupling(p, i, j) : p.alpha[((b * p.R + k) * p.I + i) * p.J + j];
+    return a * p.ds[(b * p.R + k) * JM + c];
+  }
+  T x = first_coupling(p, i, j) * p.ds[b * p.R * JM + c];
+  for (int k = 1; k < p.R; ++k) {
+    const int64_t scalar = ((b * p.R + k) * p.I + i) * p.J + j;
+    const int64_t state = (b * p.R + k) * JM + c;
+    x += p.alpha[scalar] * p.ds[state] + p.beta[scalar] * p.V[state];
+  }
+  return x;
+}
+
+template <typename T>
+__global__ void grads_kernel(Params<T> p) {
+  CAPSNET_DYNAMIC_SHARED(raw);
+  T* sh = reinterpret_cast<T*>(raw);
+  const GradsLayout L = grads_layout(p.grads_caps, p.grads_samples, p.J, p.N, p.M);
+  T* w_s = sh + L.w;
+  T* dw_acc = sh + L.dw;
+  T* duh_s = sh + L.duh;
+  T* u_s = sh + L.u;
+  T* dp_acc = sh + L.dp;
+  const int JMs = static_cast<int>(L.JMs);
+  const int caps = p.grads_caps;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * caps;
+  const int count = static_cast<int>(p.I - i0 < caps ? p.I - i0 : caps);
+  const int NM = p.N * p.M, JNM = p.J * NM;
+  const bool need_du = p.du != nullptr, need_dw = p.dw != nullptr;
+  const bool need_dp = p.dprior != nullptr;
+  const bool need_uhat = need_du || need_dw;
+  // Accumulators: element e belongs to thread e % blockDim.x from start to end.
+  if (need_dw) {
+    for (int e = threadIdx.x; e < count * JNM; e += blockDim.x) dw_acc[e] = T(0);
+  }
+  if (need_dp) {
+    for (int e = threadIdx.x; e < count * p.J; e += blockDim.x) dp_acc[e] = T(0);
+  }
+  if (need_du) {
+    for (int e = threadIdx.x; e < count * JNM; e += blockDim.x) {
+      const int ci = e / JNM, r = e % JNM;
+      const int j = r / NM, n = (r / p.M) % p.N, m = r % p.M;
+      w_s[(ci * p.N + n) * JMs + j * p.M + m] = p.w[i0 * JNM + e];
+    }
+  }
+  __syncthreads();
+  for (int64_t b0 = 0; b0 < p.B; b0 += p.grads_samples) {
+    const int nb = static_cast<int>(p.B - b0 < p.grads_samples ? p.B - b0 : p.grads_samples);
+    if (need_dw) {
+      const int CN = count * p.N;
+      for (int e = threadIdx.x; e < nb * CN; e += blockDim.x) {
+        const int bl = e / CN, r = e % CN;
+        u_s[bl * caps * p.N + r] = p.u[((b0 + bl) * p.I + i0) * p.N + r];
+      }
+    }
+    if (need_uhat) {
+      const int CJM = count * p.JM;
+      for (int e = threadIdx.x; e < nb * CJM; e += blockDim.x) {
+        const int bl = e / CJM, r = e % CJM;
+        const int ci = r / p.JM, c = r % p.JM;
+        duh_s[(bl * caps + ci) * JMs + c] = uhat_grad(p, b0 + bl, i0 + ci, c);
+      }
+    }
+    if (need_dp) {
+      for (int e = threadIdx.x; e < count * p.J; e += blockDim.x) {
+        const int ci = e / p.J, j = e % p.J;
+        T x = dp_acc[e];
+        for (int bl = 0; bl < nb; ++bl) {
+          for (int k = 0; k < p.R; ++k) {
+            x += p.beta[(((b0 + bl) * p.R + k) * p.I + i0 + ci) * p.J + j];
+          }
+        }
+        dp_acc[e] = x;
+      }
+    }
+    __syncthreads();
+    if (need_du) {
+      // du[b, i, n] = sum_(j, m) W[i, j, n, m] du_hat[b, i, j, m]
+      const int CN = count * p.N;
+      for (int e = threadIdx.x; e < nb * CN; e += blockDim.x) {
+        const int bl = e / CN, r = e % CN;
+        const int ci = r / p.N;
+        const T* wrow = w_s + r * JMs;
+        const T* grow = duh_s + (bl * caps + ci) * JMs;
+        T x = 0;
+        for (int c = 0; c < p.JM; ++c) x += wrow[c] * grow[c];
+        p.du[((b0 + bl) * p.I + i0) * p.N + r] = x;
+      }
+    }
+    if (need_dw) {
+      // dW[i, j, n, m] += u[b, i, n] du_hat[b, i, j, m], samples in order.
+      for (int e = threadIdx.x; e < count * JNM; e += blockDim.x) {
+        const int ci = e / JNM, r = e % JNM;
+        const int j = r / NM, n = (r / p.M) % p.N, m = r % p.M;
+        T x = dw_acc[e];
+        for (int bl = 0; bl < nb; ++bl) {
+          x += u_s[(bl * caps + ci) * p.N + n] * duh_s[(bl * caps + ci) * JMs + j * p.M + m];
+        }
+        dw_acc[e] = x;
+      }
+    }
+    __syncthreads();
+  }
+  if (need_dw) {
+    for (int e = threadIdx.x; e < count * JNM; e += blockDim.x) p.dw[i0 * JNM + e] = dw_acc[e];
+  }
+  if (need_dp) {
+    for (int e = threadIdx.x; e < count * p.J; e += blockDim.x) {
+      p.dprior[i0 * p.J + e] = dp_acc[e];
+    }
+  }
+}
+
+// dbias[j, m] = sum over samples and iterations of ds^t[b, j, m] (ds is dL/d(s^t + bias)): a
+// thread per (j, m), the owner, summing in a fixed order; neighbouring threads read neighbouring
+// columns. Also for B = 0 (zero).
+template <typename T>
+__global__ void bias_grad_kernel(Params<T> p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.JM) return;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.R;
+  T x = 0;
+  for (int64_t bt = 0; bt < rows; ++bt) x += p.ds[bt * p.JM + c];
+  p.dbias[c] = x;
+}
+
+// Host side.
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t next_pow2(int64_t x) {
+  int64_t v = 1;
+  while (v < x) v *= 2;
+  return v;
+}
+
+// Column layout of the sweeps for M: (MP, SW, KP).
+void sweep_columns(int64_t J, int64_t M, int64_t* MP, int64_t* SW, int64_t* KP) {
+  *MP = M <= kWarpSize ? next_pow2(M) : cdiv(M, kWarpSize) * kWarpSize;
+  *SW = *MP < kWarpSize ? *MP : kWarpSize;
+  *KP = cdiv(J * *MP, kWarpSize) * kWarpSize;
+}
+
+size_t max_shared_bytes() {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return kDefaultSharedBytes;
+  if (cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    return kDefaultSharedBytes;
+  }
+  return static_cast<size_t>(value);
+}
+
+int plan_error(Plan* plan, const char* message) {
+  std::snprintf(plan->error, sizeof(plan->error), "%s", message);
+  return cudaErrorInvalidConfiguration;
+}
+
+template <typename T>
+Params<T> make_params(const Plan& plan, const Tensors<T>& t, bool backward) {
+  const Sizes& sz = plan.sz;
+  Params<T> p{};
+  p.B = static_cast<int>(sz.B);
+  p.I = static_cast<int>(sz.I);
+  p.J = static_cast<int>(sz.J);
+  p.N = static_cast<int>(sz.N);
+  p.M = static_cast<int>(sz.M);
+  p.R = static_cast<int>(sz.R);
+  p.JM = p.J * p.M;
+  int64_t MP, SW, KP;
+  sweep_columns(sz.J, sz.M, &MP, &SW, &KP);
+  p.MP = static_cast<int>(MP);
+  p.SW = static_cast<int>(SW);
+  p.KP = static_cast<int>(KP);
+  p.passes = static_cast<int>(KP / kWarpSize);
+  p.in_caps = plan.opt.in_caps;
+  p.detach_inner = plan.opt.detach_inner;
+  p.has_prior = plan.opt.has_prior;
+  p.has_bias = plan.opt.has_bias;
+  p.leaky = plan.opt.leaky;
+  p.squash_eps = static_cast<T>(plan.opt.squash_eps);
+  p.sweep_samples = plan.tiles.sweep_samples;
+  p.sweep_caps = plan.tiles.sweep_caps;
+  p.sweep_stage = plan.tiles.sweep_stage;
+  p.sweep_blocks = static_cast<int>(plan.sweep_blocks);
+  p.gemm_caps = plan.tiles.gemm_caps;
+  p.gemm_splits = static_cast<int>(plan.gemm_splits);
+  p.grads_caps = plan.tiles.grads_caps;
+  p.grads_samples = plan.tiles.grads_samples;
+  p.u = t.u;
+  p.w = t.w;
+  p.prior = t.prior;
+  p.bias = t.bias;
+  p.grad_v = t.grad_v;
+  p.v = t.v;
+  p.s = t.s;
+  p.V = t.V;
+  p.lse = t.lse;
+  p.ds = t.ds;
+  p.du = t.du;
+  p.dw = t.dw;
+  p.dprior = t.dprior;
+  p.dbias = t.dbias;
+  // Workspace, in the order of forward_workspace / backward_workspace.
+  T* ws = t.workspace;
+  const int64_t B = sz.B, I = sz.I, J = sz.J, JM = sz.J * sz.M;
+  if (plan.opt.has_prior) {
+    p.c1 = ws;
+    ws += I * J;
+    p.lse1 = ws;
+    ws += J;
+  }
+  if (!backward) {
+    p.part_first = ws;
+    ws += plan.gemm_splits * B * JM;
+    if (sz.R > 1) {
+      p.part_s = ws;
+      ws += plan.sweep_blocks * B * JM;
+      if (plan.opt.in_caps) {
+        p.part_max = ws;
+        ws += plan.sweep_blocks * B * J;
+        p.part_sum = ws;
+        ws += plan.sweep_blocks * B * J;
+      }
+    }
+  } else {
+    p.carry = ws;
+    ws += B * JM;
+    p.part_a = ws;
+    ws += plan.sweep_blocks * B * JM;
+    p.alpha = ws;
+    ws += B * sz.R * I * J;
+    p.beta = ws;
+    ws += B * sz.R * I * J;
+  }
+  return p;
+}
+
+template <typename T>
+int launch_prior_softmax(const Plan& plan, const Params<T>& p, void* stream) {
+  if (plan.opt.in_caps) {
+    return launch_kernel("prior_softmax", &prior_softmax_kernel<T>,
+                         dim3(static_cast<unsigned>(p.J)), dim3(kWarpSize), 0, stream, p);
+  }
+  return launch_kernel("prior_softmax", &prior_softmax_kernel<T>,
+                       dim3(static_cast<unsigned>(cdiv(p.I, kPriorThreads))),
+                       dim3(kPriorThreads), 0, stream, p);
+}
+
+template <typename T>
+int launch_combine(const Plan& plan, const Params<T>& p, bool forward, void* stream) {
+  const int warps = plan.tiles.combine_warps;
+  const dim3 grid(static_cast<unsigned>(cdiv(plan.sz.B * plan.sz.J, warps)));
+  if (forward) {
+    return launch_kernel("combine_forward", &combine_forward_kernel<T>, grid,
+                         dim3(warps * kWarpSize), 0, stream, p);
+  }
+  return launch_kernel("combine_backward", &combine_backward_kernel<T>, grid,
+                       dim3(warps * kWarpSize), 0, stream, p);
+}
+
+template <typename T>
+int launch_sweep(const Plan& plan, const Params<T>& p, bool forward, void* stream) {
+  const dim3 grid(static_cast<unsigned>(plan.sweep_blocks),
+                  static_cast<unsigned>(plan.sample_tiles));
+  const dim3 block(plan.tiles.sweep_warps * kWarpSize);
+  if (forward) {
+    return launch_kernel("sweep_forward", &sweep_forward_kernel<T>, grid, block,
+                         plan.sweep_forward_shared, stream, p);
+  }
+  return launch_kernel("sweep_backward", &sweep_backward_kernel<T>, grid, block,
+                       plan.sweep_backward_shared, stream, p);
+}
+
+template <typename T>
+int backward_combine(const Plan& plan, Params<T>& p, int k, bool chain, void* stream) {
+  const int last = p.R - 1;
+  p.k = k;
+  p.read_a = chain && k < last;
+  p.read_carry = chain && k < last - 1;
+  p.write_carry = chain && k > 0 && k < last;
+  return launch_combine(plan, p, false, stream);
+}
+
+template <typename T>
+int backward_sweep(const Plan& plan, Params<T>& p, int k, bool chain, bool need_uhat,
+                   void* stream) {
+  p.k = k;
+  // The first couplings come from c1 (or are uniform): no alpha^1.
+  p.store_alpha = need_uhat && k > 0 && (!p.detach_inner || k == p.R - 1);
+  p.need_beta = chain;
+  p.need_a = chain && k > 0;
+  return launch_sweep(plan, p, false, stream);
 }
 
 }  // namespace
 
-template <typename T>
-int routing_forward(const T* u, const T* w, const T* prior, T* v, T* s, T* V, T* lse,
-                    const Sizes& sz, bool in_caps, void* stream) {
-  if (sz.B == 0) return cudaSuccess;
-  const size_t shared = sizeof(T) * (3 * sz.J * sz.M + 6 * sz.J);
-  if (shared > kMaxSharedBytes) return cudaErrorInvalidConfiguration;
-  forward_kernel<T><<<static_cast<unsigned>(sz.B), block_threads(sz), shared,
-                      static_cast<cudaStream_t>(stream)>>>(u, w, prior, v, s, V, lse, sz,
-                                                           in_caps);
-  return cudaGetLastError();
+int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size_t elem_size,
+                 Plan* plan) {
+  *plan = Plan{};
+  plan->sz = sz;
+  plan->opt = opt;
+  plan->elem_size = elem_size;
+  plan->error[0] = '\0';
+  if (sz.B < 0 || sz.I < 1 || sz.J < 1 || sz.N < 1 || sz.M < 1 || sz.R < 1) {
+    return plan_error(plan, "sizes must be B >= 0 and I, J, N, M, R >= 1");
+  }
+  const int64_t limit31 = int64_t{1} << 31;
+  if (sz.B >= limit31 || sz.I * sz.J * sz.N * sz.M >= limit31 || sz.I * sz.N >= limit31) {
+    return plan_error(plan, "sizes past 2^31 elements per sample or in W are not supported");
+  }
+  const size_t max_shared = max_shared_bytes();
+  Tiles t = request;
+  const int64_t B = sz.B, I = sz.I, J = sz.J, N = sz.N, M = sz.M, JM = sz.J * sz.M;
+  int64_t MP, SW, KP;
+  sweep_columns(J, M, &MP, &SW, &KP);
+
+  // Sweeps: 32 samples (8 warps, one group of 4 each) for large batches; capsule blocks so
+  // that the grid reaches kTargetBlocks.
+  const bool auto_samples = t.sweep_samples == 0;
+  if (auto_samples) {
+    t.sweep_samples = static_cast<int>(B >= 32 ? 32 : cdiv(B > 0 ? B : 1, kGroup) * kGroup);
+  }
+  if (t.sweep_warps == 0) t.sweep_warps = t.sweep_samples / kGroup;
+  plan->sample_tiles = cdiv(B, t.sweep_samples);
+  if (t.sweep_caps == 0) {
+    const int64_t tiles = plan->sample_tiles > 0 ? plan->sample_tiles : 1;
+    const int64_t blocks = std::min<int64_t>(I, std::max<int64_t>(1, cdiv(kTargetBlocks, tiles)));
+    t.sweep_caps = static_cast<int>(cdiv(I, blocks));
+  }
+  const bool auto_stage = t.sweep_stage == 0;
+  if (auto_stage) t.sweep_stage = static_cast<int>(std::min<int64_t>(t.sweep_caps, 4));
+  auto sweep_bytes = [&](bool backward) {
+    return elem_size * static_cast<size_t>(sweep_layout(t.sweep_samples, t.sweep_stage,
+                                                        t.sweep_warps, N, J, KP, backward)
+                                               .total);
+  };
+  // Shrink what was not asked for until the backward sweep (the larger) fits.
+  while (sweep_bytes(true) > max_shared) {
+    if (auto_stage && t.sweep_stage > 1) {
+      t.sweep_stage /= 2;
+    } else if (auto_samples && t.sweep_samples > kGroup) {
+      t.sweep_samples /= 2;
+      t.sweep_samples = static_cast<int>(cdiv(t.sweep_samples, kGroup) * kGroup);
+      if (request.sweep_warps == 0) t.sweep_warps = t.sweep_samples / kGroup;
+      plan->sample_tiles = cdiv(B, t.sweep_samples);
+    } else {
+      return plan_error(plan,
+                        "the CUDA kernels of the cpp backend do not fit this J x M in shared "
+                        "memory; use the triton backend");
+    }
+  }
+  if (t.sweep_samples % kGroup != 0 || t.sweep_warps < 1 || t.sweep_warps > 32 ||
+      t.sweep_caps < 1 || t.sweep_stage < 1) {
+    return plan_error(plan, "sweep tiles: samples must be a multiple of 4, 1..32 warps");
+  }
+  plan->sweep_blocks = cdiv(I, t.sweep_caps);
+  plan->sweep_forward_shared = sweep_bytes(false);
+  plan->sweep_backward_shared = sweep_bytes(true);
+
+  // First iteration's product: split over capsules until the grid reaches kTargetBlocks.
+  if (t.gemm_caps == 0) {
+    const int64_t tiles = cdiv(B > 0 ? B : 1, kGemmTileB) * cdiv(JM, kGemmTileC);
+    const int64_t splits = std::min<int64_t>(I, std::max<int64_t>(1, cdiv(kTargetBlocks, tiles)));
+    t.gemm_caps = static_cast<int>(cdiv(I, splits));
+  }
+  if (t.gemm_caps < 1) return plan_error(plan, "gemm_caps must be >= 1");
+  plan->gemm_splits = cdiv(I, t.gemm_caps);
+  plan->gemm_shared = elem_size * (kGemmTileK * kGemmStrideB + kGemmTileK * kGemmTileC);
+
+  // Gradients: up to 4 capsules per block while the grid keeps kMinBlocks blocks.
+  const bool auto_grads_caps = t.grads_caps == 0, auto_grads_samples = t.grads_samples == 0;
+  if (auto_grads_caps) {
+    t.grads_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
+  }
+  if (auto_grads_samples) t.grads_samples = 8;
+  if (t.grads_warps == 0) t.grads_warps = 8;
+  auto grads_bytes = [&]() {
+    return elem_size *
+           static_cast<size_t>(grads_layout(t.grads_caps, t.grads_samples, J, N, M).total);
+  };
+  while (grads_bytes() > max_shared) {
+    if (auto_grads_samples && t.grads_samples > 1) {
+      t.grads_samples /= 2;
+    } else if (auto_grads_caps && t.grads_caps > 1) {
+      t.grads_caps /= 2;
+    } else {
+      return plan_error(plan,
+                        "the CUDA gradient kernel does not fit this J x N x M in shared memory; "
+                        "use the triton backend");
+    }
+  }
+  if (t.grads_caps < 1 || t.grads_samples < 1 || t.grads_warps < 1 || t.grads_warps > 32) {
+    return plan_error(plan, "grads tiles: caps, samples >= 1, 1..32 warps");
+  }
+  plan->grads_blocks = cdiv(I, t.grads_caps);
+  plan->grads_shared = grads_bytes();
+
+  if (t.combine_warps == 0) t.combine_warps = 8;
+  if (t.combine_warps < 1 || t.combine_warps > 32) {
+    return plan_error(plan, "combine_warps must be 1..32");
+  }
+  plan->tiles = t;
+
+  const int64_t prior_ws = opt.has_prior ? I * J + J : 0;
+  int64_t fwd = prior_ws + plan->gemm_splits * B * JM;
+  if (sz.R > 1) {
+    fwd += plan->sweep_blocks * B * JM;
+    if (opt.in_caps) fwd += 2 * plan->sweep_blocks * B * J;
+  }
+  plan->forward_workspace = fwd;
+  plan->backward_workspace =
+      prior_ws + B * JM + plan->sweep_blocks * B * JM + 2 * B * sz.R * I * J;
+  return 0;
 }
 
 template <typename T>
-int routing_backward(const T* grad_v, const T* u, const T* w, const T* prior, const T* s,
-                     const T* V, const T* lse, T* ds, T* dss, T* du, T* dw, T* dprior,
-                     const Sizes& sz, bool in_caps, bool detach_inner, void* stream) {
-  const size_t shared = sizeof(T) * (3 * sz.J * sz.M + 6 * sz.J);
-  if (shared > kMaxSharedBytes) return cudaErrorInvalidConfiguration;
-  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const int threads = block_threads(sz);
-  // With detach_inner only the prior's gradient needs the iterations before the last.
-  const bool sweeps = !detach_inner || dprior != nullptr;
-  if (sz.B > 0) {
-    backward_states_kernel<T><<<static_cast<unsigned>(sz.B), threads, shared, cuda_stream>>>(
-        grad_v, u, w, prior, s, V, lse, ds, dss, sz, in_caps, sweeps);
-    const cudaError_t err = cudaGetLastError();
+int routing_forward(const Plan& plan, const Tensors<T>& t, void* stream) {
+  if (plan.sz.B == 0) return cudaSuccess;
+  Params<T> p = make_params(plan, t, false);
+  int err = cudaSuccess;
+  if (plan.opt.has_prior) {
+    if ((err = launch_prior_softmax(plan, p, stream)) != cudaSuccess) return err;
+  }
+  const dim3 gemm_grid(static_cast<unsigned>(cdiv(p.JM, kGemmTileC)),
+                       static_cast<unsigned>(cdiv(p.B, kGemmTileB)),
+                       static_cast<unsigned>(plan.gemm_splits));
+  err = launch_kernel("gemm", &gemm_kernel<T>, gemm_grid, dim3(kGemmThreads), plan.gemm_shared,
+                      stream, p);
+  if (err != cudaSuccess) return err;
+  for (int k = 0; k < p.R; ++k) {
+    p.k = k;
+    if (k > 0 && (err = launch_sweep(plan, p, true, stream)) != cudaSuccess) return err;
+    if ((err = launch_combine(plan, p, true, stream)) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+int routing_backward(const Plan& plan, const Tensors<T>& t, void* stream) {
+  Params<T> p = make_params(plan, t, true);
+  const bool need_uhat = t.du != nullptr || t.dw != nullptr;
+  const bool need_dp = t.dprior != nullptr;
+  const bool need_db = t.dbias != nullptr;
+  int err = cudaSuccess;
+  if (plan.opt.has_prior && need_uhat) {
+    if ((err = launch_prior_softmax(plan, p, stream)) != cudaSuccess) return err;
+  }
+  if (p.B > 0) {
+    const int last = p.R - 1;
+    // With detach_inner, du_hat needs only the last iteration's couplings; the rest of the
+    // chain matters only for the prior's and the bias's gradients (every ds^t).
+    const bool chain = !(p.detach_inner && !need_dp && !need_db);
+    if (!chain) {
+      if ((err = backward_combine(plan, p, last, chain, stream)) != cudaSuccess) return err;
+      if (last > 0 && (err = backward_sweep(plan, p, last, chain, need_uhat, stream)) != 0) {
+        return err;
+      }
+    } else {
+      for (int k = last; k >= 1; --k) {
+        if ((err = backward_combine(plan, p, k, chain, stream)) != cudaSuccess) return err;
+        if ((err = backward_sweep(plan, p, k, chain, need_uhat, stream)) != 0) return err;
+      }
+      if ((err = backward_combine(plan, p, 0, chain, stream)) != cudaSuccess) return err;
+      if (need_dp && (err = backward_sweep(plan, p, 0, chain, need_uhat, stream)) != 0) {
+        return err;
+      }
+    }
+  }
+  // Also for B = 0: dW, dprior and dbias are then zero, written by their owners.
+  if (need_db) {
+    err = launch_kernel("bias_grad", &bias_grad_kernel<T>,
+                        dim3(static_cast<unsigned>(cdiv(p.JM, kBiasThreads))), dim3(kBiasThreads),
+                        0, stream, p);
     if (err != cudaSuccess) return err;
   }
-  backward_inputs_kernel<T><<<static_cast<unsigned>(sz.I), threads, shared, cuda_stream>>>(
-      u, w, prior, V, lse, ds, dss, du, dw, dprior, sz, in_caps, detach_inner);
-  return cudaGetLastError();
+  if (t.du == nullptr && t.dw == nullptr && !need_dp) return cudaSuccess;
+  return launch_kernel("grads", &grads_kernel<T>, dim3(static_cast<unsigned>(plan.grads_blocks)),
+                       dim3(plan.tiles.grads_warps * kWarpSize), plan.grads_shared, stream, p);
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
-template int routing_forward<float>(const float*, const float*, const float*, float*, float*,
-                                    float*, float*, const Sizes&, bool, void*);
-template int routing_forward<double>(const double*, const double*, const double*, double*,
-                                     double*, double*, double*, const Sizes&, bool, void*);
-template int routing_backward<float>(const float*, const float*, const float*, const float*,
-                                     const float*, const float*, const float*, float*, float*,
-                                     float*, float*, float*, const Sizes&, bool, bool, void*);
-template int routing_backward<double>(const double*, const double*, const double*,
-                                      const double*, const double*, const double*, const double*,
-                                      double*, double*, double*, double*, double*, const Sizes&,
-                                      bool, bool, void*);
+template int routing_forward<float>(const Plan&, const Tensors<float>&, void*);
+template int routing_forward<double>(const Plan&, const Tensors<double>&, void*);
+template int routing_backward<float>(const Plan&, const Tensors<float>&, void*);
+template int routing_backward<double>(const Plan&, const Tensors<double>&, void*);
 
 }  // namespace cuda
 }  // namespace capsnet_fused

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -48,10 +49,11 @@ class _ScaleGrad(torch.autograd.Function):
         return 1.5 * grad
 
 
-def _correct(u, weight, prior, iterations, softmax_over, detach_inner):
+def _correct(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
     return reference_routing(
-        u, weight, iterations, prior=prior, softmax_over=softmax_over, detach_inner=detach_inner
-    )
+        u, weight, iterations, prior=prior, bias=bias, softmax_over=softmax_over,
+        detach_inner=detach_inner, leaky=leaky, squash_eps=squash_eps,
+    )  # fmt: skip
 
 
 def _wrong_forward(*args):
@@ -390,3 +392,23 @@ def test_end_to_end_rows_name_the_cpu_kernel_clone():
     assert fields["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
     assert fields["cpu_l2_bytes_per_core"] >= 0
     assert bm._cpu_kernel_fields(torch.device("meta")) == {}
+
+
+_CLI_TINY = [
+    "--shapes", TINY, "--batches", "1", "--iterations", "1", "--modes", "fwd",
+    "--backends", "reference", "--repeats", "1", "--no-memory", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_results_go_to_the_working_directory_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bm.run(_parse([*_CLI_TINY, "--no-plot"])) == 0
+    assert {p.name for p in (tmp_path / "bench-results").iterdir()} == {"cpu.csv", "cpu.json"}
+
+
+def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
+    # None in sys.modules makes `import matplotlib` raise ImportError.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert bm.run(_parse([*_CLI_TINY, "--out-dir", str(tmp_path)])) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"cpu.csv", "cpu.json"}
+    assert "pip install capsnet-fused[plots]" in capsys.readouterr().err

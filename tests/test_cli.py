@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -166,3 +169,125 @@ def test_training_curve_needs_records(trained_run, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no epoch records"):
         plot_training_curve(tmp_path / "empty.jsonl", tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- faults (issue 14)
+
+
+def _one_line_error(capsys, text: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert text in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, text",
+    [
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--device", "meta"], "training runs on cpu or cuda"),
+        (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["--recon-scale", "-1"], "recon_scale must be a finite number >= 0"),
+    ],
+    ids=["device-bogus", "device-meta", "lr-inf", "lr-nan", "recon-negative"],
+)
+def test_bad_train_flags_are_one_line_errors(trained_run, tmp_path, capsys, flags, text):
+    data_dir, _ = trained_run
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--data-dir", str(data_dir), "--out", str(out), *flags]
+    assert main(args) == 2
+    _one_line_error(capsys, text)
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_a_one_line_error(trained_run, tmp_path, capsys):
+    data_dir, _ = trained_run
+    (tmp_path / "file").write_text("x")
+    args = ["train", *TINY, "--data-dir", str(data_dir), "--out", str(tmp_path / "file")]
+    assert main(args) == 2
+    _one_line_error(capsys, "is a file, not a folder")
+
+
+def test_config_json_passed_as_a_checkpoint_is_a_one_line_error(trained_run, capsys):
+    _, out = trained_run
+    assert main(["eval", str(out / "config.json"), "--no-progress"]) == 2
+    _one_line_error(capsys, "it is a JSON file; pass the run folder or its checkpoint.pt")
+    assert main(["train", "--resume", str(out / "config.json")]) == 2
+    _one_line_error(capsys, "it is a JSON file")
+
+
+def test_resume_with_nothing_left_to_do_says_so(trained_run, capsys):
+    _, out = trained_run
+    before = (out / "config.json").read_bytes()
+    assert main(["train", "--resume", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert "has already trained 1 epochs (--epochs 1); nothing to do" in capsys.readouterr().out
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_full_disk_is_a_one_line_error(trained_run, tmp_path, capsys, monkeypatch):
+    data_dir, _ = trained_run
+
+    def full(obj, handle, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--data-dir", str(data_dir), "--out", str(out)]) == 1
+    _one_line_error(capsys, f"could not write {out / 'checkpoint.pt'}")
+
+
+def test_ctrl_c_outside_training_is_one_line(trained_run, capsys, monkeypatch):
+    import capsnet_fused.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate_checkpoint", interrupted)
+    assert main(["eval", str(trained_run[1])]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_visualize_without_matplotlib_fails_cleanly(trained_run, tmp_path, capsys, monkeypatch):
+    _, out = trained_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    target = tmp_path / "figures"
+    assert main(["visualize", str(out), "--out", str(target)]) == 1
+    _one_line_error(capsys, "pip install capsnet-fused[plots]")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "signum, workers",
+    [(signal.SIGTERM, 0), (signal.SIGINT, 2)],
+    ids=["SIGTERM-to-the-process", "SIGINT-to-the-group-with-workers"],
+)
+def test_signal_stops_training_with_a_checkpoint(trained_run, tmp_path, signum, workers):
+    # A real process and a real signal: SIGTERM as a scheduler sends it before preempting a
+    # job; SIGINT to the whole process group as Ctrl-C in a terminal sends it, DataLoader
+    # workers included (they leave it to the main process).
+    data_dir, _ = trained_run
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "100000", "--checkpoint-every", "1", "--num-workers", str(workers)]
+    command = [sys.executable, "-m", "capsnet_fused.cli", "train", *args]
+    command += ["--data-dir", str(data_dir), "--out", str(out)]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert err.count(f"{name} received: stopping after the current step") == 1, err
+    assert f"stopped by {name}; {out / 'checkpoint.pt'} holds" in err
+    assert f"Continue with: capsnet-fused train --resume {out}" in err
+    assert "Traceback" not in err
+    state = load_checkpoint(out)
+    assert state["step"] >= 1 and not [p for p in out.iterdir() if ".tmp-" in p.name]

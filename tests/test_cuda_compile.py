@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -19,16 +20,23 @@ def test_cuda_sources_exist():
 
 
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles_for_sm80_and_sm90(source, tmp_path):
+def test_nvcc_compiles_for_sm80_and_sm90_without_spills(source, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     cmd = [
         nvcc, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")),
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+        "-Xptxas", "-v",
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # ptxas reports, per kernel and architecture, "N bytes spill stores, N bytes spill loads".
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    kernels = re.findall(r"Compiling entry function '([^']+)' for '(sm_\d+)'", result.stderr)
+    assert kernels and len(spills) == len(kernels), result.stderr[-4000:]
+    spilled = [k for k, s in zip(kernels, spills) if s != ("0", "0")]
+    assert not spilled, f"register spills in {spilled}"
 
 
 def test_cuda_glue_compiles_against_torch_headers():

@@ -257,3 +257,36 @@ def test_resumable_sampler_partitions_and_resumes():
     assert list(resumed) == order[8:] and len(resumed) == 15
     whole.set_epoch(3)
     assert list(whole) != order
+
+
+def test_a_split_with_no_images_is_an_error_naming_the_file(tmp_path):
+    images, labels = synthetic(0)
+    write_split(tmp_path, "train", images, labels)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz: holds 0 images"):
+        load_arrays(tmp_path, "train")
+
+
+def test_only_an_absent_data_dir_searches_the_default_folders(tmp_path, monkeypatch):
+    full = write_dataset(tmp_path / "system")
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion-mnist", (full,))
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    assert find_dataset_dir("fashion-mnist", None, download=False) == full
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=f"files missing in {tmp_path / 'typo'}"):
+        find_dataset_dir("fashion-mnist", tmp_path / "typo", download=False)
+    dataset = load_dataset("fashion-mnist", "test", None, download=False)
+    assert dataset.source == full and len(dataset) == 5
+
+
+def test_real_samples_leave_out_the_distributed_padding():
+    dataset = list(range(23))
+    for replicas in (1, 2, 3, 4):
+        shards = [ResumableSampler(dataset, replicas, r, seed=5) for r in range(replicas)]
+        counts = [s.real_samples(0, len(s)) for s in shards]
+        assert sum(counts) == 23, replicas
+        # Per batch: only the shard's tail is padding.
+        for shard in shards:
+            per_batch = [shard.real_samples(b, b + 4) for b in range(0, len(shard), 4)]
+            assert sum(per_batch) == shard.real_samples(0, len(shard))
+    shard = ResumableSampler(dataset, 2, 1, seed=5)  # 12 positions, the last one padding
+    assert shard.real_samples(8, 12) == 3 and shard.real_samples(0, 8) == 8

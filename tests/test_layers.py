@@ -50,6 +50,23 @@ def test_router_parameters_and_prior():
     assert router.prior.grad is not None and router.prior.grad.abs().sum() > 0
 
 
+def test_router_bias_leaky_and_squash_eps():
+    # learn_bias adds `bias` [J, M] at the official code's 0.1; leaky and squash_eps are passed
+    # on. The reference backend: the cpp CPU kernels do not have these options yet.
+    router = FusedRouter(
+        12, 3, 4, 5, learn_bias=True, leaky=True, squash_eps=0.0, backend="reference"
+    ).double()
+    assert dict(router.named_parameters()).keys() == {"weight", "bias"}
+    assert torch.equal(router.bias.float(), torch.full((3, 5), 0.1))
+    assert "bias" not in dict(FusedRouter(12, 3, 4, 5).named_parameters())
+    assert "learn_bias=True" in repr(router) and "squash_eps=0" in repr(router)
+    u = torch.randn(2, 12, 4, dtype=torch.float64)
+    want = reference_routing(u, router.weight, 3, bias=router.bias, leaky=True, squash_eps=0.0)
+    torch.testing.assert_close(router(u), want, rtol=0, atol=0)
+    router(u).sum().backward()
+    assert router.bias.grad is not None and router.bias.grad.abs().sum() > 0
+
+
 def test_router_weights_start_small():
     router = FusedRouter(1152, 10, 8, 16)
     assert 0.005 < router.weight.std().item() < 0.02
@@ -60,6 +77,8 @@ def test_router_weights_start_small():
     [
         (dict(iterations=0), "iterations must be"),
         (dict(softmax_over="rows"), "softmax_over must be"),
+        (dict(squash_eps=-1e-8), "squash_eps must be"),
+        (dict(leaky="yes"), "leaky must be a bool"),
     ],
 )
 def test_router_rejects_bad_options(kwargs, message):
@@ -78,3 +97,6 @@ def test_primary_caps_order_and_squash():
     raw = conv.view(2, 4, 3, 4, 4)[:, 1, :, 2, 3]
     torch.testing.assert_close(u[:, 1 * 16 + 2 * 4 + 3], squash(raw))
     assert (u.norm(dim=-1) < 1).all()
+    eps_free = PrimaryCaps(6, caps=4, dim=3, kernel_size=3, stride=2, squash_eps=0.0)
+    eps_free.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(eps_free(x)[:, 1 * 16 + 2 * 4 + 3], squash(raw, eps=0.0))

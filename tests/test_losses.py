@@ -20,6 +20,14 @@ def test_margin_loss_is_squared_hinge():
     torch.testing.assert_close(b / a, torch.tensor((0.4 / 0.2) ** 2))
 
 
+def test_unsquared_margin_loss_hand_computed():
+    lengths = torch.tensor([[0.95, 0.5, 0.05], [0.2, 0.05, 0.8]])
+    labels = torch.tensor([0, 2])
+    # sample 0: present 0; absent 0.5 -> 0.5*0.4 = 0.2. sample 1: present 0.1; absent 0.5*0.1
+    loss = MarginLoss(squared=False)(lengths, labels)
+    torch.testing.assert_close(loss, torch.tensor((0.2 + 0.1 + 0.05) / 2))
+
+
 def test_margin_loss_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"expected lengths \[B, J\] and labels \[B\]"):
         MarginLoss()(torch.rand(2, 3, 4), torch.tensor([0, 1]))

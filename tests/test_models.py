@@ -1,8 +1,13 @@
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
+import capsnet_fused
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
-from capsnet_fused.models import CapsNet
+from capsnet_fused.models import CapsNet, CapsNetOutput
 
 
 def test_mnist_shapes_and_paper_sizes():
@@ -21,6 +26,18 @@ def test_color_32x32_and_routing_options():
     out = model(torch.rand(2, 3, 32, 32))
     assert model.digit.weight.shape == (2048, 5, 8, 16) and model.digit.prior.shape == (2048, 5)
     assert out.caps.shape == (2, 5, 16) and out.reconstructions.shape == (2, 3, 32, 32)
+
+
+def test_bias_leaky_and_squash_eps_reach_both_squashes():
+    model = CapsNet(
+        1, 20, 4, conv_channels=8, primary_caps=2, learn_bias=True, leaky=True, squash_eps=0.0,
+        backend="reference",
+    )  # fmt: skip
+    assert model.digit.bias.shape == (4, 16) and model.digit.leaky
+    assert model.digit.squash_eps == 0.0 and model.primary.squash_eps == 0.0
+    out = model(torch.rand(2, 1, 20, 20), torch.tensor([0, 3]))
+    (out.lengths.sum() + out.reconstructions.sum()).backward()
+    assert model.digit.bias.grad.abs().sum() > 0
 
 
 def test_decoder_masks_with_label_in_training_and_prediction_in_eval():
@@ -84,3 +101,51 @@ def test_channels_last_computes_the_same_values_and_gradients():
     for name, param in last.named_parameters():
         want = dict(dense.named_parameters())[name].grad
         torch.testing.assert_close(param.grad, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _routing_ops(program) -> set[str]:
+    """The capsnet_fused ops called anywhere in an exported program (HOP bodies included)."""
+    return {
+        str(node.target)
+        for module in program.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("capsnet_fused.")
+    }
+
+
+def test_export_save_load_round_trip_with_the_cpp_op(tmp_path):
+    if "cpp" not in capsnet_fused.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    torch.manual_seed(0)
+    model = CapsNet(1, 20, 4, conv_channels=8, primary_caps=2, backend="cpp").eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.rand(2, 1, 20, 20),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "capsnet.pt2"
+    torch.export.save(program, path)
+
+    images = torch.rand(3, 1, 20, 20)  # another batch size than the exported example
+    expected = model(images)
+    loaded = torch.export.load(path)
+    assert _routing_ops(loaded) == {"capsnet_fused.cpp_routing_fwd.default"}
+    out = loaded.module()(images)
+    assert type(out) is CapsNetOutput
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want)
+
+    # A fresh process: importing capsnet_fused alone registers what loading needs.
+    torch.save({"images": images, "expected": tuple(expected)}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, capsnet_fused
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        out = torch.export.load({str(path)!r}).module()(io["images"])
+        assert type(out).__name__ == "CapsNetOutput", type(out)
+        for got, want in zip(out, io["expected"]):
+            torch.testing.assert_close(got, want)
+        print("loaded ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "loaded ok" in done.stdout

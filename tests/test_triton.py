@@ -4,10 +4,12 @@ On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before the 
 decorated and the kernels run on CPU tensors; with CUDA the same tests run on the GPU.
 """
 
+import math
+
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from capsnet_fused import (  # noqa: E402
     FusedRouter,
@@ -19,11 +21,15 @@ from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.reference import reference_routing  # noqa: E402
 from capsnet_fused.triton import routing as launcher  # noqa: E402
 from tests.helpers import (  # noqa: E402
+    OPTION_CASES,
     SHAPES,
     VARIANTS,
+    Options,
     Shape,
     assert_matches_reference,
+    make_bias,
     make_inputs,
+    option_case_id,
     reference64,
     rel_error,
     run_with_grads,
@@ -60,12 +66,17 @@ def triton_routing(u, weight, prior=None, **kwargs):
     return dynamic_routing(u, weight, prior=prior, backend="triton", **kwargs)
 
 
-def run_case(shape, variant, dtype, device, seed=0):
+def run_case(shape, variant, dtype, device, seed=0, options: Options | None = None):
     softmax_over, with_prior, detach_inner = variant
     u, weight, prior, grad = make_inputs(shape, with_prior, dtype=dtype, device=device, seed=seed)
     kwargs = dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
-    got = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
-    return got, reference64(u, weight, prior, grad, **kwargs), (u, weight, prior, grad, kwargs)
+    if options is None:
+        got = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
+        return got, reference64(u, weight, prior, grad, **kwargs), (u, weight, prior, grad, kwargs)
+    bias = make_bias(shape, options, dtype=dtype, device=device)
+    kwargs.update(options.kwargs())
+    got = run_with_grads(triton_routing, u, weight, prior, grad, bias=bias, **kwargs)
+    return got, reference64(u, weight, prior, grad, bias=bias, **kwargs), None
 
 
 @device_params
@@ -85,6 +96,64 @@ def test_matches_reference_float64(variant, device):
 
 
 @device_params
+@pytest.mark.parametrize(
+    "variant, options", OPTION_CASES, ids=[option_case_id(c) for c in OPTION_CASES]
+)
+def test_options_match_reference_float64(variant, options, device):
+    require(device)
+    got, ref, _ = run_case(Shape(2, 19, 3, 3, 5, 4), variant, torch.float64, device, 0, options)
+    assert_matches_reference(got, ref, tol=1e-12)
+
+
+# float32 on the shape with several capsule blocks, each option with both softmax axes.
+FLOAT32_OPTION_CASES = [
+    c for c in OPTION_CASES if not c[0][2] and c[0][1] == (c[0][0] == "in_caps")
+]
+
+
+@device_params
+@pytest.mark.parametrize(
+    "variant, options",
+    FLOAT32_OPTION_CASES,
+    ids=[option_case_id(c) for c in FLOAT32_OPTION_CASES],
+)
+def test_options_match_reference_float32(variant, options, device):
+    require(device)
+    got, ref, _ = run_case(SHAPES[0], variant, torch.float32, device, 0, options)
+    assert_matches_reference(got, ref, tol=1e-5)
+
+
+@device_params
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+@pytest.mark.parametrize("squash_eps", [0.0, 0.05])
+def test_options_gradcheck_float64(softmax_over, squash_eps, device):
+    require(device)
+    shape = Shape(2, 5, 3, 3, 4, 3)
+    u, weight, prior, _ = make_inputs(shape, True, device=device)
+    bias = make_bias(shape, Options(bias=True), device=device)
+    inputs = [t.requires_grad_() for t in (u, weight, prior, bias)]
+
+    def fn(u, weight, prior, bias):
+        return triton_routing(
+            u, weight, prior, bias=bias, iterations=3, softmax_over=softmax_over, leaky=True,
+            squash_eps=squash_eps,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+@device_params
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_zero_capsule_with_squash_eps_zero_is_nan(softmax_over, device):
+    # u = 0 gives s = 0: the eps-free squash is NaN there, value and gradients, as the reference.
+    require(device)
+    u, weight, prior, grad = make_inputs(Shape(2, 5, 3, 2, 4, 2), True, device=device)
+    kwargs = dict(iterations=2, softmax_over=softmax_over, squash_eps=0.0)
+    v, grads = run_with_grads(triton_routing, torch.zeros_like(u), weight, prior, grad, **kwargs)
+    assert torch.isnan(v).all() and all(torch.isnan(g).all() for g in grads)
+
+
+@device_params
 @pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
 def test_gradcheck_float64(softmax_over, device):
     require(device)
@@ -99,36 +168,34 @@ def test_gradcheck_float64(softmax_over, device):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
+def check_opcheck(softmax_in: bool, device: str, options: Options) -> None:
+    shape = Shape(2, 11, 3, 3, 5, 2)
+    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
+    bias = make_bias(shape, options, torch.float32, device)
+    leaves = [t.requires_grad_() if t is not None else None for t in (u, weight, prior, bias)]
+    flags = (2, softmax_in, False, options.leaky, options.squash_eps)
+    ops = torch.ops.capsnet_fused
+    # Called bare first: opcheck would wrap an exception of the op in its own.
+    detached = [t.detach() if t is not None else None for t in leaves]
+    _, s, v_prev, lse = ops.triton_routing_fwd(*detached, *flags)
+    torch.library.opcheck(ops.triton_routing_fwd.default, (*leaves, *flags))
+    needs = (True, True, True, bias is not None)
+    bwd_args = (grad, *detached, s, v_prev, lse, *flags, *needs)
+    torch.library.opcheck(ops.triton_routing_bwd.default, bwd_args)
+
+
 @device_params
 @pytest.mark.parametrize("softmax_in", [False, True])
 def test_opcheck(softmax_in, device):
     require(device)
-    u, weight, prior, grad = make_inputs(Shape(2, 11, 3, 3, 5, 2), True, torch.float32, device)
-    leaves = [t.requires_grad_() for t in (u, weight, prior)]
-    torch.library.opcheck(
-        torch.ops.capsnet_fused.triton_routing_fwd.default, (*leaves, 2, softmax_in, False)
-    )
-    _, s, v_prev, lse = torch.ops.capsnet_fused.triton_routing_fwd(
-        u.detach(), weight.detach(), prior.detach(), 2, softmax_in, False
-    )
-    torch.library.opcheck(
-        torch.ops.capsnet_fused.triton_routing_bwd.default,
-        (
-            grad,
-            u.detach(),
-            weight.detach(),
-            prior.detach(),
-            s,
-            v_prev,
-            lse,
-            2,
-            softmax_in,
-            True,
-            True,
-            True,
-            True,
-        ),
-    )
+    check_opcheck(softmax_in, device, Options())
+
+
+@device_params
+@pytest.mark.parametrize("softmax_in", [False, True])
+def test_opcheck_options(softmax_in, device):
+    require(device)
+    check_opcheck(softmax_in, device, Options(bias=True, leaky=True, squash_eps=0.0))
 
 
 LOW_PRECISION_CASES = [
@@ -261,7 +328,9 @@ def test_public_entry_points_use_the_kernels(device, monkeypatch):
     require(device)
     calls = []
     forward = _triton_op.routing_forward
-    monkeypatch.setattr(_triton_op, "routing_forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(
+        _triton_op, "routing_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
     router = FusedRouter(9, 4, 3, 5, 2, backend="triton", learn_prior=True).to(device)
     u = torch.randn(2, 9, 3, device=device)
     v = router(u)
@@ -278,8 +347,26 @@ def test_unavailable_reason():
     assert _triton_op.unavailable_reason(torch.device("meta"), torch.float32) is not None
     assert _triton_op.unavailable_reason(torch.device("cpu"), torch.int32) is not None
     cpu = _triton_op.unavailable_reason(torch.device("cpu"), torch.float32)
-    assert (cpu is None) == launcher.INTERPRETED
+    assert (cpu is None) == (launcher.INTERPRETED and _triton_op._INTERPRETER_PROBLEM is None)
     assert _triton_op.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
+
+
+def test_old_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
+    """triton 3.6's interpreter fails with numpy 2.4: the backend says so instead of failing."""
+    import numpy
+
+    try:
+        int(numpy.array([1]))
+        refuses = False
+    except TypeError:
+        refuses = True
+    monkeypatch.setattr(_triton_op, "INTERPRETED", True)
+    monkeypatch.setattr(_triton_op.triton, "__version__", "3.6.0")
+    reason = _triton_op._interpreter_problem()
+    assert (reason is not None) == refuses
+    assert reason is None or "numpy < 2.4" in reason
+    monkeypatch.setattr(_triton_op.triton, "__version__", "3.9.0")
+    assert _triton_op._interpreter_problem() is None
 
 
 @device_params
@@ -328,3 +415,102 @@ def test_compile_fullgraph_capsnet(device):
     torch.testing.assert_close(caps, caps_eager, rtol=1e-5, atol=1e-6)
     for g, g_eager in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-6)
+
+
+# The GPU's tiles visit capsules one at a time and split the batch into tiles of up to 32
+# samples; run them under the interpreter on shapes where that makes several steps, blocks and
+# splits (B = 40: two sample tiles).
+GPU_TILE_CASES = [
+    (Shape(3, 37, 10, 8, 16, 3), ("out_caps", True, False)),
+    (Shape(3, 37, 10, 8, 16, 3), ("in_caps", True, False)),
+    (Shape(40, 9, 3, 3, 5, 2), ("in_caps", False, True)),
+    (Shape(2, 19, 3, 3, 5, 4), ("out_caps", False, False)),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, variant", GPU_TILE_CASES, ids=[f"{s.id}-{variant_id(v)}" for s, v in GPU_TILE_CASES]
+)
+def test_gpu_tiles_match_reference(shape, variant, monkeypatch):
+    require("cpu")
+    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    cfg = launcher.choose_config(shape.B, shape.I, shape.J, shape.N, shape.M)
+    assert cfg.sweep_block_is == 1
+    got, ref, _ = run_case(shape, variant, torch.float64, "cpu")
+    assert_matches_reference(got, ref, tol=1e-12)
+
+
+def test_tile_kind_env(monkeypatch):
+    monkeypatch.setenv(launcher.TILES_ENV, "bogus")
+    with pytest.raises(ValueError, match=launcher.TILES_ENV):
+        launcher.tile_kind()
+    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    assert launcher.tile_kind() == "gpu"
+    monkeypatch.delenv(launcher.TILES_ENV)
+    assert launcher.tile_kind() == ("interpreter" if launcher.INTERPRETED else "gpu")
+
+
+def test_grid_table():
+    """The grids in capsnet_fused/triton/routing.py's docstring are the ones chosen."""
+    table = {}
+    for line in launcher.__doc__.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].isdigit():
+            table[int(cells[0])] = [int(c.split("=")[-1]) for c in cells[1:]]
+    assert sorted(table) == [8, 128, 512]
+    for batch, want in table.items():
+        cfg = launcher.choose_config(batch, 1152, 10, 8, 16, "gpu")
+        got = [
+            math.prod(cfg.gemm_grid(batch, 1152, 8, 10, 16)),
+            math.prod(cfg.sweep_grid(batch, 1152)),
+            math.prod(cfg.combine_grid(batch, 10)),
+            math.prod(cfg.grads_grid(1152, 10)),
+        ]
+        assert got == want, batch
+        # At least one program per SM of an H100/H200 where the launch has the work for it.
+        assert min(got[:2] + got[3:]) >= 132 and (got[2] >= 132 or batch * 10 < 2 * 132)
+
+
+@pytest.mark.parametrize(
+    "variant, with_dprior, launches",
+    [
+        # forward 2R; backward: R combines, R - 1 sweeps, grads, the sum of its du partials
+        (("out_caps", False, False), False, (6, 7)),
+        # + softmax(prior) each way, + the first iteration's backward sweep for dprior
+        (("in_caps", True, False), True, (7, 9)),
+        # detach_inner without a prior gradient: the last iteration's couplings only
+        (("out_caps", False, True), False, (6, 4)),
+    ],
+    ids=["plain", "prior", "detach"],
+)
+def test_launch_counts(variant, with_dprior, launches, monkeypatch):
+    """At most 2R + 2 launches forward and 2R + 3 backward (MNIST shape, GPU tiles, R = 3)."""
+    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    softmax_over, with_prior, detach_inner = variant
+    shape = Shape(128, 1152, 10, 8, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")
+    # The prior's softmax is a torch op, recorded as a TorchLaunch beside the kernels.
+    record = []
+    _, s, v_prev, lse = launcher.routing_forward(
+        u, weight, prior, 3, softmax_over == "in_caps", record
+    )
+    forward = len(record)
+    launcher.routing_backward(
+        grad, u, weight, prior, s, v_prev, lse, 3, softmax_over == "in_caps", detach_inner,
+        True, True, with_dprior, record=record,
+    )  # fmt: skip
+    assert (forward, len(record) - forward) == launches
+    assert forward <= 2 * 3 + 2 and len(record) - forward <= 2 * 3 + 3
+
+
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
+def test_deterministic(softmax_over):
+    """No float atomics: two runs give bitwise identical outputs and gradients."""
+    require("cpu")
+    shape = Shape(3, 37, 5, 4, 12, 3)
+    u, weight, prior, grad = make_inputs(shape, True, torch.float32, "cpu")
+    kwargs = dict(iterations=3, softmax_over=softmax_over)
+    first = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
+    second = run_with_grads(triton_routing, u, weight, prior, grad, **kwargs)
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
+        assert torch.equal(a, b)

@@ -52,13 +52,13 @@ def spilling(report: str) -> list[str]:
     return [line for line in report.splitlines() if "SPILLS" in line]
 
 
-def test_forward_and_backward_sweep_kernels_do_not_spill():
-    code, report = compile_and_report(["routing_fwd_kernel", "routing_bwd_sweep_kernel"])
+def test_forward_kernels_do_not_spill():
+    code, report = compile_and_report(["first_sweep_kernel", "sweep_kernel", "combine_kernel"])
     assert not spilling(report) and code == 0, "\n".join(spilling(report))
 
 
-def test_gradient_kernel_does_not_spill():
-    code, report = compile_and_report(["routing_bwd_grads_kernel"])
+def test_backward_kernels_do_not_spill():
+    code, report = compile_and_report(["combine_back_kernel", "sweep_back_kernel", "grads_kernel"])
     assert not spilling(report) and code == 0, "\n".join(spilling(report))
 
 

@@ -47,8 +47,38 @@ SHAPES = [
     (2, 200, 10, 8, 16, 3),
 ]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Flags that only remove code from a kernel; the tile configuration is compiled with them on.
-HEAVY = {"HAS_PRIOR": True, "NEED_DU": True, "NEED_DW": True, "NEED_DPRIOR": True}
+# Flags that only add or remove code (never change the tiles): by default each tile
+# configuration is compiled with the most code, i.e. with these flags at the values below;
+# flags not listed (SOFTMAX_IN, the combine's FIRST and LAST, ...) select different code and are
+# compiled both ways.
+HEAVY = {
+    "first_sweep_kernel": {"HAS_C1": True},
+    "combine_kernel": {"SOFTMAX_IN": True, "HAS_LSE1": True, "LAST": False},
+    "sweep_kernel": {"HAS_PRIOR": True},
+    "combine_back_kernel": {"READ_A": True, "READ_CARRY": True, "WRITE_CARRY": True},
+    "sweep_back_kernel": {
+        "HAS_PRIOR": True,
+        "FIRST": False,
+        "STORE_ALPHA": True,
+        "NEED_BETA": True,
+        "NEED_A": True,
+    },
+    "grads_kernel": {
+        "HAS_C1": True,
+        "NEED_DU": True,
+        "NEED_DW": True,
+        "NEED_DPRIOR": True,
+        "DETACH_INNER": False,
+    },
+}
+KERNELS = [
+    "first_sweep_kernel",
+    "sweep_kernel",
+    "combine_kernel",
+    "combine_back_kernel",
+    "sweep_back_kernel",
+    "grads_kernel",
+]
 
 
 def specialise(launch):
@@ -98,47 +128,52 @@ def jobs(archs, dtypes, every_variant, kernel_names):
     """Unique compile jobs for the kernels named in kernel_names.
 
     Default: every tile configuration (kernel, block sizes, warps) the launchers choose for
-    SHAPES, with the code-removing flags on, for every arch in float32, and the MNIST shape's
-    configuration in every dtype. every_variant: every launch of every shape, arch and dtype.
+    SHAPES, with the code-adding flags of HEAVY, for every arch in float32, and the MNIST
+    shape's configurations in every dtype. every_variant: every launch of every shape, arch and
+    dtype.
     """
     seen, out = set(), []
     for dtype_name in dtypes:
-        for launch in planned_launches(SHAPES, DTYPES[dtype_name]):
-            if launch.kernel.__name__ not in kernel_names:
+        for shape in SHAPES:
+            if not every_variant and dtype_name != "float32" and shape != MNIST:
                 continue
-            flags = {k: v for k, v in launch.constexprs.items() if k in HEAVY}
-            heavy = flags == {k: HEAVY[k] for k in flags}
-            is_mnist = launch.args["I"] == MNIST[1] and launch.args["J"] == MNIST[2]
-            if not every_variant and not (heavy and (dtype_name == "float32" or is_mnist)):
-                continue
-            signature, constexprs, attrs = specialise(launch)
-            # Without every_variant, a tile configuration is compiled once (int arguments
-            # specialised as for the first shape that uses it).
-            key = (
-                launch.kernel.__name__,
-                tuple(signature.items()) if every_variant else "",
-                tuple((k, str(v)) for k, v in launch.constexprs.items()),
-                str(sorted(attrs.items())) if every_variant else "",
-                launch.num_warps,
-                launch.maxnreg,
-                dtype_name,
-            )
-            if key in seen:
-                continue
-            seen.add(key)
-            for arch in archs:
-                out.append(
-                    (
-                        launch.kernel,
-                        signature,
-                        constexprs,
-                        attrs,
-                        launch.num_warps,
-                        launch.maxnreg,
-                        arch,
-                        dtype_name,
-                    )
+            for launch in planned_launches([shape], DTYPES[dtype_name]):
+                name = launch.kernel.__name__
+                if name not in kernel_names:
+                    continue
+                heavy = HEAVY.get(name, {})
+                if not every_variant and any(
+                    launch.constexprs.get(flag, value) != value for flag, value in heavy.items()
+                ):
+                    continue
+                signature, constexprs, attrs = specialise(launch)
+                # Without every_variant, a configuration is compiled once (int arguments
+                # specialised as for the first shape that uses it).
+                key = (
+                    name,
+                    tuple(signature.items()) if every_variant else "",
+                    tuple((k, str(v)) for k, v in launch.constexprs.items()),
+                    str(sorted(attrs.items())) if every_variant else "",
+                    launch.num_warps,
+                    launch.maxnreg,
+                    dtype_name,
                 )
+                if key in seen:
+                    continue
+                seen.add(key)
+                for arch in archs:
+                    out.append(
+                        (
+                            launch.kernel,
+                            signature,
+                            constexprs,
+                            attrs,
+                            launch.num_warps,
+                            launch.maxnreg,
+                            arch,
+                            dtype_name,
+                        )
+                    )
     return out
 
 
@@ -153,11 +188,7 @@ def main() -> int:
         "about 3 s per kernel on a laptop core",
     )
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--kernels",
-        nargs="+",
-        default=["routing_fwd_kernel", "routing_bwd_sweep_kernel", "routing_bwd_grads_kernel"],
-    )
+    parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS)
     args = parser.parse_args()
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels are interpreted, nothing to compile")

@@ -2,13 +2,37 @@
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None, v [B, J, M]; R iterations.
 Saved for the backward: s^t and V^{t-1} [B, R, J, M] and, with the softmax over input capsules,
-the log-sum-exp of the logits over i [B, R, J]. The backward keeps c^t and dlogit^t as
-[B, R, I, J] scalars; nothing of size B x I x J x M is allocated anywhere.
+the log-sum-exp of the logits over i [B, R, J]. The backward keeps the couplings and logit
+gradients as [B, R, I, J] scalars; nothing of size B x I x J x M is allocated anywhere.
+
+Launch order (k is the 0-based iteration; docs/ROUTING-MATH.md has the math):
+
+    forward   first_sweep, combine(0), then sweep(k), combine(k) for k = 1 .. R-1
+    backward  combine_back(k), sweep_back(k) for k = R-1 .. 1, combine_back(0),
+              sweep_back(0) when the prior's gradient is wanted, grads, and sum_partials
+              when grads splits the output capsules over programs (du's partial sums)
+
+plus one softmax of the prior (a torch op) when there is a prior: 2R (+1) launches forward and
+2R + 1 (+2) backward. detach_inner without a prior gradient needs only the last iteration's
+couplings: combine_back(R-1), sweep_back(R-1), grads.
+
+Grids at the MNIST DigitCaps shape (I=1152, J=10, N=8, M=16, R=3) with the GPU tiles of
+choose_config (programs per launch; the combines take up to 8 (b, j) rows a program):
+
+    | B   | first_sweep      | sweep, sweep_back | combine, combine_back | grads         |
+    |-----|------------------|-------------------|-----------------------|---------------|
+    | 8   | 1 x 5 x 29 = 145 | 231 x 1 = 231     | 80                    | 144 x 3 = 432 |
+    | 128 | 2 x 3 x 23 = 138 | 33 x 4 = 132      | 160                   | 144 x 3 = 432 |
+    | 512 | 8 x 3 x 6 = 144  | 9 x 16 = 144      | 640                   | 144 x 3 = 432 |
+
+(tests/test_triton.py::test_grid_table checks this table against choose_config.)
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,95 +42,186 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from capsnet_fused._op_glue import state_dtype
+from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
 from capsnet_fused.triton.kernels import (
-    routing_bwd_grads_kernel,
-    routing_bwd_sweep_kernel,
-    routing_fwd_kernel,
+    combine_back_kernel,
+    combine_kernel,
+    first_sweep_kernel,
+    grads_kernel,
+    sum_partials_kernel,
+    sweep_back_kernel,
+    sweep_kernel,
 )
 
 # True when the kernels were decorated with TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = isinstance(routing_fwd_kernel, InterpretedFunction)
+INTERPRETED = isinstance(sweep_kernel, InterpretedFunction)
 
 # Tests set this to fill every buffer a kernel should write with NaN first, so that an element
 # the kernel forgets to write shows up as a NaN in the result.
 POISON_OUTPUTS = False
 
-# GPU tiles (checked for spills by tests/test_triton_compile.py for sm_80 and sm_90): a sweep
-# tile [BLOCK_I, BLOCK_J, BLOCK_M] of 2048 elements at 8 warps is 8 per thread per tile. The
-# static loop over n is unrolled and keeps N W-slices in flight (memory-level parallelism: one
-# program per sample means one CTA per SM at B = 128 on an H100), so the budget halves for each
-# doubling of N past 8. At I=1152, J=10, N=8, M=16 this is BLOCK_I = 8 at 16 warps (register
-# cap 128, see max_registers): 96-125 registers in the forward, 108-128 in the backward sweep
-# over float32/float16/bfloat16 on sm_80 and sm_90, no local memory or stack (ptxas of
-# triton 3.9).
-_GPU_SWEEP_TILE = 2048
-# Gradient tiles [BLOCK_I, BLOCK_J, BLOCK_N * BLOCK_M]: four of them live (W, du_hat, the dW
-# accumulator, a product); BLOCK_I = 1 at the MNIST shape, 72-103 registers at 16 warps.
-_GPU_GRADS_TILE = 2048
-_GPU_ELEMENTS_PER_THREAD = 4
-_GPU_MAX_WARPS = 16
+# "gpu" or "interpreter": which tile sizes the launchers choose. Defaults to the kind of kernel
+# decorated here; CAPSNET_FUSED_TRITON_TILES=gpu makes interpreted launches use the GPU's tiles
+# (the traffic counter and some tests), "interpreter" the reverse.
+TILES_ENV = "CAPSNET_FUSED_TRITON_TILES"
+TILE_KINDS = ("gpu", "interpreter")
+
+# Programs per launch to aim for: two per SM of an H100/H200 (132 SMs). The sweep tiles use
+# well under half of an SM's registers, so every program of such a grid is resident at once.
+_GPU_TARGET_PROGRAMS = 264
+_GPU_MIN_PROGRAMS = 132
+# Elements per program of sum_partials_kernel.
+_SUM_BLOCK = 1024
 # 32-bit registers per SM on sm_80 and sm_90, and ptxas's per-thread maximum.
 _GPU_REGISTER_FILE = 65536
 _GPU_MAX_REGISTERS = 255
-# The interpreter costs milliseconds per loop iteration whatever the tile size: large tiles.
-_INTERP_SWEEP_TILE = 1 << 16
-_INTERP_GRADS_TILE = 1 << 17
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """Tile sizes and warps chosen for one problem size (J, N, M padded to powers of two)."""
+    """Tile sizes and warps for one problem size (J, N, M padded to powers of two)."""
 
     block_j: int
     block_n: int
     block_m: int
-    sweep_block_i: int  # BLOCK_I of the forward and backward-sweep kernels
+    # first_sweep_kernel: a [gemm_block_b, gemm_block_c] output tile, K in steps of gemm_block_k
+    gemm_block_b: int
+    gemm_block_c: int
+    gemm_block_k: int
+    gemm_k_per_split: int
+    gemm_warps: int
+    # sweep_kernel and sweep_back_kernel: sweep_block_b samples x sweep_block_i capsules,
+    # visited sweep_block_is capsules at a time
+    sweep_block_b: int
+    sweep_block_i: int
+    sweep_block_is: int
     sweep_warps: int
-    grads_block_i: int  # BLOCK_I of the gradient kernel
+    # grads_kernel: grads_block_i capsules x grads_block_j output capsules per program
+    grads_block_i: int
+    grads_block_j: int
     grads_warps: int
+    # combine kernels: combine_rows (b, j) pairs per program
+    combine_rows: int
+    combine_warps: int
+
+    def gemm_grid(self, batch: int, in_caps: int, in_d: int, out_caps: int, out_d: int):
+        splits = triton.cdiv(in_caps * in_d, self.gemm_k_per_split)
+        return (
+            triton.cdiv(batch, self.gemm_block_b),
+            triton.cdiv(out_caps * out_d, self.gemm_block_c),
+            splits,
+        )
+
+    def sweep_grid(self, batch: int, in_caps: int):
+        return (triton.cdiv(in_caps, self.sweep_block_i), triton.cdiv(batch, self.sweep_block_b))
+
+    def combine_grid(self, batch: int, out_caps: int):
+        return (triton.cdiv(batch * out_caps, self.combine_rows),)
+
+    def grads_grid(self, in_caps: int, out_caps: int):
+        return (triton.cdiv(in_caps, self.grads_block_i), triton.cdiv(out_caps, self.grads_block_j))
 
 
-def _warps(elements: int) -> int:
-    return max(1, min(_GPU_MAX_WARPS, elements // (32 * _GPU_ELEMENTS_PER_THREAD)))
+def tile_kind() -> str:
+    """The tile sizes the launchers choose now: the environment's choice, else the default."""
+    kind = os.environ.get(TILES_ENV, "") or ("interpreter" if INTERPRETED else "gpu")
+    if kind not in TILE_KINDS:
+        raise ValueError(f"{TILES_ENV} must be one of {TILE_KINDS}, got {kind!r}")
+    return kind
 
 
 def max_registers(num_warps: int) -> int:
     """Per-thread register cap (PTX .maxnreg) for a kernel launched with `num_warps` warps.
 
-    Every launch has one CTA per program and one program per sample (or input block), so one
-    CTA may use the whole register file. Without an explicit cap, ptxas (triton 3.9, which runs
-    it with --regAllocOptLevel=2) aims at 64 registers for some of these kernels to fit several
-    CTAs per SM, and puts the values that do not fit on the stack (e.g. the bfloat16 backward
-    sweep at the MNIST tiles: 64 registers and 24 B of stack on sm_80; 108 registers and no
-    stack with this cap). The ahead-of-time compile check uses the same cap.
+    The cap is the CTA's share of the register file when one CTA has the SM to itself. Without
+    it, ptxas (triton 3.9 runs it with --regAllocOptLevel=2) may aim at a lower count to fit
+    more CTAs and put what does not fit on the stack; the ahead-of-time compile check uses the
+    same cap and asserts that nothing spills.
     """
     return min(_GPU_MAX_REGISTERS, _GPU_REGISTER_FILE // (32 * num_warps))
 
 
+def _split_k(batch_tiles: int, col_tiles: int, k_total: int, block_k: int) -> int:
+    """K per split so that the GEMM grid reaches _GPU_MIN_PROGRAMS (a multiple of block_k)."""
+    splits = max(1, triton.cdiv(_GPU_MIN_PROGRAMS, batch_tiles * col_tiles))
+    # Rounded down to a multiple of block_k, so that there are at least `splits` splits.
+    return max(block_k, k_total // splits // block_k * block_k)
+
+
 def choose_config(
-    in_caps: int, out_caps: int, in_d: int, out_d: int, interpreted: bool = INTERPRETED
+    batch: int, in_caps: int, out_caps: int, in_d: int, out_d: int, kind: str | None = None
 ) -> RoutingConfig:
-    """The tiles and warps the launchers use for I, J, N, M (GPU choice unless `interpreted`)."""
+    """The tiles and warps the launchers use for (B, I, J, N, M); kind as tile_kind()."""
+    kind = tile_kind() if kind is None else kind
     block_j = triton.next_power_of_2(out_caps)
     block_n = triton.next_power_of_2(in_d)
     block_m = triton.next_power_of_2(out_d)
-    if interpreted:
-        sweep_tile, grads_tile = _INTERP_SWEEP_TILE, _INTERP_GRADS_TILE
+    cols = out_caps * out_d
+    k_total = in_caps * in_d
+    if kind == "interpreter":
+        # The interpreter costs milliseconds per loop iteration whatever the tile size: few,
+        # large steps, but still several capsule blocks and splits so that the partial sums
+        # and their combine are exercised.
+        gemm_block_b = min(64, triton.next_power_of_2(max(batch, 1)))
+        gemm_block_c = min(256, triton.next_power_of_2(cols))
+        gemm_block_k = 64
+        k_per_split = max(gemm_block_k, triton.cdiv(triton.cdiv(k_total, 3), 64) * 64)
+        sweep_block_b = min(8, triton.next_power_of_2(max(batch, 1)))
+        # Output capsules split in two where there are several, as the GPU does at J = 10.
+        grads_block_j = max(1, block_j // 2)
+        return RoutingConfig(
+            block_j, block_n, block_m,
+            gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, 4,
+            sweep_block_b, 16, 16, 4,
+            16, grads_block_j, 4,
+            min(256, triton.next_power_of_2(max(batch * out_caps, 1))), 4,
+        )  # fmt: skip
+    # GPU tiles, each checked for spills by tests/test_triton_compile.py (sm_80, sm_90); the
+    # register counts quoted are sm_90, float32, triton 3.9, MNIST shape.
+    # first_sweep: tl.dot operands need every dimension >= 16 (K >= 16 on triton 3.6). u is
+    # read once per column tile and W once per row tile: [64 x 64] output tiles (three column
+    # tiles for J * M = 160), K steps of 32, 8 warps: 197 registers.
+    gemm_block_b = 64 if batch > 32 else max(16, triton.next_power_of_2(max(batch, 1)))
+    gemm_block_c = 64 if gemm_block_b == 64 else 32
+    gemm_block_k = 32
+    gemm_warps = 8 if gemm_block_b == 64 else 4
+    batch_tiles = triton.cdiv(batch, gemm_block_b)
+    k_per_split = _split_k(batch_tiles, triton.cdiv(cols, gemm_block_c), k_total, gemm_block_k)
+    # Sweeps: each W[i] serves sweep_block_b samples, so W is read B / sweep_block_b times a
+    # sweep. [32 samples, 1 capsule, 16, 16] at 8 warps: 233-243 registers (sweep and
+    # sweep_back), one CTA an SM, so one program per SM; 16 samples: 141-142, two CTAs an SM.
+    if batch <= 8:
+        sweep_block_b, sweep_warps, sweep_programs = triton.next_power_of_2(max(batch, 1)), 4, 264
+    elif batch <= 16:
+        sweep_block_b, sweep_warps, sweep_programs = 16, 8, 264
     else:
-        sweep_tile = _GPU_SWEEP_TILE * 8 // max(8, block_n)
-        grads_tile = _GPU_GRADS_TILE
-    max_block_i = triton.next_power_of_2(in_caps)
-    sweep_block_i = max(1, min(max_block_i, 64, sweep_tile // (block_j * block_m)))
-    grads_block_i = max(1, min(max_block_i, 64, grads_tile // (block_j * block_n * block_m)))
+        sweep_block_b, sweep_warps, sweep_programs = 32, 8, _GPU_MIN_PROGRAMS
+    sweep_block_is = 1
+    batch_blocks = triton.cdiv(batch, sweep_block_b)
+    capsule_blocks = max(1, min(in_caps, triton.cdiv(sweep_programs, batch_blocks)))
+    sweep_block_i = triton.cdiv(in_caps, capsule_blocks)
+    # grads: W and the dW accumulator of its capsules stay in registers for the whole batch
+    # loop, and every program reads every sample's ds and V, so the fewer capsule blocks the
+    # less traffic: 8 capsules x 4 output capsules (three j blocks at J = 10) at 8 warps is
+    # 149-152 registers in float32/float16; 8 x 8 at 16 warps spills in float16 on sm_90.
+    grads_block_i = 8 if in_caps >= 8 * _GPU_MIN_PROGRAMS else 2 if in_caps >= 256 else 1
+    grads_block_j = min(block_j, max(1, 4096 // (grads_block_i * block_n * block_m)))
+    grads_warps = 8 if grads_block_i * grads_block_j * block_n * block_m >= 2048 else 4
+    # Combines: a few (b, j) rows per program, at least _GPU_MIN_PROGRAMS programs when B*J allows.
+    combine_rows = 1
+    while combine_rows < 8 and batch * out_caps >= 2 * combine_rows * _GPU_MIN_PROGRAMS:
+        combine_rows *= 2
+    # A [rows, partials, M] tile at up to 32 elements a thread.
+    parts = max(triton.cdiv(k_total, k_per_split), triton.cdiv(in_caps, sweep_block_i))
+    combine_elements = combine_rows * triton.next_power_of_2(parts) * block_m
+    combine_warps = max(1, min(8, combine_elements // (32 * 32)))
     return RoutingConfig(
-        block_j,
-        block_n,
-        block_m,
-        sweep_block_i,
-        _warps(sweep_block_i * block_j * block_m),
-        grads_block_i,
-        _warps(grads_block_i * block_j * block_n * block_m),
-    )
+        block_j, block_n, block_m,
+        gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, gemm_warps,
+        sweep_block_b, sweep_block_i, sweep_block_is, sweep_warps,
+        grads_block_i, grads_block_j, grads_warps,
+        combine_rows, combine_warps,
+    )  # fmt: skip
 
 
 @dataclass
@@ -120,6 +235,10 @@ class KernelLaunch:
     num_warps: int
 
     @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
     def maxnreg(self) -> int:
         """The register cap this launch compiles with (see max_registers)."""
         return max_registers(self.num_warps)
@@ -131,11 +250,31 @@ class KernelLaunch:
         )
 
 
-def _run(launch: KernelLaunch, record: list[KernelLaunch] | None) -> None:
+@dataclass
+class TorchLaunch:
+    """Work the launchers issue as torch ops rather than a Triton kernel (the prior's softmax,
+    the bias gradient's sum), with what it reads and writes for the traffic counter."""
+
+    name: str
+    run: Callable[[], Any]
+    reads: tuple[torch.Tensor, ...] = ()
+    writes: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self) -> None:
+        self.run()
+
+
+def _run(launch: KernelLaunch | TorchLaunch, record: list | None) -> None:
     if record is None:
         launch()
     else:
         record.append(launch)
+
+
+def _first_couplings_launch(first: FirstCouplings, prior: torch.Tensor) -> TorchLaunch:
+    """first_couplings ran eagerly; this stands for its kernels (computed, then recorded)."""
+    written = tuple(t for t in (first.c1, first.lse1) if t is not None)
+    return TorchLaunch("softmax(prior)", lambda: None, reads=(prior,), writes=written)
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -156,6 +295,45 @@ def _zeros_or_new(batch: int, shape, dtype: torch.dtype, device: torch.device) -
     return _new(shape, dtype, device)
 
 
+@dataclass
+class FirstCouplings:
+    """The first iteration's couplings, the same for every sample.
+
+    Without a prior they are uniform, 1 / divisor (J over output capsules, I over input
+    capsules, one more with the leaky logit); with one they are softmax(prior) over the softmax
+    axis, computed once here. lse1 [J] is the log-sum-exp over i of the first logits (softmax
+    over input capsules only).
+    """
+
+    c1: torch.Tensor | None
+    lse1: torch.Tensor | None
+    divisor: int
+
+
+def first_couplings(
+    prior: torch.Tensor | None,
+    in_caps: int,
+    out_caps: int,
+    softmax_in: bool,
+    acc: torch.dtype,
+    leaky: bool = False,
+) -> FirstCouplings:
+    if prior is None:
+        return FirstCouplings(None, None, (in_caps if softmax_in else out_caps) + leaky)
+    logits = prior.to(acc)
+    lse1 = None
+    if softmax_in:
+        lse1 = torch.logsumexp(logits, dim=0)
+        if leaky:
+            lse1 = torch.logaddexp(lse1, torch.zeros_like(lse1))
+    c1 = coupling_softmax(logits, 0 if softmax_in else 1, leaky)
+    return FirstCouplings(c1.contiguous(), lse1, 1)
+
+
+def _combine_block(parts: int) -> int:
+    return triton.next_power_of_2(max(parts, 1))
+
+
 def routing_forward(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -163,55 +341,151 @@ def routing_forward(
     iterations: int,
     softmax_in: bool,
     record: list[KernelLaunch] | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One kernel launch: v [B, J, M] (u's dtype) and the state saved for the backward.
+    """v [B, J, M] (u's dtype) and the state saved for the backward, in 2R launches.
 
-    Returns (v, s [B, R, J, M], v_prev [B, R, J, M], lse [B, R, J] or [B, 0, J] when the
-    softmax is over output capsules); saved tensors are float32 (float64 for float64 inputs).
-    With `record`, the launch is appended there instead of run (meta tensors work).
+    Returns (v, s [B, R, J, M] (the squash inputs s^t + bias), v_prev [B, R, J, M], lse
+    [B, R, J] or [B, 0, J] when the softmax is over output capsules); saved tensors are float32
+    (float64 for float64 inputs). bias [J, M] or None; leaky adds a logit fixed at 0 to the
+    softmax axis. With `record`, the launches are appended there instead of run (meta tensors
+    work).
     """
     u, weight = u.contiguous(), weight.contiguous()
     prior = None if prior is None else prior.contiguous()
+    bias = None if bias is None else bias.contiguous()
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     acc = state_dtype(u.dtype)
+    device = u.device
     state_shape = (batch, iterations, out_caps, out_d)
-    v = _new((batch, out_caps, out_d), u.dtype, u.device)
-    s = _new(state_shape, acc, u.device)
-    v_prev = _new(state_shape, acc, u.device)
-    lse = _new((batch, iterations if softmax_in else 0, out_caps), acc, u.device)
+    v = _new((batch, out_caps, out_d), u.dtype, device)
+    s = _new(state_shape, acc, device)
+    v_prev = _new(state_shape, acc, device)
+    lse = _new((batch, iterations if softmax_in else 0, out_caps), acc, device)
     if batch == 0:
         return v, s, v_prev, lse
-    cfg = choose_config(in_caps, out_caps, in_d, out_d)
-    launch = KernelLaunch(
-        routing_fwd_kernel,
-        (batch,),
-        dict(
-            u_ptr=u,
-            w_ptr=weight,
-            # An unused pointer still needs a tensor; HAS_PRIOR=False never reads it.
-            prior_ptr=u if prior is None else prior,
-            v_ptr=v,
-            s_ptr=s,
-            vprev_ptr=v_prev,
-            lse_ptr=lse if softmax_in else s,
-            I=in_caps,
-            J=out_caps,
-            M=out_d,
-            R=iterations,
+    cfg = choose_config(batch, in_caps, out_caps, in_d, out_d)
+    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc, leaky)
+    if prior is not None:
+        _run(_first_couplings_launch(first, prior), record)
+    gemm_grid = cfg.gemm_grid(batch, in_caps, in_d, out_caps, out_d)
+    sweep_grid = cfg.sweep_grid(batch, in_caps)
+    part_first = _new((gemm_grid[2], batch, out_caps, out_d), acc, device)
+    part_s = _new((sweep_grid[0], batch, out_caps, out_d), acc, device)
+    part_stat_shape = (sweep_grid[0], batch, out_caps) if softmax_in else (0,)
+    part_max = _new(part_stat_shape, acc, device)
+    part_sum = _new(part_stat_shape, acc, device)
+    acc_tl = _tl_acc(u.dtype)
+
+    _run(
+        KernelLaunch(
+            first_sweep_kernel,
+            gemm_grid,
+            dict(
+                u_ptr=u,
+                w_ptr=weight,
+                # An unused pointer still needs a tensor; HAS_C1=False never reads it.
+                c1_ptr=weight if first.c1 is None else first.c1,
+                part_s_ptr=part_first,
+                B=batch,
+                I=in_caps,
+                J=out_caps,
+                M=out_d,
+                K_PER_SPLIT=cfg.gemm_k_per_split,
+            ),
+            dict(
+                N=in_d,
+                BLOCK_B=cfg.gemm_block_b,
+                BLOCK_C=cfg.gemm_block_c,
+                BLOCK_K=cfg.gemm_block_k,
+                HAS_C1=first.c1 is not None,
+                ACC=acc_tl,
+            ),
+            cfg.gemm_warps,
         ),
-        dict(
-            N=in_d,
-            BLOCK_I=cfg.sweep_block_i,
-            BLOCK_J=cfg.block_j,
-            BLOCK_M=cfg.block_m,
-            HAS_PRIOR=prior is not None,
-            SOFTMAX_IN=softmax_in,
-            ACC=_tl_acc(u.dtype),
-        ),
-        cfg.sweep_warps,
+        record,
     )
-    _run(launch, record)
+    for k in range(iterations):
+        if k > 0:
+            _run(
+                KernelLaunch(
+                    sweep_kernel,
+                    sweep_grid,
+                    dict(
+                        u_ptr=u,
+                        w_ptr=weight,
+                        prior_ptr=weight if prior is None else prior,
+                        vprev_ptr=v_prev,
+                        part_s_ptr=part_s,
+                        part_max_ptr=part_max if softmax_in else part_s,
+                        part_sum_ptr=part_sum if softmax_in else part_s,
+                        B=batch,
+                        I=in_caps,
+                        J=out_caps,
+                        M=out_d,
+                        R=iterations,
+                        k=k,
+                    ),
+                    dict(
+                        N=in_d,
+                        BLOCK_B=cfg.sweep_block_b,
+                        BLOCK_I=cfg.sweep_block_i,
+                        BLOCK_IS=cfg.sweep_block_is,
+                        BLOCK_J=cfg.block_j,
+                        BLOCK_M=cfg.block_m,
+                        HAS_PRIOR=prior is not None,
+                        SOFTMAX_IN=softmax_in,
+                        LEAKY=leaky,
+                        ACC=acc_tl,
+                    ),
+                    cfg.sweep_warps,
+                ),
+                record,
+            )
+        parts = part_first if k == 0 else part_s
+        _run(
+            KernelLaunch(
+                combine_kernel,
+                cfg.combine_grid(batch, out_caps),
+                dict(
+                    part_s_ptr=parts,
+                    part_max_ptr=part_max if softmax_in else parts,
+                    part_sum_ptr=part_sum if softmax_in else parts,
+                    lse1_ptr=s if first.lse1 is None else first.lse1,
+                    bias_ptr=s if bias is None else bias,
+                    s_ptr=s,
+                    vprev_ptr=v_prev,
+                    lse_ptr=lse if softmax_in else s,
+                    v_ptr=v,
+                    B=batch,
+                    J=out_caps,
+                    M=out_d,
+                    R=iterations,
+                    k=k,
+                    NPART=parts.shape[0],
+                    DIVISOR=first.divisor if k == 0 else 1,
+                    eps=squash_eps,
+                ),
+                dict(
+                    ROWS=cfg.combine_rows,
+                    BLOCK_P=_combine_block(parts.shape[0]),
+                    BLOCK_M=cfg.block_m,
+                    SOFTMAX_IN=softmax_in,
+                    FIRST=k == 0,
+                    HAS_LSE1=first.lse1 is not None,
+                    HAS_BIAS=bias is not None,
+                    LEAKY=leaky,
+                    LAST=k == iterations - 1,
+                    ACC=acc_tl,
+                ),
+                cfg.combine_warps,
+            ),
+            record,
+        )
     return v, s, v_prev, lse
 
 
@@ -230,17 +504,25 @@ def routing_backward(
     need_dweight: bool,
     need_dprior: bool,
     record: list[KernelLaunch] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact gradients in two launches: (du [B, I, N], dweight [I, J, N, M], dprior [I, J]).
+    *,
+    bias: torch.Tensor | None = None,
+    leaky: bool = False,
+    squash_eps: float = SQUASH_EPS,
+    need_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact gradients: (du [B, I, N], dweight [I, J, N, M], dprior [I, J], dbias [J, M]).
 
-    A gradient that is not needed comes back as an empty tensor of shape [0]; dprior is only
-    computed when prior is given. grad_v [B, J, M]; s, v_prev, lse as routing_forward returned.
-    Scratch: ds [B, R, J, M] and the couplings and logit gradients [B, R, I, J].
+    A gradient that is not needed comes back as an empty tensor of shape [0]; dprior and dbias
+    are only computed when prior and bias are given. grad_v [B, J, M]; s, v_prev, lse as
+    routing_forward returned. Scratch: ds [B, R, J, M], the dL/dV carry [B, J, M], partial A
+    [blocks, B, J, M] and the couplings and logit gradients [B, R, I, J].
     """
     u, weight, grad_v = u.contiguous(), weight.contiguous(), grad_v.contiguous()
     s, v_prev, lse = s.contiguous(), v_prev.contiguous(), lse.contiguous()
     prior = None if prior is None else prior.contiguous()
+    bias = None if bias is None else bias.contiguous()
     need_dprior = need_dprior and prior is not None
+    need_dbias = need_dbias and bias is not None
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     device = u.device
@@ -256,59 +538,138 @@ def routing_backward(
         dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
     else:
         dprior = torch.empty(0, dtype=prior_dtype, device=device)
-    if batch == 0 or not (need_du or need_dweight or need_dprior):
-        return du, dweight, dprior
+    bias_dtype = u.dtype if bias is None else bias.dtype
+    if need_dbias:
+        dbias = _zeros_or_new(batch, bias.shape, bias.dtype, device)
+    else:
+        dbias = torch.empty(0, dtype=bias_dtype, device=device)
+    if batch == 0 or not (need_du or need_dweight or need_dprior or need_dbias):
+        return du, dweight, dprior, dbias
 
-    cfg = choose_config(in_caps, out_caps, in_d, out_d)
+    cfg = choose_config(batch, in_caps, out_caps, in_d, out_d)
     acc = state_dtype(u.dtype)
+    acc_tl = _tl_acc(u.dtype)
+    first = first_couplings(prior, in_caps, out_caps, softmax_in, acc, leaky)
+    if prior is not None:
+        _run(_first_couplings_launch(first, prior), record)
+    sweep_grid = cfg.sweep_grid(batch, in_caps)
     ds = _new(s.shape, acc, device)
-    alpha = _new((batch, iterations, in_caps, out_caps), acc, device)
-    beta = _new((batch, iterations, in_caps, out_caps), acc, device)
-    # With detach_inner, du_hat needs only the last sweep's couplings; the earlier sweeps
-    # matter only for the prior's gradient.
-    t_stop = iterations if detach_inner and not need_dprior else 1
-    sweep = KernelLaunch(
-        routing_bwd_sweep_kernel,
-        (batch,),
-        dict(
-            u_ptr=u,
-            w_ptr=weight,
-            prior_ptr=u if prior is None else prior,
-            grad_v_ptr=grad_v,
-            s_ptr=s,
-            vprev_ptr=v_prev,
-            lse_ptr=lse if softmax_in else s,
-            ds_ptr=ds,
-            alpha_ptr=alpha,
-            beta_ptr=beta,
-            I=in_caps,
-            J=out_caps,
-            M=out_d,
-            R=iterations,
-            T_STOP=t_stop,
-        ),
-        dict(
-            N=in_d,
-            BLOCK_I=cfg.sweep_block_i,
-            BLOCK_J=cfg.block_j,
-            BLOCK_M=cfg.block_m,
-            HAS_PRIOR=prior is not None,
-            SOFTMAX_IN=softmax_in,
-            ACC=_tl_acc(u.dtype),
-        ),
-        cfg.sweep_warps,
-    )
+    carry = _new((batch, out_caps, out_d), acc, device)
+    part_a = _new((sweep_grid[0], batch, out_caps, out_d), acc, device)
+    scalars_shape = (batch, iterations, in_caps, out_caps)
+    alpha = _new(scalars_shape, acc, device)
+    beta = _new(scalars_shape, acc, device)
+    last = iterations - 1
+    # With detach_inner, du_hat needs only the last iteration's couplings and ds; the rest of
+    # the chain matters only for the prior's and the bias's gradients.
+    short = detach_inner and not (need_dprior or need_dbias)
+
+    def combine_back(k: int) -> KernelLaunch:
+        chain = not short
+        return KernelLaunch(
+            combine_back_kernel,
+            cfg.combine_grid(batch, out_caps),
+            dict(
+                part_a_ptr=part_a,
+                carry_ptr=carry,
+                grad_v_ptr=grad_v,
+                s_ptr=s,
+                ds_ptr=ds,
+                B=batch,
+                J=out_caps,
+                M=out_d,
+                R=iterations,
+                k=k,
+                NPART=part_a.shape[0],
+                eps=squash_eps,
+            ),
+            dict(
+                ROWS=cfg.combine_rows,
+                BLOCK_P=_combine_block(part_a.shape[0]),
+                BLOCK_M=cfg.block_m,
+                READ_A=chain and k < last,
+                READ_CARRY=chain and k < last - 1,
+                WRITE_CARRY=chain and 0 < k < last,
+                ACC=acc_tl,
+            ),
+            cfg.combine_warps,
+        )
+
+    def sweep_back(k: int) -> KernelLaunch:
+        return KernelLaunch(
+            sweep_back_kernel,
+            sweep_grid,
+            dict(
+                u_ptr=u,
+                w_ptr=weight,
+                prior_ptr=weight if prior is None else prior,
+                vprev_ptr=v_prev,
+                s_ptr=s,
+                bias_ptr=s if bias is None else bias,
+                ds_ptr=ds,
+                lse_ptr=lse if softmax_in else s,
+                alpha_ptr=alpha,
+                beta_ptr=beta,
+                part_a_ptr=part_a,
+                B=batch,
+                I=in_caps,
+                J=out_caps,
+                M=out_d,
+                R=iterations,
+                k=k,
+            ),
+            dict(
+                N=in_d,
+                BLOCK_B=cfg.sweep_block_b,
+                BLOCK_I=cfg.sweep_block_i,
+                BLOCK_IS=cfg.sweep_block_is,
+                BLOCK_J=cfg.block_j,
+                BLOCK_M=cfg.block_m,
+                HAS_PRIOR=prior is not None,
+                SOFTMAX_IN=softmax_in,
+                HAS_BIAS=bias is not None,
+                LEAKY=leaky,
+                FIRST=k == 0,
+                # k = 0 couplings are first.c1 (or uniform): grads_kernel takes them from there.
+                STORE_ALPHA=k > 0,
+                NEED_BETA=not short,
+                NEED_A=not short and k > 0,
+                ACC=acc_tl,
+            ),
+            cfg.sweep_warps,
+        )
+
+    if short and iterations > 1:
+        _run(combine_back(last), record)
+        _run(sweep_back(last), record)
+    elif short:
+        _run(combine_back(0), record)
+    else:
+        for k in range(last, 0, -1):
+            _run(combine_back(k), record)
+            _run(sweep_back(k), record)
+        _run(combine_back(0), record)
+        if need_dprior:
+            _run(sweep_back(0), record)
+
+    grads_grid = cfg.grads_grid(in_caps, out_caps)
+    # With the output capsules split over programs, each j block writes its share of du to a
+    # partials buffer and sum_partials_kernel adds them in block order.
+    du_parts = None
+    if need_du and grads_grid[1] > 1:
+        du_parts = _new((grads_grid[1], batch, in_caps, in_d), acc, device)
     grads = KernelLaunch(
-        routing_bwd_grads_kernel,
-        (triton.cdiv(in_caps, cfg.grads_block_i),),
+        grads_kernel,
+        grads_grid,
         dict(
             u_ptr=u,
             w_ptr=weight,
+            c1_ptr=weight if first.c1 is None else first.c1,
             ds_ptr=ds,
             vprev_ptr=v_prev,
             alpha_ptr=alpha,
             beta_ptr=beta,
-            du_ptr=du if need_du else u,
+            du_ptr=du_parts if du_parts is not None else du if need_du else u,
             dw_ptr=dweight if need_dweight else weight,
             dprior_ptr=dprior if need_dprior else weight,
             B=batch,
@@ -316,24 +677,45 @@ def routing_backward(
             J=out_caps,
             M=out_d,
             R=iterations,
+            C1_DIVISOR=first.divisor,
         ),
         dict(
             N=in_d,
             BLOCK_I=cfg.grads_block_i,
-            BLOCK_J=cfg.block_j,
+            BLOCK_J=cfg.grads_block_j,
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
+            HAS_C1=first.c1 is not None,
             NEED_DU=need_du,
             NEED_DW=need_dweight,
             NEED_DPRIOR=need_dprior,
             DETACH_INNER=detach_inner,
-            ACC=_tl_acc(u.dtype),
+            ACC=acc_tl,
         ),
         cfg.grads_warps,
     )
-    _run(sweep, record)
     _run(grads, record)
-    return du, dweight, dprior
+    if du_parts is not None:
+        _run(
+            KernelLaunch(
+                sum_partials_kernel,
+                (triton.cdiv(du.numel(), _SUM_BLOCK),),
+                dict(part_ptr=du_parts, out_ptr=du, NPART=grads_grid[1], NUMEL=du.numel()),
+                dict(BLOCK=_SUM_BLOCK),
+                4,
+            ),
+            record,
+        )
+    if need_dbias:
+        # dbias = sum over the batch and the iterations of dL/d(s^t + bias): every ds^t was
+        # written above (the full chain runs when the bias's gradient is wanted).
+        _run(
+            TorchLaunch(
+                "sum(ds)", lambda: dbias.copy_(ds.sum(dim=(0, 1))), reads=(ds,), writes=(dbias,)
+            ),
+            record,
+        )
+    return du, dweight, dprior, dbias
 
 
 def planned_launches(
@@ -342,34 +724,32 @@ def planned_launches(
     """Every launch the launchers issue for (B, I, J, N, M, R) shapes in `dtype` on this build.
 
     Covers every routing variant and every combination of needed gradients that autograd can
-    ask for; built on meta tensors, nothing runs. Used by the ahead-of-time compile check.
+    ask for; built on meta tensors, nothing runs. Used by the ahead-of-time compile check; the
+    torch-op launches (TorchLaunch) are left out.
     """
     launches: list[KernelLaunch] = []
     for batch, in_caps, out_caps, in_d, out_d, iterations in shapes:
         u = torch.empty(batch, in_caps, in_d, dtype=dtype, device="meta")
         weight = torch.empty(in_caps, out_caps, in_d, out_d, dtype=dtype, device="meta")
         grad_v = torch.empty(batch, out_caps, out_d, dtype=dtype, device="meta")
-        for softmax_in, with_prior, detach_inner in itertools.product((False, True), repeat=3):
+        bias = torch.empty(out_caps, out_d, dtype=dtype, device="meta")
+        flags = itertools.product((False, True), repeat=4)
+        for softmax_in, with_prior, detach_inner, options in flags:
             prior = (
                 torch.empty(in_caps, out_caps, dtype=dtype, device="meta") if with_prior else None
             )
-            _, s, v_prev, lse = routing_forward(u, weight, prior, iterations, softmax_in, launches)
+            # The options of the published implementations come together (bias, leaky, eps 0):
+            # each only adds code, so one combination covers them for the compile check.
+            extra = dict(bias=bias, leaky=True, squash_eps=0.0) if options else {}
+            _, s, v_prev, lse = routing_forward(
+                u, weight, prior, iterations, softmax_in, launches, **extra
+            )
             s, v_prev, lse = (torch.empty_like(t, device="meta") for t in (s, v_prev, lse))
-            for needs in itertools.product((False, True), repeat=3):
-                if not any(needs) or (needs[2] and not with_prior):
+            for needs in itertools.product((False, True), repeat=4):
+                if not any(needs) or (needs[2] and not with_prior) or (needs[3] and not options):
                     continue
                 routing_backward(
-                    grad_v,
-                    u,
-                    weight,
-                    prior,
-                    s,
-                    v_prev,
-                    lse,
-                    iterations,
-                    softmax_in,
-                    detach_inner,
-                    *needs,
-                    record=launches,
-                )
-    return launches
+                    grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in,
+                    detach_inner, *needs[:3], record=launches, need_dbias=needs[3], **extra,
+                )  # fmt: skip
+    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
