@@ -16,6 +16,11 @@
 // added to s in one pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per
 // (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
 //
+// Options of the published implementations (ROUTING-MATH.md): a bias [J, M] is added to s^t
+// before every squash (the saved s includes it), leaky routing puts one more logit, fixed at 0,
+// into the softmax over j (softmax) or over i (the online softmax starts from it), and the
+// squash eps is an argument (0: the eps-free squash, NaN at s = 0 as in the reference).
+//
 // Backward, per chunk of kChunkBytes / sizeof(T) samples, in two phases; every output element
 // is written by one thread in a fixed order, so the results are bitwise identical whatever the
 // thread count:
@@ -26,6 +31,7 @@
 //   2. parallel over input capsules: du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj
 //      needs no u_hat; from it du [B, I, N], dW[i] (summed over the chunk's samples in
 //      registers, added to the earlier chunks' sum) and dprior[i].
+// dbias = sum over samples and t of ds^t, after the chunks, on one thread.
 //
 // Instruction sets: the kernels are compiled three times in this one translation unit, as
 // "clones" with target attributes - x86-64-v4 (AVX-512, 64-byte sample vectors), x86-64-v3
@@ -61,7 +67,6 @@
 namespace capsnet_fused {
 namespace {
 
-constexpr double kSquashEps = 1e-8;
 // Sample vectors per forward / backward-phase-1 task: W[i] is reused from L1 for all of them,
 // while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it. Small
 // batches (fewer than 4 vectors) use groups of one vector, so that both cores get work.
@@ -229,12 +234,12 @@ CAPSNET_INLINE V vexp(V x) {
 }
 
 // v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors
-// (v may be s). Computed on t = s / a, a = max |s_m|, so that nothing overflows: with
+// (v may be s), eps = squash_eps >= 0. Computed on t = s / a, a = max |s_m|, so that nothing overflows: with
 // qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r). The naive
 // |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is inf for
 // tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
 template <typename T, typename V>
-CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
+CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M, T eps) {
   // a = max_m |s_m|, NaN when some s_m is NaN (std::max would drop it, and a capsule of zeros
   // and a NaN would then squash to 0).
   T a = 0;
@@ -243,7 +248,9 @@ CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
     a = (x > a || x != x) && a == a ? x : a;
   }
   if (a == 0) {
-    for (int64_t m = 0; m < M; ++m) v[m][k] = 0;
+    // The limit for eps > 0; the eps-free squash is 0/0 here, NaN as in the reference.
+    const T at_zero = eps == 0 ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t m = 0; m < M; ++m) v[m][k] = at_zero;
     return;
   }
   T qt = 0;
@@ -252,25 +259,28 @@ CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
     qt += t * t;
   }
   const T r = T(1) / (a * a);
-  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T er = eps == 0 ? T(0) : eps * r;
   const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
   for (int64_t m = 0; m < M; ++m) v[m][k] = g * (s[m][k] / a);
 }
 
 // ds = dL/ds from dv = dL/dv for v = f(|s|^2) s, on the scaled t = s / a of squash_lane:
 // ds = (g / a) (dv + 2 h (t . dv) t) with h = 1/qt - 1/(r + qt) - 1/(2 (qt + eps r)), which is
-// f dv + 2 f'(|s|^2) (s . dv) s (h = a^2 f' / f); 0 at s = 0. Lane k of one capsule; returns
-// ds . s (what the softmax over in_caps needs).
+// f dv + 2 f'(|s|^2) (s . dv) s (h = a^2 f' / f); 0 at s = 0 (NaN when eps = 0, as v). Lane k
+// of one capsule; returns ds . (s - bias) (bias_j [M] or null), the sum over i of
+// c_ij ds . u_hat_ij that the softmax over in_caps needs: s is the squash input, bias included.
 template <typename T, typename V>
-CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M) {
+CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M, T eps,
+                                      const T* bias_j) {
   T a = 0;  // max_m |s_m|, NaN when some s_m is NaN (as in squash_lane)
   for (int64_t m = 0; m < M; ++m) {
     const T x = std::abs(s[m][k]);
     a = (x > a || x != x) && a == a ? x : a;
   }
   if (a == 0) {
-    for (int64_t m = 0; m < M; ++m) ds[m][k] = 0;
-    return 0;
+    const T at_zero = eps == 0 ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t m = 0; m < M; ++m) ds[m][k] = at_zero;
+    return at_zero;
   }
   T qt = 0, tdv = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -279,7 +289,7 @@ CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int
     tdv += t * dv[m][k];
   }
   const T r = T(1) / (a * a);
-  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T er = eps == 0 ? T(0) : eps * r;
   const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
   const T h = T(1) / qt - T(1) / (r + qt) - T(0.5) / (qt + er);
   const T scale = g / a, c = T(2) * h * tdv;
@@ -287,7 +297,7 @@ CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int
   for (int64_t m = 0; m < M; ++m) {
     const T sm = s[m][k];
     ds[m][k] = scale * (dv[m][k] + c * (sm / a));
-    dss += ds[m][k] * sm;
+    dss += ds[m][k] * (bias_j != nullptr ? sm - bias_j[m] : sm);
   }
   return dss;
 }
@@ -405,11 +415,12 @@ CAPSNET_INLINE void logits(const T* prior_i, const V* agreement, V* l, int64_t J
 }
 
 // In place: l -> softmax(l) over its J entries, max-subtracted so large logits stay finite.
+// leaky: one more logit, fixed at 0, joins the max and the sum; its share is dropped.
 template <typename T, typename V>
-CAPSNET_INLINE void softmax(V* l, int64_t J) {
-  V mx = l[0];
-  for (int64_t j = 1; j < J; ++j) mx = vmax(l[j], mx);
-  V sum{};
+CAPSNET_INLINE void softmax(V* l, int64_t J, bool leaky) {
+  V mx = leaky ? V{} : l[0];
+  for (int64_t j = leaky ? 0 : 1; j < J; ++j) mx = vmax(l[j], mx);
+  V sum = leaky ? vexp<T>(-mx) : V{};
   for (int64_t j = 0; j < J; ++j) {
     l[j] = vexp<T>(l[j] - mx);
     sum += l[j];
@@ -455,11 +466,14 @@ struct Routing {
   const T* u;      // [B, I, N]
   const T* w;      // [I, J, N, M]
   const T* prior;  // [I, J] or null
-  T* s;            // [B, R, J, M] s^t
+  const T* bias;   // [J, M] or null, added to s^t before every squash
+  T* s;            // [B, R, J, M] s^t (+ bias: the squash input)
   T* V;            // [B, R, J, M] V^{t-1}
   T* lse;          // [B, R, J] for in_caps
   RoutingSizes sz;
   bool in_caps;
+  bool leaky;  // one extra logit fixed at 0 on the softmax axis
+  T eps;       // squash_eps
 };
 
 // ut[(i * nv + v) * N + n][k] = u[b0 + v L + k, i, n] for the nv vectors of samples from b0
@@ -504,8 +518,11 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
     std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
-      std::fill(mx.begin(), mx.end(), splat<V>(-std::numeric_limits<T>::infinity()));
-      std::fill(norm.begin(), norm.end(), V{});
+      // The online softmax over i starts empty, or (leaky) with the extra logit 0 already in:
+      // max 0 and sum exp(0 - 0) = 1.
+      std::fill(mx.begin(), mx.end(),
+                a.leaky ? V{} : splat<V>(-std::numeric_limits<T>::infinity()));
+      std::fill(norm.begin(), norm.end(), a.leaky ? splat<V>(T(1)) : V{});
       for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
         const int64_t nb = std::min(kCapsBlock, I - i0);
         // u_hat and logits of the block's input capsules, for every vector of the group.
@@ -523,7 +540,7 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
             V* l_i = &l[(v * kCapsBlock + ib) * J];
             logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
                          l_i, J);
-            if (!a.in_caps) softmax<T>(l_i, J);
+            if (!a.in_caps) softmax<T>(l_i, J, a.leaky);
           }
         }
         for (int64_t v = 0; v < nv; ++v) {
@@ -552,7 +569,8 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
           }
         }
       }
-      // Per sample: normalise (in_caps), save s^t and V^{t-1}, squash, V^t = V^{t-1} + v^t.
+      // Per sample: normalise (in_caps), add the bias, save s^t and V^{t-1}, squash,
+      // V^t = V^{t-1} + v^t.
       for (int64_t g = 0; g < KV * L && b0 + g < B; ++g) {
         const int64_t v = g / L, b = b0 + g;
         const int k = static_cast<int>(g % L);
@@ -566,12 +584,15 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
             a.lse[bt * J + j] = mx[v * J + j][k] + std::log(nj);
           }
         }
+        if (a.bias != nullptr) {
+          for (int64_t q = 0; q < JM; ++q) Sv[q][k] += a.bias[q];
+        }
         for (int64_t q = 0; q < JM; ++q) {
           a.V[bt * JM + q] = Vv[q][k];
           a.s[bt * JM + q] = Sv[q][k];
         }
         // v^t overwrites s^t (saved above); the last v^t is the output.
-        for (int64_t j = 0; j < J; ++j) squash_lane<T>(Sv + j * M, Sv + j * M, k, M);
+        for (int64_t j = 0; j < J; ++j) squash_lane<T>(Sv + j * M, Sv + j * M, k, M, a.eps);
         for (int64_t q = 0; q < JM; ++q) Vv[q][k] += Sv[q][k];
         if (t == R - 1) {
           for (int64_t q = 0; q < JM; ++q) v_out[b * JM + q] = Sv[q][k];
@@ -583,9 +604,10 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
 
 // Which backward sweeps run and what they produce.
 struct BackwardPlan {
-  bool detach_inner, need_uhat_grad, need_dp;
-  // D = dL/dV is carried backwards (ds^t for t < R-1 is needed).
-  bool carry() const { return !detach_inner || need_dp; }
+  bool detach_inner, need_uhat_grad, need_dp, need_db;
+  // D = dL/dV is carried backwards (ds^t for t < R-1 is needed: by du_hat without
+  // detach_inner, by dprior through beta^t, by dbias = sum_t ds^t).
+  bool carry() const { return !detach_inner || need_dp || need_db; }
   // Sweep t (recomputing u_hat) runs: with D carried, t >= 1 always and t = 0 for dprior
   // (beta^0); with detach_inner and no dprior only alpha^{R-1} is needed.
   bool sweep(int64_t t, int64_t R) const {
@@ -632,12 +654,15 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
   auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
     return &uh[cached ? (v * I + i0 + ib) * JM : (v * kCapsBlock + ib) * JM];
   };
-  // Every lane gets a finite ds^t: padded lanes have s = 0 and grad_v = 0.
+  // The lanes of samples only: padded lanes keep ds^t = 0 (their s is 0, which the eps-free
+  // squash would turn into NaN).
   auto squash_backward_vector = [&](int64_t t, int64_t v, const V* dv) CAPSNET_INLINE_LAMBDA {
-    for (int k = 0; k < L; ++k) {
+    const int lanes = static_cast<int>(std::min<int64_t>(L, B - c.b0 - v * L));
+    for (int k = 0; k < lanes; ++k) {
       for (int64_t j = 0; j < J; ++j) {
         c.dss[scalars(t, v) + j][k] = squash_backward_lane<T>(
-            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M);
+            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M, a.eps,
+            a.bias != nullptr ? a.bias + j * M : nullptr);
       }
     }
   };
@@ -691,14 +716,14 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
           if (a.in_caps) {
             for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - c.lse[scalars(t, v) + j]);
           } else {
-            softmax<T>(l.data(), J);
+            softmax<T>(l.data(), J, a.leaky);
           }
           V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
           for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
           if (!sweep) continue;
           // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
           if (a.in_caps) {
-            // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j.
+            // Softmax over i: sum_i c_ij e_ij = ds^t_j . (s^t_j - bias_j).
             for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
           } else {
             V ce{};
@@ -1144,14 +1169,27 @@ void forward_kernel(const Routing<T>& a, T* v, bool cached) {
   });
 }
 
+// dbias [J, M] = sum over b and t of ds^t_b (ds [B, R, J, M]), in that fixed order: one
+// thread, so the sum does not depend on the thread count (B R J M adds, 61 K at the MNIST
+// shape with B = 128).
+template <typename T>
+void bias_gradient(const T* ds, const RoutingSizes& sz, T* dbias) {
+  const int64_t JM = sz.J * sz.M;
+  std::fill(dbias, dbias + JM, T(0));
+  for (int64_t bt = 0; bt < sz.B * sz.R; ++bt) {
+    for (int64_t q = 0; q < JM; ++q) dbias[q] += ds[bt * JM + q];
+  }
+}
+
 template <typename Kernels, typename T, int SB>
 void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T* dprior,
-                     bool detach_inner, bool cached) {
+                     bool need_dbias, bool detach_inner, bool cached) {
   using V = typename Lanes<T, SB>::V;
   constexpr int64_t L = Lanes<T, SB>::L;
   const RoutingSizes& sz = a.sz;
   const int64_t I = sz.I, J = sz.J, N = sz.N, M = sz.M, R = sz.R, JM = J * M;
-  const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr};
+  const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr,
+                          need_dbias};
   const int64_t vectors = (sz.B + L - 1) / L;
   if (vectors == 0) {  // B = 0: the sums over the batch are empty
     if (dw != nullptr) std::fill(dw, dw + I * J * N * M, T(0));
@@ -1214,28 +1252,19 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
   }
 }
 
-// bias, leaky and a squash eps other than 1e-8 (issue 15) are not in these kernels yet: the
-// kernels are being reworked on another branch, and the options follow once that is merged.
-void refuse_new_options(const std::optional<at::Tensor>& bias, bool leaky, double squash_eps) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !bias.has_value() && !leaky && squash_eps == kSquashEps,
-      "capsnet_fused: the cpp CPU kernels do not implement bias, leaky or a squash_eps other "
-      "than 1e-8 yet; use backend='reference' for these options on the CPU");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& prior,
     const std::optional<at::Tensor>& bias, int64_t iterations, bool softmax_in_caps,
     bool /*detach_inner: backward only*/, bool leaky, double squash_eps) {
   const ForwardCall call =
       prepare_forward(u, weight, prior, bias, iterations, softmax_in_caps, squash_eps);
-  refuse_new_options(bias, leaky, squash_eps);
   const Clone clone = clone_for_call();
   AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_fwd", [&] {
     using T = scalar_t;
     const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
-                       call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
-                       call.sz, softmax_in_caps};
+                       ptr_or_null<T>(call.bias), call.s.data_ptr<T>(), call.V.data_ptr<T>(),
+                       call.lse.data_ptr<T>(), call.sz, softmax_in_caps, leaky,
+                       static_cast<T>(squash_eps)};
     const int sb = sample_bytes(clone, call.sz.B, sizeof(T));
     const bool cached = use_uhat_cache(call.sz, sb);
     with_clone(clone, [&](auto kernels) {
@@ -1258,15 +1287,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
   const BackwardCall call =
       prepare_backward(grad_v, u, weight, prior, bias, s, V, lse, iterations, softmax_in_caps,
                        squash_eps, need_du, need_dweight, need_dprior, need_dbias);
-  refuse_new_options(bias, leaky, squash_eps);
   if (call.any()) {
     const Clone clone = clone_for_call();
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_bwd", [&] {
       using T = scalar_t;
       // The backward kernels only read s, V and lse.
       const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
-                         call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
-                         call.sz, softmax_in_caps};
+                         ptr_or_null<T>(call.bias), call.s.data_ptr<T>(), call.V.data_ptr<T>(),
+                         call.lse.data_ptr<T>(), call.sz, softmax_in_caps, leaky,
+                         static_cast<T>(squash_eps)};
       T* du = call.need_du ? call.du.data_ptr<T>() : nullptr;
       T* dw = call.need_dw ? call.dw.data_ptr<T>() : nullptr;
       T* dp = call.need_dp ? call.dp.data_ptr<T>() : nullptr;
@@ -1277,9 +1306,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
         with_sample_bytes<Kernels>(sb, [&](auto sb_constant) {
           constexpr int SB = decltype(sb_constant)::value;
           backward_kernel<Kernels, T, SB>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du,
-                                          dw, dp, detach_inner, cached);
+                                          dw, dp, call.need_db, detach_inner, cached);
         });
       });
+      if (call.need_db) bias_gradient(call.ds.data_ptr<T>(), call.sz, call.db.data_ptr<T>());
     });
   }
   return finish_backward(call, u, weight, prior, bias);

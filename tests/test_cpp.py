@@ -40,14 +40,6 @@ from tests.helpers import (
 )
 
 OPS = torch.ops.capsnet_fused
-# bias, leaky and squash_eps (issue 15) are in the CUDA kernels of this backend, not yet in its
-# CPU kernels, which are being reworked on another branch; they raise NotImplementedError until
-# then. strict: an unexpected pass fails, so these markers go when the kernels get the options.
-CPU_NOT_YET = pytest.mark.xfail(
-    raises=NotImplementedError,
-    strict=True,
-    reason="bias, leaky and squash_eps in the cpp CPU kernels follow the CPU kernel rework",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -108,17 +100,19 @@ def require_clone(isa: str, monkeypatch) -> None:
     monkeypatch.setenv("CAPSNET_FUSED_CPU_ISA", isa)
 
 
-# The float64 reference of each (shape, variant, dtype) case, computed once for all the
-# clones and u_hat paths that are compared with it.
+# The float64 reference of each (shape, variant, options, dtype) case, computed once for all
+# the clones and u_hat paths that are compared with it.
 _REFERENCES: dict = {}
 
 
-def reference_case(shape: Shape, variant, dtype):
-    key = (shape, variant, dtype)
+def reference_case(shape: Shape, variant, dtype, options: Options | None = None):
+    key = (shape, variant, dtype, options)
     if key not in _REFERENCES:
         u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
-        want = reference64(u, weight, prior, grad, **routing_kwargs(shape, variant))
-        _REFERENCES[key] = (u, weight, prior, grad), want
+        bias = None if options is None else make_bias(shape, options, dtype=dtype)
+        kwargs = routing_kwargs(shape, variant, options)
+        want = reference64(u, weight, prior, grad, bias=bias, **kwargs)
+        _REFERENCES[key] = (u, weight, prior, grad, bias), want
     return _REFERENCES[key]
 
 
@@ -132,24 +126,32 @@ def reference_case(shape: Shape, variant, dtype):
 def test_matches_reference(shape, variant, dtype, uhat_cache, isa, monkeypatch):
     require_clone(isa, monkeypatch)
     monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", uhat_cache)
-    (u, weight, prior, grad), want = reference_case(shape, variant, dtype)
+    (u, weight, prior, grad, _), want = reference_case(shape, variant, dtype)
     out = run_with_grads(cpp_routing, u, weight, prior, grad, **routing_kwargs(shape, variant))
     assert out[0].dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     assert_matches_reference(out, want, tol)
 
 
-# The options of issue 15 with the variants (OPTION_CASES), on an odd shape and on one with
-# several sample vectors and a ragged last one.
-OPTION_SHAPES = [SHAPES[3], BATCH_SHAPES[0]]
+# The options of issue 15 with the variants (OPTION_CASES), in every clone the CPU runs and on
+# both u_hat paths: an odd shape (r = 4), one with several sample vectors and a ragged last one
+# (r = 3), and one with a single iteration and pose vectors of four 32-byte vectors.
+OPTION_SHAPES = [SHAPES[3], BATCH_SHAPES[0], BATCH_SHAPES[2]]
 
 
-@CPU_NOT_YET
 @pytest.mark.parametrize("shape", OPTION_SHAPES, ids=[s.id for s in OPTION_SHAPES])
 @option_case_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_options_match_reference(shape, variant, options, dtype):
-    check_options(shape, variant, options, dtype, 1e-5 if dtype == torch.float32 else 1e-11)
+@pytest.mark.parametrize("uhat_cache", ["off", "on"], ids=["recompute", "cached"])
+@pytest.mark.parametrize("isa", list(CLONES))
+def test_options_match_reference(shape, variant, options, dtype, uhat_cache, isa, monkeypatch):
+    require_clone(isa, monkeypatch)
+    monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", uhat_cache)
+    (u, weight, prior, grad, bias), want = reference_case(shape, variant, dtype, options)
+    kwargs = routing_kwargs(shape, variant, options)
+    out = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
+    assert out[0].dtype == dtype
+    assert_matches_reference(out, want, 1e-5 if dtype == torch.float32 else 1e-11)
 
 
 GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
@@ -171,7 +173,6 @@ def test_gradcheck(shape, variant):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@CPU_NOT_YET
 @pytest.mark.parametrize("squash_eps", [0.0, 0.05])
 @pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
 def test_gradcheck_options(variant, squash_eps):
@@ -220,7 +221,6 @@ def test_opcheck(variant):
     check_opcheck(variant, Options())
 
 
-@CPU_NOT_YET
 @pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
 def test_opcheck_options(variant):
     check_opcheck(variant, Options(bias=True, leaky=True, squash_eps=0.0))
@@ -290,7 +290,6 @@ def test_empty_batch(variant):
         assert torch.equal(out[1][2], torch.zeros_like(prior))
 
 
-@CPU_NOT_YET
 @pytest.mark.parametrize("variant", VARIANTS[::2], ids=map(variant_id, VARIANTS[::2]))
 def test_empty_batch_with_bias(variant):
     shape = Shape(0, 7, 3, 2, 4, 2)
@@ -305,7 +304,7 @@ def test_empty_batch_with_bias(variant):
 
 @pytest.mark.parametrize(
     "squash_eps",
-    [SQUASH_EPS, pytest.param(0.0, marks=CPU_NOT_YET)],
+    [SQUASH_EPS, 0.0],
     ids=["eps1e-8", "eps0"],
 )
 @pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
@@ -392,18 +391,24 @@ def test_torch_compile_capsnet_fullgraph():
     torch.testing.assert_close(compiled_grad, model.digit.weight.grad)
 
 
+THREAD_OPTIONS = [Options(), Options(bias=True, leaky=True, squash_eps=0.05)]
+
+
+@pytest.mark.parametrize("options", THREAD_OPTIONS, ids=[o.id for o in THREAD_OPTIONS])
+@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
 @pytest.mark.parametrize("uhat_cache", ["off", "on"], ids=["recompute", "cached"])
-def test_threads_do_not_change_results(uhat_cache, monkeypatch):
+def test_threads_do_not_change_results(uhat_cache, softmax_over, options, monkeypatch):
     monkeypatch.setenv("CAPSNET_FUSED_UHAT_CACHE", uhat_cache)
     shape = Shape(70, 40, 5, 4, 16, 3)
     u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32)
-    kwargs = dict(iterations=3, softmax_over="in_caps")
+    bias = make_bias(shape, options, dtype=torch.float32)
+    kwargs = dict(iterations=3, softmax_over=softmax_over, **options.kwargs())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+        single = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
         torch.set_num_threads(max(threads, 2))
-        multi = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+        multi = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
     finally:
         torch.set_num_threads(threads)
     # Each output element is computed by one thread in a fixed order: bitwise equal.
