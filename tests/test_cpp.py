@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 try:
-    import capsnet_fused._C  # noqa: F401
+    import capsnet_fused._C
 except ImportError as exc:
     pytest.skip(
         f"capsnet_fused._C is not built ({exc}); build it with "
@@ -523,3 +526,54 @@ def test_forcing_a_clone_the_cpu_cannot_run_is_refused(monkeypatch):
     u, weight, _, _ = make_inputs(Shape(9, 5, 3, 2, 4, 2), False, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=f"CAPSNET_FUSED_CPU_ISA={isa} asks for the"):
         cpp_routing(u, weight, iterations=2)
+
+
+def _disassembled_functions(library: str) -> dict[str, str]:
+    """Demangled function name -> its disassembly, for every function `objdump -d -C` lists."""
+    text = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", library],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    functions: dict[str, list[str]] = {}
+    body: list[str] = []
+    for line in text.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            body = functions.setdefault(header.group(1), [])
+        else:
+            body.append(line)
+    return {name: "\n".join(lines) for name, lines in functions.items()}
+
+
+def test_avx512_clone_uses_512_bit_registers():
+    # This CPU may not run the x86-64-v4 clone, so what it was compiled to is checked instead:
+    # its kernels on 64-byte sample vectors must use zmm registers, and the other clones none.
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    built = kernel_info()["clones_built"]
+    if "x86-64-v4" not in built:
+        pytest.skip(f"this build has no x86-64-v4 clone ({built})")
+    functions = _disassembled_functions(capsnet_fused._C.__file__)
+
+    def bodies(kernels: str, signature: str = "") -> list[str]:
+        return [
+            body
+            for name, body in functions.items()
+            if f"::{kernels}::" in name and signature in name
+        ]
+
+    for signature in ("forward<float, 64>", "sweeps<float, 64>", "forward<double, 64>"):
+        found = bodies("X86V4Kernels", signature)
+        assert found, f"no X86V4Kernels::{signature} in the library"
+        assert any("%zmm" in body for body in found), signature
+    # The 64-byte pose vectors of backward phase 2 (M = 16 float32 is one of them).
+    assert any("%zmm" in body for body in bodies("X86V4Kernels", "inputs<float>"))
+    for kernels in ("X86V3Kernels", "DefaultKernels"):
+        found = bodies(kernels)
+        assert found, f"no {kernels} functions in the library"
+        assert not any("%zmm" in body for body in found), kernels
+    # The default clone is baseline x86-64 (SSE2): no 32-byte registers either.
+    assert not any("%ymm" in body for body in bodies("DefaultKernels"))
+    assert any("%ymm" in body for body in bodies("X86V3Kernels"))
