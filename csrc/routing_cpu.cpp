@@ -98,7 +98,12 @@ inline int64_t chunk_vectors(int64_t sample_bytes) { return kChunkBytes / sample
 // only, compiled for those flags, as has one with CAPSNET_FUSED_NO_CLONES: there the helpers
 // carry the build's instruction sets, which a clone for another -march cannot inline (GCC
 // 12.2 stops with "target specific option mismatch" for always_inline helpers under
-// -march=native on a Zen 5, and with target_clones it crashed with an internal compiler error).
+// -march=native on a Zen 5). With GCC's target_clones("arch=x86-64-v3", "default") instead,
+// GCC 12.2 under -march=x86-64-v4 (reproduced on the Zen 3 machine; -march=native on the Zen 5)
+// folds vexp's select with a zero arm, `x < lo ? 0 : y * scale`, into a masked multiply
+// (.COND_MUL, an AVX-512 instruction) also in the x86-64-v3 clone, which cannot expand it:
+// "internal compiler error in expand_direct_optab_fn". test_kernel_clones_only_in_baseline_builds
+// checks this guard.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
     !defined(__AVX__) && !defined(CAPSNET_FUSED_NO_CLONES)
 #define CAPSNET_X86_CLONES 1

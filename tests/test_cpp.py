@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 import torch
@@ -577,3 +578,38 @@ def test_avx512_clone_uses_512_bit_registers():
     # The default clone is baseline x86-64 (SSE2): no 32-byte registers either.
     assert not any("%ymm" in body for body in bodies("DefaultKernels"))
     assert any("%ymm" in body for body in bodies("X86V3Kernels"))
+
+
+def _predefined_macros(source: str, flags: list[str]) -> dict[str, str]:
+    """Macro name -> value after preprocessing `source` with the torch headers and flags."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    done = subprocess.run(
+        ["c++", "-std=c++20", "-E", "-dM", *includes, *flags, source],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    defines = [line.split(maxsplit=2) for line in done.stdout.splitlines()]
+    return {d[1]: d[2] if len(d) > 2 else "" for d in defines if d[0] == "#define"}
+
+
+@pytest.mark.parametrize("march", ["x86-64-v4", "sapphirerapids", "x86-64-v3", "x86-64"])
+def test_kernel_clones_only_in_baseline_builds(march):
+    # GCC 12.2 crashes (internal compiler error in expand_direct_optab_fn) on a clone for a
+    # lower target than the build's flags: under -march=x86-64-v4 it folds a vector select with
+    # a zero arm, `x < lo ? 0 : y * s` (vexp), into a masked multiply (.COND_MUL) that the
+    # x86-64-v3 clone cannot expand; always_inline helpers also fail to inline into such a
+    # clone ("target specific option mismatch"). So a build whose flags go beyond baseline
+    # x86-64 (CAPSNET_FUSED_NATIVE=1 on an AVX-512 CPU) must have the default clone only.
+    if shutil.which("c++") is None:
+        pytest.skip("no c++ compiler")
+    source = os.path.join(os.path.dirname(__file__), os.pardir, "csrc", "routing_cpu.cpp")
+    macros = _predefined_macros(source, [f"-march={march}"])
+    if "__clang__" in macros or int(macros.get("__GNUC__", "0")) < 11:
+        pytest.skip("the kernel clones are built by GCC >= 11 only")
+    if "__x86_64__" not in macros:
+        pytest.skip("the kernel clones are for x86-64")
+    assert ("CAPSNET_X86_CLONES" in macros) == (march == "x86-64")
