@@ -752,7 +752,13 @@ def _cpu_kernel_fields(device: torch.device) -> dict[str, Any]:
         info = json.loads(torch.ops.capsnet_fused.cpp_kernel_info())
     except (AttributeError, RuntimeError, ValueError):  # not built, or a refused setting
         return {}
-    return {"cpp_clone": info["clone"], "cpu_l2_bytes_per_core": info["l2_bytes_per_core"]}
+    return {
+        "cpp_clone": info["clone"],
+        "cpu_l2_bytes_per_core": info["l2_bytes_per_core"],
+        # CAPSNET_FUSED_UHAT_CACHE as set (auto, on, off) and what auto decides at B = 128, MNIST.
+        "cpp_u_hat_cache": info["u_hat_cache"],
+        "cpp_u_hat_path_mnist": info["u_hat_cache_mnist"]["path"],
+    }
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -968,6 +974,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that decide which kernel clone runs and what --amp gains.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_isa() -> str:
+    """CPU family, model and the vector instruction sets that matter here, e.g.
+    "family 25 model 1: avx2 fma": the model name alone does not tell (a virtual machine
+    reports "AMD EPYC" for Zen 1 to Zen 5). Empty where /proc/cpuinfo is missing."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return ""
+    flags = set(fields.get("flags", "").split())
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "no avx2"
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}: {isa}"
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
@@ -1005,6 +1034,8 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "device": device.type,
         "device_name": device_name(device),
         "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        **_cpu_kernel_fields(device),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # Other processes on the machine inflate CPU timings; the load says how busy it was.
@@ -1111,6 +1142,10 @@ _CSV_ENV_FIELDS = (
     "date",
     "device_name",
     "cpu_model",
+    "cpu_isa",
+    "cpu_l2_bytes_per_core",
+    "cpp_clone",
+    "cpp_u_hat_cache",
     "cpu_cores",
     "torch_threads",
     "torch",
@@ -1380,6 +1415,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def _cpu_line(env: dict) -> str:
+    """The CPU's part of the header line: its ISA, L2 per core, the cpp clone and u_hat cache
+    setting ("" off the CPU)."""
+    if not env.get("cpu_isa"):
+        return ""
+    parts = [env["cpu_isa"]]
+    if env.get("cpu_l2_bytes_per_core"):
+        parts.append(f"L2 {env['cpu_l2_bytes_per_core'] // 1024} KiB per core")
+    if env.get("cpp_clone"):
+        parts.append(f"cpp clone {env['cpp_clone']}, u_hat cache {env['cpp_u_hat_cache']}")
+    return "; " + ", ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags describe, print the table and write the result files.
 
@@ -1398,7 +1446,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.out_dir if args.out_dir is not None else DEFAULT_OUT_DIR
     stem = args.name or device_slug(device)
     print(
-        f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads), "
+        f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads"
+        f"{_cpu_line(env)}), "
         f"torch {env['torch']}, triton {env['triton']}, capsnet_fused {env['capsnet_fused']}, "
         f"git {(env['git_revision'] or 'unknown')[:12]}, "
         f"load average {(env['load_average'] or ['?'])[0]}",

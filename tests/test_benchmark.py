@@ -412,3 +412,24 @@ def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
     assert bm.run(_parse([*_CLI_TINY, "--out-dir", str(tmp_path)])) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"cpu.csv", "cpu.json"}
     assert "pip install capsnet-fused[plots]" in capsys.readouterr().err
+
+
+def test_cpu_results_name_the_isa_and_the_kernel_path():
+    # The CPU's model name alone does not say which kernels ran (a VM reports "AMD EPYC" for
+    # Zen 1 to Zen 5): the environment records family/model, the vector ISA and the cpp path.
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    env = bm.environment_info(CPU)
+    assert env["cpu_isa"].startswith("family ")
+    for flag in ("avx2", "avx512f", "avx512_bf16"):
+        assert (f" {flag}" in env["cpu_isa"]) == (flag in flags), flag
+    line = bm._cpu_line(env)
+    assert env["cpu_isa"] in line
+    if "cpp_clone" in env:
+        assert env["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
+        assert env["cpp_u_hat_cache"] in ("auto", "on", "off")
+        assert f"cpp clone {env['cpp_clone']}" in line
