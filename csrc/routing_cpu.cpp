@@ -239,10 +239,10 @@ CAPSNET_INLINE V vexp(V x) {
 }
 
 // v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors
-// (v may be s), eps = squash_eps >= 0. Computed on t = s / a, a = max |s_m|, so that nothing overflows: with
-// qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r). The naive
-// |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is inf for
-// tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
+// (v may be s), eps = squash_eps >= 0. Computed on t = s / a, a = max |s_m|, so that nothing
+// overflows: with qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r).
+// The naive |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is
+// inf for tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
 template <typename T, typename V>
 CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M, T eps) {
   // a = max_m |s_m|, NaN when some s_m is NaN (std::max would drop it, and a capsule of zeros
@@ -614,7 +614,7 @@ struct BackwardPlan {
   // detach_inner, by dprior through beta^t, by dbias = sum_t ds^t).
   bool carry() const { return !detach_inner || need_dp || need_db; }
   // Sweep t (recomputing u_hat) runs: with D carried, t >= 1 always and t = 0 for dprior
-  // (beta^0); with detach_inner and no dprior only alpha^{R-1} is needed.
+  // (beta^0); with detach_inner and neither dprior nor dbias only alpha^{R-1} is needed.
   bool sweep(int64_t t, int64_t R) const {
     if (carry()) return t >= 1 || need_dp;
     return t == R - 1;
