@@ -6,8 +6,10 @@ developing: `python setup.py build_ext --inplace`.
 
 Environment:
     CAPSNET_FUSED_CPU_ONLY=1   build the CPU kernels only, even where CUDA could be built.
-    CAPSNET_FUSED_NATIVE=1     compile the CPU kernels with -march=native (faster on the build
-                               machine; the result may not run on other CPUs).
+    CAPSNET_FUSED_NATIVE=1     compile the CPU kernels with -march=native: one kernel clone for
+                               the build machine's instruction sets (64-byte vectors where it
+                               has AVX-512) instead of the x86-64-v4 / x86-64-v3 / baseline
+                               clones chosen at run time; the result may not run on other CPUs.
 
 Building also writes capsnet_fused/_build_info.json (git-ignored) beside _C: what was built and
 how, for `capsnet-fused info`.

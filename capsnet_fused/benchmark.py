@@ -160,6 +160,9 @@ class BenchConfig:
     # Only the end-to-end benchmark reads these.
     e2e_batch: int = E2E_BATCH
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Autocast (--amp) and channels-last settings to time; every combination is run.
+    e2e_amp: Sequence[bool] = (False,)
+    e2e_channels_last: Sequence[bool] = (False,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,16 +742,61 @@ def _e2e_inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: 
     return images, labels
 
 
+def _cpu_kernel_fields(device: torch.device) -> dict[str, Any]:
+    """Which clone of the C++ CPU kernels runs and the L2 they read: the CPU's name alone does
+    not say (a virtual machine reports "AMD EPYC" for Zen 1 to Zen 5). Empty off the CPU or
+    without capsnet_fused._C."""
+    if device.type != "cpu":
+        return {}
+    try:
+        info = json.loads(torch.ops.capsnet_fused.cpp_kernel_info())
+    except (AttributeError, RuntimeError, ValueError):  # not built, or a refused setting
+        return {}
+    return {
+        "cpp_clone": info["clone"],
+        "cpu_l2_bytes_per_core": info["l2_bytes_per_core"],
+        # CAPSNET_FUSED_UHAT_CACHE as set (auto, on, off) and what auto decides at B = 128, MNIST.
+        "cpp_u_hat_cache": info["u_hat_cache"],
+        "cpp_u_hat_path_mnist": info["u_hat_cache_mnist"]["path"],
+    }
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The --amp dtype, as training uses it: bfloat16 on CPU, float16 (with GradScaler) on CUDA."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@dataclass(frozen=True)
+class E2ESetting:
+    """How the end-to-end model runs: autocast (--amp) or float32, channels-last convolutions
+    or the default layout."""
+
+    amp: bool = False
+    channels_last: bool = False
+
+    def label(self, device: torch.device) -> str:
+        precision = str(autocast_dtype(device)).removeprefix("torch.") if self.amp else "float32"
+        return f"{precision} {'channels_last' if self.channels_last else 'contiguous'}"
+
+
+def e2e_settings(config: BenchConfig) -> list[E2ESetting]:
+    """Every combination of the config's autocast and layout choices, plain first."""
+    return [E2ESetting(a, c) for a in config.e2e_amp for c in config.e2e_channels_last]
+
+
 def run_end_to_end(
     config: BenchConfig, echo: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
-    """CapsNet training step and inference throughput, reference router vs each fused backend.
+    """CapsNet training step and inference throughput, reference router vs each fused backend,
+    in every setting (autocast or not, channels-last or not) the config asks for.
 
-    echo (e.g. print) receives a progress line per backend; format_e2e_table prints the rows.
+    echo (e.g. print) receives a progress line per row; format_e2e_table prints the rows.
 
     Each backend gets a model with identical initial weights. Before timing, its forward
     output (capsule lengths [B, J]) and gradients (digit weight [I, J, N, M], conv1 weight) on
-    one batch are checked against the reference model's; a mismatch marks the row failed.
+    one batch are checked against the float32 reference model's in the default layout; a
+    mismatch marks the row failed. The tolerance is the relative error floor (--rtol, default
+    1e-3), and under autocast at least twice the reference router's own error in that setting.
     Training step: forward, margin + reconstruction loss, backward, Adam step.
     """
     from capsnet_fused.losses import MarginLoss, ReconstructionLoss
@@ -757,101 +805,122 @@ def run_end_to_end(
     device = _device(config)
     wanted = [b for b in benchmark_backends(config, device, torch.float32) if b != "compiled"]
     margin, reconstruction = MarginLoss(), ReconstructionLoss()
+    names = ("lengths", "d_digit_weight", "d_conv1_weight")
 
-    def build(backend: str) -> torch.nn.Module:
+    def build(backend: str, setting: E2ESetting) -> torch.nn.Module:
         torch.manual_seed(config.seed)
-        return CapsNet(backend=backend, **config.model_kwargs).to(device)
+        model = CapsNet(backend=backend, channels_last=setting.channels_last, **config.model_kwargs)
+        return model.to(device)
 
-    def loss_of(model, images, labels):
-        out = model(images, labels)
-        return margin(out.lengths, labels) + reconstruction(out.reconstructions, images), out
+    def autocast(setting: E2ESetting):
+        return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=setting.amp)
 
-    def check_pass(model, images, labels):
+    def loss_of(model, images, labels, setting):
+        with autocast(setting):
+            out = model(images, labels)
+            loss = margin(out.lengths, labels) + reconstruction(out.reconstructions, images)
+        return loss, out
+
+    def check_pass(model, images, labels, setting):
         model.zero_grad(set_to_none=True)
-        loss, out = loss_of(model, images, labels)
+        loss, out = loss_of(model, images, labels, setting)
         loss.backward()
         grads = [model.digit.weight.grad, model.conv1[0].weight.grad]
-        return out.lengths.detach(), [g.detach().clone() for g in grads]
+        return [out.lengths.detach().float()] + [g.detach().float().clone() for g in grads]
 
-    reference_model = build("reference")
-    images, labels = _e2e_inputs(reference_model, config.e2e_batch, device, config.seed)
-    expected = check_pass(reference_model, images, labels)
+    def errors_of(got):
+        return {n: _rel_error(g, w) for n, g, w in zip(names, got, expected, strict=True)}
+
+    cpu_kernel_fields = _cpu_kernel_fields(device)
+    plain = E2ESetting()
+    images, labels = _e2e_inputs(build("reference", plain), config.e2e_batch, device, config.seed)
+    expected = check_pass(build("reference", plain), images, labels, plain)
     floor = config.rtol if config.rtol is not None else 1e-3
     rows = []
-    timed: dict[str, tuple[dict[str, Any], Callable[[], Any], Callable[[], Any]]] = {}
-    for backend in wanted:
-        row: dict[str, Any] = {
-            "backend": backend,
-            "device": device.type,
-            "batch": config.e2e_batch,
-            "status": "ok",
-            "error": "",
-            "rel_errors": {},
-            "tolerances": {},
-            "train_median_ms": None,
-            "train_iqr_ms": None,
-            "train_images_per_s": None,
-            "infer_median_ms": None,
-            "infer_iqr_ms": None,
-            "infer_images_per_s": None,
-            "train_speedup_vs_reference": None,
-            "infer_speedup_vs_reference": None,
-        }
-        rows.append(row)
-        if backend not in BASELINES and unavailable_reason(backend, device) is not None:
-            row.update(status="skipped", error=unavailable_reason(backend, device))
-            continue
-        try:
-            model = reference_model if backend == "reference" else build(backend)
-            got = check_pass(model, images, labels)
-            names = ("lengths", "d_digit_weight", "d_conv1_weight")
-            errors = {
-                n: _rel_error(g, w)
-                for n, g, w in zip(
-                    names, [got[0], *got[1]], [expected[0], *expected[1]], strict=True
-                )
+    timed: dict[tuple[E2ESetting, str], tuple[dict[str, Any], Callable, Callable]] = {}
+    for setting in e2e_settings(config):
+        reference_model = build("reference", setting)
+        tolerances = dict.fromkeys(names, floor)
+        if setting.amp:
+            drift = errors_of(check_pass(reference_model, images, labels, setting))
+            tolerances = {n: max(floor, 2 * drift[n]) for n in names}
+        for backend in wanted:
+            row: dict[str, Any] = {
+                "backend": backend,
+                "device": device.type,
+                "batch": config.e2e_batch,
+                "amp": setting.amp,
+                "autocast_dtype": str(autocast_dtype(device)) if setting.amp else None,
+                "channels_last": setting.channels_last,
+                "setting": setting.label(device),
+                **cpu_kernel_fields,
+                "status": "ok",
+                "error": "",
+                "rel_errors": {},
+                "tolerances": {},
+                "train_median_ms": None,
+                "train_iqr_ms": None,
+                "train_images_per_s": None,
+                "infer_median_ms": None,
+                "infer_iqr_ms": None,
+                "infer_images_per_s": None,
+                "train_speedup_vs_reference": None,
+                "infer_speedup_vs_reference": None,
+                "train_speedup_vs_plain": None,
+                "infer_speedup_vs_plain": None,
             }
-            row["rel_errors"], row["tolerances"] = errors, dict.fromkeys(names, floor)
-            problem = check_errors(errors, row["tolerances"])
-            if problem is not None:
-                row.update(status="failed", error=f"wrong result, not timed: {problem}")
+            rows.append(row)
+            if backend not in BASELINES and unavailable_reason(backend, device) is not None:
+                row.update(status="skipped", error=unavailable_reason(backend, device))
                 continue
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            try:
+                model = reference_model if backend == "reference" else build(backend, setting)
+                errors = errors_of(check_pass(model, images, labels, setting))
+                row["rel_errors"], row["tolerances"] = errors, tolerances
+                problem = check_errors(errors, tolerances)
+                if problem is not None:
+                    row.update(status="failed", error=f"wrong result, not timed: {problem}")
+                    continue
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+                scaler = torch.amp.GradScaler(
+                    device.type, enabled=setting.amp and device.type == "cuda"
+                )
 
-            def train_step(model=model, optimizer=optimizer):
-                model.train()
-                optimizer.zero_grad(set_to_none=True)
-                loss, _ = loss_of(model, images, labels)
-                loss.backward()
-                optimizer.step()
-                return loss
+                def train_step(model=model, optimizer=optimizer, scaler=scaler, setting=setting):
+                    model.train()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, _ = loss_of(model, images, labels, setting)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    return loss
 
-            def infer(model=model):
-                model.eval()
-                with torch.no_grad():
-                    return model(images)
+                def infer(model=model, setting=setting):
+                    model.eval()
+                    with torch.no_grad(), autocast(setting):
+                        return model(images)
 
-            train_step()
-            infer()
-        except Exception as exc:  # noqa: BLE001
-            row.update(status="failed", error=_failure(exc))
-            continue
-        timed[backend] = (row, train_step, infer)
+                train_step()
+                infer()
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="failed", error=_failure(exc))
+                continue
+            timed[setting, backend] = (row, train_step, infer)
 
-    # Backends take turns within every round, so that a drift of the machine's speed (other
-    # load, frequency) hits all of them alike; a step lasts seconds on CPU, so one call per
-    # measurement is enough.
-    samples = {backend: ([], []) for backend in timed}
+    # Every (setting, backend) takes its turn within every round, so that a drift of the
+    # machine's speed (other load, frequency) hits all of them alike; a step lasts seconds on
+    # CPU, so one call per measurement is enough.
+    samples = {key: ([], []) for key in timed}
     for round_ in range(max(1, config.warmup) + config.repeats):
-        for backend, (_, train_step, infer) in timed.items():
-            for fn, times in zip((train_step, infer), samples[backend], strict=True):
+        for key, (_, train_step, infer) in timed.items():
+            for fn, times in zip((train_step, infer), samples[key], strict=True):
                 start = time.perf_counter()
                 fn()
                 _sync(device)
                 if round_ >= max(1, config.warmup):
                     times.append(time.perf_counter() - start)
-    for backend, (row, _, _) in timed.items():
-        train, infer_stats = (_summary(times) for times in samples[backend])
+    for key, (row, _, _) in timed.items():
+        train, infer_stats = (_summary(times) for times in samples[key])
         row.update(
             train_median_ms=train["median_ms"],
             train_iqr_ms=train["iqr_ms"],
@@ -862,14 +931,24 @@ def run_end_to_end(
         )
         if echo is not None:
             echo(
-                f"end-to-end {backend}: train step {row['train_median_ms']:.1f} ms, "
-                f"inference {row['infer_median_ms']:.1f} ms at batch {config.e2e_batch}"
+                f"end-to-end {row['backend']} ({row['setting']}): train step "
+                f"{row['train_median_ms']:.1f} ms, inference {row['infer_median_ms']:.1f} ms "
+                f"at batch {config.e2e_batch}"
             )
-    ref = next((r for r in rows if r["backend"] == "reference" and r["status"] == "ok"), None)
-    for row in rows:
-        if ref is not None and row["status"] == "ok":
-            row["train_speedup_vs_reference"] = ref["train_median_ms"] / row["train_median_ms"]
-            row["infer_speedup_vs_reference"] = ref["infer_median_ms"] / row["infer_median_ms"]
+    ok = {(r["backend"], r["amp"], r["channels_last"]): r for r in rows if r["status"] == "ok"}
+    for (backend, amp, channels_last), row in ok.items():
+        # Speed-ups over the reference router in the same setting, and over the same backend
+        # in float32 with the default layout.
+        bases = {
+            "reference": ok.get(("reference", amp, channels_last)),
+            "plain": ok.get((backend, False, False)),
+        }
+        for base_name, base in bases.items():
+            for mode in ("train", "infer"):
+                if base is not None:
+                    row[f"{mode}_speedup_vs_{base_name}"] = (
+                        base[f"{mode}_median_ms"] / row[f"{mode}_median_ms"]
+                    )
     return rows
 
 
@@ -893,6 +972,29 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The /proc/cpuinfo flags that decide which kernel clone runs and what --amp gains.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_isa() -> str:
+    """CPU family, model and the vector instruction sets that matter here, e.g.
+    "family 25 model 1: avx2 fma": the model name alone does not tell (a virtual machine
+    reports "AMD EPYC" for Zen 1 to Zen 5). Empty where /proc/cpuinfo is missing."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return ""
+    flags = set(fields.get("flags", "").split())
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "no avx2"
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}: {isa}"
 
 
 def _git(*args: str) -> str | None:
@@ -932,6 +1034,8 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "device": device.type,
         "device_name": device_name(device),
         "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        **_cpu_kernel_fields(device),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # Other processes on the machine inflate CPU timings; the load says how busy it was.
@@ -1010,8 +1114,9 @@ def format_table(
 def format_e2e_table(rows: list[dict]) -> str:
     """Text table of end-to-end rows; failed and skipped rows show their reason."""
     lines = [
-        f"{'backend':>9} {'batch':>5} {'train ms':>9} {'train img/s':>11} {'x ref':>6} "
-        f"{'infer ms':>9} {'infer img/s':>11} {'x ref':>6}  status"
+        f"{'backend':>9} {'setting':>24} {'batch':>5} {'train ms':>9} {'train img/s':>11} "
+        f"{'x ref':>6} {'x plain':>7} {'infer ms':>9} {'infer img/s':>11} {'x ref':>6} "
+        f"{'x plain':>7}  status"
     ]
     for row in rows:
 
@@ -1020,11 +1125,14 @@ def format_e2e_table(rows: list[dict]) -> str:
 
         status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error']}"
         lines.append(
-            f"{row['backend']:>9} {row['batch']:>5} {cell('train_median_ms', '{:.1f}'):>9} "
+            f"{row['backend']:>9} {row.get('setting', 'float32 contiguous'):>24} "
+            f"{row['batch']:>5} {cell('train_median_ms', '{:.1f}'):>9} "
             f"{cell('train_images_per_s', '{:.1f}'):>11} "
             f"{cell('train_speedup_vs_reference', '{:.2f}'):>6} "
+            f"{cell('train_speedup_vs_plain', '{:.2f}'):>7} "
             f"{cell('infer_median_ms', '{:.1f}'):>9} {cell('infer_images_per_s', '{:.1f}'):>11} "
-            f"{cell('infer_speedup_vs_reference', '{:.2f}'):>6}  {status}"
+            f"{cell('infer_speedup_vs_reference', '{:.2f}'):>6} "
+            f"{cell('infer_speedup_vs_plain', '{:.2f}'):>7}  {status}"
         )
     return "\n".join(lines)
 
@@ -1034,6 +1142,10 @@ _CSV_ENV_FIELDS = (
     "date",
     "device_name",
     "cpu_model",
+    "cpu_isa",
+    "cpu_l2_bytes_per_core",
+    "cpp_clone",
+    "cpp_u_hat_cache",
     "cpu_cores",
     "torch_threads",
     "torch",
@@ -1264,6 +1376,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=E2E_BATCH,
         help=f"end-to-end batch size (default {E2E_BATCH})",
     )
+    e2e.add_argument(
+        "--amp",
+        action="store_true",
+        help="also time the model under autocast (bfloat16 on CPU, float16 with GradScaler on "
+        "CUDA: what train --amp does), next to float32",
+    )
+    e2e.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also time channels-last convolutions (train --channels-last), next to the "
+        "default layout",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -1286,7 +1410,22 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         rtol=args.rtol,
         e2e_batch=args.e2e_batch,
+        e2e_amp=(False, True) if args.amp else (False,),
+        e2e_channels_last=(False, True) if args.channels_last else (False,),
     )
+
+
+def _cpu_line(env: dict) -> str:
+    """The CPU's part of the header line: its ISA, L2 per core, the cpp clone and u_hat cache
+    setting ("" off the CPU)."""
+    if not env.get("cpu_isa"):
+        return ""
+    parts = [env["cpu_isa"]]
+    if env.get("cpu_l2_bytes_per_core"):
+        parts.append(f"L2 {env['cpu_l2_bytes_per_core'] // 1024} KiB per core")
+    if env.get("cpp_clone"):
+        parts.append(f"cpp clone {env['cpp_clone']}, u_hat cache {env['cpp_u_hat_cache']}")
+    return "; " + ", ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1307,7 +1446,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = args.out_dir if args.out_dir is not None else DEFAULT_OUT_DIR
     stem = args.name or device_slug(device)
     print(
-        f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads), "
+        f"# {env['device_name']} ({env['cpu_cores']} cores, {env['torch_threads']} threads"
+        f"{_cpu_line(env)}), "
         f"torch {env['torch']}, triton {env['triton']}, capsnet_fused {env['capsnet_fused']}, "
         f"git {(env['git_revision'] or 'unknown')[:12]}, "
         f"load average {(env['load_average'] or ['?'])[0]}",

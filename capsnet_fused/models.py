@@ -41,6 +41,10 @@ class CapsNet(nn.Module):
     forward(images [B, C, H, W], labels [B] or None) -> CapsNetOutput. The decoder sees only the
     digit capsule of the true label while training (when labels are given) and of the
     predicted class otherwise.
+
+    channels_last=True keeps the two convolutions' weights and activations in channels-last
+    memory order (the images are converted in forward), which oneDNN's CPU convolutions run
+    without reordering; the values computed are the same.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class CapsNet(nn.Module):
         squash_eps: float = SQUASH_EPS,
         backend: str = "auto",
         digit_init_scale: float = 0.01,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -76,10 +81,14 @@ class CapsNet(nn.Module):
             )
         self.image_shape = (in_channels, height, width)
         self.num_classes = num_classes
+        self.channels_last = channels_last
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv_channels, kernel_size), nn.ReLU())
         self.primary = PrimaryCaps(
             conv_channels, primary_caps, primary_dim, kernel_size, 2, squash_eps=squash_eps
         )
+        if channels_last:
+            self.conv1.to(memory_format=torch.channels_last)
+            self.primary.to(memory_format=torch.channels_last)
         self.digit = FusedRouter(
             primary_caps * primary_h * primary_w,
             num_classes,
@@ -111,6 +120,8 @@ class CapsNet(nn.Module):
                 f"expected images [B, {', '.join(map(str, self.image_shape))}], "
                 f"got {tuple(images.shape)}"
             )
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         caps = self.digit(self.primary(self.conv1(images)))
         lengths = capsule_lengths(caps)
         chosen = labels if labels is not None and self.training else lengths.argmax(dim=1)

@@ -108,6 +108,7 @@ class TrainConfig:
     out: str | None = None
     num_workers: int = 0
     amp: bool = False
+    channels_last: bool = False
     checkpoint_every: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
@@ -352,6 +353,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA",
     )
     add(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="channels-last memory order for the convolutions (see the README for where it is "
+        "faster)",
+    )
+    add(
         "--checkpoint-every",
         type=int,
         metavar="N",
@@ -442,6 +450,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Mo
         squash_eps=config.squash_eps,
         backend=config.backend,
         digit_init_scale=config.digit_init_scale,
+        channels_last=config.channels_last,
     )
 
 

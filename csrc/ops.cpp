@@ -22,4 +22,8 @@ TORCH_LIBRARY(capsnet_fused, m) {
   m.def("cpp_routing_bwd" CAPSNET_ROUTING_BWD_SCHEMA);
   m.def("cpp_shared_routing_fwd" CAPSNET_SHARED_ROUTING_FWD_SCHEMA);
   m.def("cpp_shared_routing_bwd" CAPSNET_SHARED_ROUTING_BWD_SCHEMA);
+  // JSON describing the CPU kernels that calls in this process run: the instruction-set clone
+  // ("x86-64-v4", "x86-64-v3" or "default"), the L2 bytes per core read at run time and the
+  // u_hat cache setting with its decision at the MNIST shape (routing_cpu.cpp).
+  m.def("cpp_kernel_info() -> str");
 }

@@ -1,29 +1,43 @@
 // CPU kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
 //
-// Layout: the sweeps over input capsules work on vectors of L samples (L = 8 float32 lanes or
-// 4 float64 lanes in a 32-byte vector), so that every per-(sample, i, j) quantity - logits,
-// softmax, agreement - is a vertical vector operation: no horizontal sums, and the softmax's
-// exp is a vector polynomial instead of L x J calls to libm.
+// Layout: the sweeps over input capsules work on vectors of L samples (L = 8 float32 / 4 float64
+// lanes in a 32-byte vector, 16 / 8 in the 64-byte vectors of the AVX-512 clone), so that every
+// per-(sample, i, j) quantity - logits, softmax, agreement - is a vertical vector operation: no
+// horizontal sums, and the softmax's exp is a vector polynomial instead of L x J calls to libm.
 //
 // Forward: parallel over groups of kGroupVectors x L samples. Each sweep walks the input
 // capsules once; W[i] (5 KB at the MNIST shape) is read once per group and sweep and reused
-// from L1 for every vector of the group, whose u_hat_i [J, M] is recomputed into an L1
-// buffer (a sample's u_hat, 737 KB at the MNIST shape, does not fit this machine's 512 KB L2,
-// and keeping a group's u_hat in L3 or memory between sweeps would cost more than recomputing
-// it: see the README). The weighted u_hat of kCapsBlock input capsules is added to s in one
-// pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per (t, j) are saved:
-// O(B R J M), never a B x I x J x M tensor.
+// from L1 for every vector of the group. u_hat_i [J, M] is either recomputed in every sweep
+// into an L1 buffer, or - when a group's u_hat fits the L2 (use_uhat_cache) - computed in the
+// first sweep into a per-thread copy that the later sweeps read. A group is at least one
+// vector of L samples, so at the MNIST shape its u_hat is L x 737 KB (5.9 MB with 32-byte
+// float32 vectors), more than any L2: there the kernel recomputes (see the README for what
+// the cache gains or costs when forced). The weighted u_hat of kCapsBlock input capsules is
+// added to s in one pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per
+// (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
 //
-// Backward, per chunk of kChunkVectors x L samples, in two phases; every output element is
-// written by one thread in a fixed order, so the results are bitwise identical whatever the
+// Options of the published implementations (ROUTING-MATH.md): a bias [J, M] is added to s^t
+// before every squash (the saved s includes it), leaky routing puts one more logit, fixed at 0,
+// into the softmax over j (softmax) or over i (the online softmax starts from it), and the
+// squash eps is an argument (0: the eps-free squash, NaN at s = 0 as in the reference).
+//
+// Backward, per chunk of kChunkBytes / sizeof(T) samples, in two phases; every output element
+// is written by one thread in a fixed order, so the results are bitwise identical whatever the
 // thread count:
 //   1. parallel over groups of the chunk: the sweeps t = R-1..0 that carry dL/dV backwards
-//      (u_hat recomputed as in the forward). They give ds^t = dL/ds^t and store, per
+//      (u_hat recomputed or cached as in the forward). They give ds^t = dL/ds^t and store, per
 //      (t, i, j, sample), the coupling alpha = c^t and the logit gradient beta = dl^t:
 //      O(R I J) scalars per sample of the chunk, never per sample of the batch.
 //   2. parallel over input capsules: du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj
 //      needs no u_hat; from it du [B, I, N], dW[i] (summed over the chunk's samples in
 //      registers, added to the earlier chunks' sum) and dprior[i].
+// dbias = sum over samples and t of ds^t, after the chunks, on one thread.
+//
+// Instruction sets: the kernels are compiled three times in this one translation unit, as
+// "clones" with target attributes - x86-64-v4 (AVX-512, 64-byte sample vectors), x86-64-v3
+// (AVX2 + FMA) and the build's default - and clone_for_call() picks the best one the CPU runs
+// at run time, so that a wheel runs on any x86-64. CAPSNET_FUSED_CPU_ISA forces a lower clone
+// and CAPSNET_FUSED_UHAT_CACHE the u_hat path; cpp_kernel_info() says what was chosen.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,7 +46,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -40,6 +56,7 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#include <unistd.h>
 
 #include "routing_common.h"
 
@@ -50,7 +67,6 @@
 namespace capsnet_fused {
 namespace {
 
-constexpr double kSquashEps = 1e-8;
 // Sample vectors per forward / backward-phase-1 task: W[i] is reused from L1 for all of them,
 // while the group's states (2 x kGroupVectors x J x M vectors) still fit L1 beside it. Small
 // batches (fewer than 4 vectors) use groups of one vector, so that both cores get work.
@@ -59,35 +75,73 @@ inline int64_t group_vectors(int64_t vectors) { return vectors >= 4 ? kGroupVect
 // Input capsules whose weighted u_hat is added to s (or, backward, to A) in one pass: one load
 // and store of the running sum per kCapsBlock products (stores are the slow part on this CPU).
 constexpr int64_t kCapsBlock = 4;
-// Sample vectors per backward chunk: the chunk's alpha and beta take 2 R I J x 32 samples
-// (8.8 MB at the MNIST shape with r = 3, float32).
-constexpr int64_t kChunkVectors = 4;
+// Samples per backward chunk: 4 x 32 bytes of lanes (32 float32 / 16 float64 samples, also
+// with 64-byte vectors, so that the sums over the batch run in the same order whatever the
+// clone's vector width); the chunk's alpha and beta take 2 R I J x 32 samples (8.8 MB at the
+// MNIST shape with r = 3, float32).
+constexpr int64_t kChunkBytes = 128;
+inline int64_t chunk_vectors(int64_t sample_bytes) { return kChunkBytes / sample_bytes; }
 
 // Helpers are force-inlined into the kernels below, so that they are compiled for each
 // instruction set the kernels are cloned for, with M a compile-time constant where the kernel
 // is specialised for it.
 #define CAPSNET_INLINE __attribute__((always_inline)) inline
+#define CAPSNET_INLINE_LAMBDA __attribute__((always_inline))
 
-// Wheels must run on any x86-64, so the kernels are not built with -march; instead GCC clones
-// them for x86-64-v3 (AVX2 + FMA) and the dynamic loader picks the clone the CPU supports.
+// Wheels must run on any x86-64, so the kernels are not built with -march; instead each kernel
+// is compiled as three clones (target attributes; the helpers above are inlined into each) and
+// chosen at run time. Explicit clones rather than GCC's target_clones: the choice can then be
+// forced (tests run every clone the CPU can run) and reported, and the AVX-512 clone can use
+// 64-byte vectors, a type the other clones must not see.
+// A build whose flags already go beyond baseline x86-64 (-march=native, setup.py's
+// CAPSNET_FUSED_NATIVE=1, or -march=x86-64-v3 and up: __AVX__ defined) has the default clone
+// only, compiled for those flags, as has one with CAPSNET_FUSED_NO_CLONES: there the helpers
+// carry the build's instruction sets, which a clone for another -march cannot inline (GCC
+// 12.2 stops with "target specific option mismatch" for always_inline helpers under
+// -march=native on a Zen 5). With GCC's target_clones("arch=x86-64-v3", "default") instead,
+// GCC 12.2 under -march=x86-64-v4 (reproduced on the Zen 3 machine; -march=native on the Zen 5)
+// folds vexp's select with a zero arm, `x < lo ? 0 : y * scale`, into a masked multiply
+// (.COND_MUL, an AVX-512 instruction) also in the x86-64-v3 clone, which cannot expand it:
+// "internal compiler error in expand_direct_optab_fn". test_kernel_clones_only_in_baseline_builds
+// checks this guard.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
-    !defined(CAPSNET_FUSED_NO_CLONES)
-#define CAPSNET_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+    !defined(__AVX__) && !defined(CAPSNET_FUSED_NO_CLONES)
+#define CAPSNET_X86_CLONES 1
+#define CAPSNET_TARGET_X86_V4 __attribute__((target("arch=x86-64-v4")))
+#define CAPSNET_TARGET_X86_V3 __attribute__((target("arch=x86-64-v3")))
+#endif
+
+// The widest instruction set the build's own flags enable (what the default clone uses).
+#if defined(__AVX512F__)
+constexpr const char* kBuildIsa = "avx512f";
+#elif defined(__AVX2__)
+constexpr const char* kBuildIsa = "avx2";
+#elif defined(__AVX__)
+constexpr const char* kBuildIsa = "avx";
 #else
-#define CAPSNET_KERNEL
+constexpr const char* kBuildIsa = "baseline";
+#endif
+
+// Widest sample vector of the default clone: 64 bytes only when the build's -march has AVX-512
+// (a native build on such a CPU); the wheel's default clone is baseline x86-64.
+#if defined(__AVX512F__)
+constexpr int kDefaultWideBytes = 64;
+#else
+constexpr int kDefaultWideBytes = 32;
 #endif
 
 // A vector of L values (GCC vector extension) in Bytes bytes: with 32, one AVX register in the
-// x86-64-v3 clone and a pair of SSE registers in the baseline one. Batches that fit one 16-byte
-// vector (4 float32 / 2 float64 samples) use 16-byte sample vectors: on this CPU a 256-bit FMA
-// is two 128-bit ones, so half-empty 32-byte vectors would cost twice the time.
+// x86-64-v3 clone and a pair of SSE registers in the baseline one; with 64 (x86-64-v4 clone
+// only), one AVX-512 register. Batches that fit one 16-byte vector (4 float32 / 2 float64
+// samples) use 16-byte sample vectors: on the Zen 1 machine a 256-bit FMA is two 128-bit ones,
+// so half-empty 32-byte vectors would cost twice the time.
 template <typename T, int Bytes = 32>
 struct Lanes {
   typedef T V __attribute__((vector_size(Bytes)));
   static constexpr int64_t L = Bytes / sizeof(T);
 };
 
-// A 32-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
+// A 64-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
 // and the aligned vector stores crashed).
 template <typename V>
 class Buffer {
@@ -185,12 +239,12 @@ CAPSNET_INLINE V vexp(V x) {
 }
 
 // v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) for one capsule, lane `k` of M vectors
-// (v may be s). Computed on t = s / a, a = max |s_m|, so that nothing overflows: with
-// qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r). The naive
-// |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is inf for
-// tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
+// (v may be s), eps = squash_eps >= 0. Computed on t = s / a, a = max |s_m|, so that nothing
+// overflows: with qt = |t|^2 in [1, M] and r = 1 / a^2, v = t / (1 + r / qt) / sqrt(qt + eps r).
+// The naive |s|^2 overflows float32 once |s| > 1.8e19 (and v became 0 from |s| ~ 7e12 on). r is
+// inf for tiny a and 0 for huge a; both give the right limit (v = 0, v = t / |t|).
 template <typename T, typename V>
-CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
+CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M, T eps) {
   // a = max_m |s_m|, NaN when some s_m is NaN (std::max would drop it, and a capsule of zeros
   // and a NaN would then squash to 0).
   T a = 0;
@@ -199,7 +253,9 @@ CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
     a = (x > a || x != x) && a == a ? x : a;
   }
   if (a == 0) {
-    for (int64_t m = 0; m < M; ++m) v[m][k] = 0;
+    // The limit for eps > 0; the eps-free squash is 0/0 here, NaN as in the reference.
+    const T at_zero = eps == 0 ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t m = 0; m < M; ++m) v[m][k] = at_zero;
     return;
   }
   T qt = 0;
@@ -208,25 +264,28 @@ CAPSNET_INLINE void squash_lane(const V* s, V* v, int k, int64_t M) {
     qt += t * t;
   }
   const T r = T(1) / (a * a);
-  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T er = eps == 0 ? T(0) : eps * r;
   const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
   for (int64_t m = 0; m < M; ++m) v[m][k] = g * (s[m][k] / a);
 }
 
 // ds = dL/ds from dv = dL/dv for v = f(|s|^2) s, on the scaled t = s / a of squash_lane:
 // ds = (g / a) (dv + 2 h (t . dv) t) with h = 1/qt - 1/(r + qt) - 1/(2 (qt + eps r)), which is
-// f dv + 2 f'(|s|^2) (s . dv) s (h = a^2 f' / f); 0 at s = 0. Lane k of one capsule; returns
-// ds . s (what the softmax over in_caps needs).
+// f dv + 2 f'(|s|^2) (s . dv) s (h = a^2 f' / f); 0 at s = 0 (NaN when eps = 0, as v). Lane k
+// of one capsule; returns ds . (s - bias) (bias_j [M] or null), the sum over i of
+// c_ij ds . u_hat_ij that the softmax over in_caps needs: s is the squash input, bias included.
 template <typename T, typename V>
-CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M) {
+CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int64_t M, T eps,
+                                      const T* bias_j) {
   T a = 0;  // max_m |s_m|, NaN when some s_m is NaN (as in squash_lane)
   for (int64_t m = 0; m < M; ++m) {
     const T x = std::abs(s[m][k]);
     a = (x > a || x != x) && a == a ? x : a;
   }
   if (a == 0) {
-    for (int64_t m = 0; m < M; ++m) ds[m][k] = 0;
-    return 0;
+    const T at_zero = eps == 0 ? std::numeric_limits<T>::quiet_NaN() : T(0);
+    for (int64_t m = 0; m < M; ++m) ds[m][k] = at_zero;
+    return at_zero;
   }
   T qt = 0, tdv = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -235,7 +294,7 @@ CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int
     tdv += t * dv[m][k];
   }
   const T r = T(1) / (a * a);
-  const T er = kSquashEps == 0 ? T(0) : T(kSquashEps) * r;
+  const T er = eps == 0 ? T(0) : eps * r;
   const T g = T(1) / (T(1) + r / qt) / std::sqrt(qt + er);
   const T h = T(1) / qt - T(1) / (r + qt) - T(0.5) / (qt + er);
   const T scale = g / a, c = T(2) * h * tdv;
@@ -243,7 +302,7 @@ CAPSNET_INLINE T squash_backward_lane(const V* s, const V* dv, V* ds, int k, int
   for (int64_t m = 0; m < M; ++m) {
     const T sm = s[m][k];
     ds[m][k] = scale * (dv[m][k] + c * (sm / a));
-    dss += ds[m][k] * sm;
+    dss += ds[m][k] * (bias_j != nullptr ? sm - bias_j[m] : sm);
   }
   return dss;
 }
@@ -258,12 +317,31 @@ struct PredictArgs {
   V* dots;           // [NDOT, J]: dots[d * J + j] = u_hat_ij . with[d][j]
 };
 
+// dj[d] += sum_k acc[k] with[d][jm + k] for the K values acc of u_hat_i[j, m .. m + K), summed
+// as a tree so that no long chain of dependent FMAs forms. Shared by predict and agree, so
+// that the agreement of a cached u_hat is rounded as that of a recomputed one.
+template <int K, int NDOT, typename V>
+CAPSNET_INLINE void add_dots(const V (&acc)[K], const V* const (&with)[2], int64_t jm,
+                             V (&dj)[2]) {
+#pragma GCC unroll 2
+  for (int d = 0; d < NDOT; ++d) {
+    V p[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) p[k] = acc[k] * with[d][jm + k];
+#pragma GCC unroll 3
+    for (int h = K / 2; h >= 1; h /= 2) {
+#pragma GCC unroll 4
+      for (int k = 0; k < h; ++k) p[k] += p[k + h];
+    }
+    dj[d] += p[0];
+  }
+}
+
 // u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for one sample vector. The K outputs
 // are accumulated in registers (K independent FMA chains; each u_i[n] vector is loaded once
 // per block and each weight broadcast). While the block is in registers, its dot products with
-// the `with` arrays are added to dj[d], summed as a tree so that no long chain of dependent
-// FMAs forms. (Broadcasting each weight once for two sample vectors, 4 x 2 accumulators, ran
-// 30% slower here.)
+// the `with` arrays are added to dj[d]. (Broadcasting each weight once for two sample vectors,
+// 4 x 2 accumulators, ran 30% slower on the Zen 1 machine.)
 template <int K, int NDOT, typename T, typename V>
 CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>& args, int64_t jm,
                                   int64_t N, int64_t M, V (&dj)[2]) {
@@ -278,18 +356,7 @@ CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>& a
   }
 #pragma GCC unroll 8
   for (int k = 0; k < K; ++k) args.uh[jm + k] = acc[k];
-#pragma GCC unroll 2
-  for (int d = 0; d < NDOT; ++d) {
-    V p[K];
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) p[k] = acc[k] * args.with[d][jm + k];
-#pragma GCC unroll 3
-    for (int h = K / 2; h >= 1; h /= 2) {
-#pragma GCC unroll 4
-      for (int k = 0; k < h; ++k) p[k] += p[k + h];
-    }
-    dj[d] += p[0];
-  }
+  add_dots<K, NDOT>(acc, args.with, jm, dj);
 }
 
 // u_hat_i [J, M] and its NDOT dot products per j for one sample vector; w_i = W[i] [J, N, M].
@@ -307,6 +374,41 @@ CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>& args,
   }
 }
 
+// The dot products of predict for a u_hat_i [J, M] already in memory (args.uh, the cache),
+// in the same blocks and order as predict's.
+template <int K, int NDOT, typename V>
+CAPSNET_INLINE void agree_block(const PredictArgs<V>& args, int64_t jm, V (&dj)[2]) {
+  V acc[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) acc[k] = args.uh[jm + k];
+  add_dots<K, NDOT>(acc, args.with, jm, dj);
+}
+
+template <int NDOT, typename V>
+CAPSNET_INLINE void agree(const PredictArgs<V>& args, int64_t J, int64_t M) {
+  for (int64_t j = 0; j < J; ++j) {
+    V dj[2] = {};
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) agree_block<8, NDOT>(args, j * M + m, dj);
+    for (; m + 4 <= M; m += 4) agree_block<4, NDOT>(args, j * M + m, dj);
+    for (; m < M; ++m) agree_block<1, NDOT>(args, j * M + m, dj);
+    for (int d = 0; d < NDOT; ++d) args.dots[d * J + j] = dj[d];
+  }
+}
+
+// u_hat_i and its dot products: computed from W (into args.uh) in the sweep that fills the
+// cache or when nothing is cached, read from args.uh in the later sweeps of the cached path.
+template <int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_or_agree(bool from_cache, const T* __restrict w_i,
+                                     const PredictArgs<V>& args, int64_t J, int64_t N,
+                                     int64_t M) {
+  if (from_cache) {
+    agree<NDOT>(args, J, M);
+  } else {
+    predict<NDOT>(w_i, args, J, N, M);
+  }
+}
+
 // Routing logits of one input capsule: l[j] = prior_ij (+ agreement[j] after the first
 // iteration: u_hat_ij . V^{t-1}_j; V^0 = 0, so the first iteration's logits are the prior).
 template <typename T, typename V>
@@ -318,11 +420,12 @@ CAPSNET_INLINE void logits(const T* prior_i, const V* agreement, V* l, int64_t J
 }
 
 // In place: l -> softmax(l) over its J entries, max-subtracted so large logits stay finite.
+// leaky: one more logit, fixed at 0, joins the max and the sum; its share is dropped.
 template <typename T, typename V>
-CAPSNET_INLINE void softmax(V* l, int64_t J) {
-  V mx = l[0];
-  for (int64_t j = 1; j < J; ++j) mx = vmax(l[j], mx);
-  V sum{};
+CAPSNET_INLINE void softmax(V* l, int64_t J, bool leaky) {
+  V mx = leaky ? V{} : l[0];
+  for (int64_t j = leaky ? 0 : 1; j < J; ++j) mx = vmax(l[j], mx);
+  V sum = leaky ? vexp<T>(-mx) : V{};
   for (int64_t j = 0; j < J; ++j) {
     l[j] = vexp<T>(l[j] - mx);
     sum += l[j];
@@ -368,11 +471,14 @@ struct Routing {
   const T* u;      // [B, I, N]
   const T* w;      // [I, J, N, M]
   const T* prior;  // [I, J] or null
-  T* s;            // [B, R, J, M] s^t
+  const T* bias;   // [J, M] or null, added to s^t before every squash
+  T* s;            // [B, R, J, M] s^t (+ bias: the squash input)
   T* V;            // [B, R, J, M] V^{t-1}
   T* lse;          // [B, R, J] for in_caps
   RoutingSizes sz;
   bool in_caps;
+  bool leaky;  // one extra logit fixed at 0 on the softmax axis
+  T eps;       // squash_eps
 };
 
 // ut[(i * nv + v) * N + n][k] = u[b0 + v L + k, i, n] for the nv vectors of samples from b0
@@ -394,15 +500,22 @@ void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
 }
 
 // Forward for groups [grp_begin, grp_end) of KV sample vectors (the last one may be shorter).
+// cached: u_hat of the group is kept for the later sweeps (KV I J M vectors, allocated here).
 template <typename T, int SB>
-CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, int64_t grp_begin,
-                                   int64_t grp_end) {
+CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bool cached,
+                                   int64_t grp_begin, int64_t grp_end) {
   using V = typename Lanes<T, SB>::V;
   constexpr int64_t L = Lanes<T, SB>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M;
-  Buffer<V> ut(I * KV * N), uh(KV * kCapsBlock * JM), l(KV * kCapsBlock * J), dots(KV * J),
-      scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J), norm(KV * J);
+  Buffer<V> ut(I * KV * N), uh(cached ? KV * I * JM : KV * kCapsBlock * JM),
+      l(KV * kCapsBlock * J), dots(KV * J), scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
+      norm(KV * J);
+  // u_hat of input capsule i0 + ib for vector v: [KV, I, J, M] when cached, else the block's
+  // [KV, kCapsBlock, J, M]; either way the block's capsules are JM vectors apart.
+  auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
+    return &uh[cached ? (v * I + i0 + ib) * JM : (v * kCapsBlock + ib) * JM];
+  };
   for (int64_t grp = grp_begin; grp < grp_end; ++grp) {
     const int64_t b0 = grp * KV * L;
     const int64_t nv = std::min(KV, (B - b0 + L - 1) / L);
@@ -410,8 +523,11 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
     std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
-      std::fill(mx.begin(), mx.end(), splat<V>(-std::numeric_limits<T>::infinity()));
-      std::fill(norm.begin(), norm.end(), V{});
+      // The online softmax over i starts empty, or (leaky) with the extra logit 0 already in:
+      // max 0 and sum exp(0 - 0) = 1.
+      std::fill(mx.begin(), mx.end(),
+                a.leaky ? V{} : splat<V>(-std::numeric_limits<T>::infinity()));
+      std::fill(norm.begin(), norm.end(), a.leaky ? splat<V>(T(1)) : V{});
       for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
         const int64_t nb = std::min(kCapsBlock, I - i0);
         // u_hat and logits of the block's input capsules, for every vector of the group.
@@ -419,21 +535,21 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
           const int64_t i = i0 + ib;
           for (int64_t v = 0; v < nv; ++v) {
             // W[i] comes from L1 for every vector after the first.
-            const PredictArgs<V> args{&ut[(i * nv + v) * N], &uh[(v * kCapsBlock + ib) * JM],
+            const PredictArgs<V> args{&ut[(i * nv + v) * N], uh_at(v, i0, ib),
                                       {&Vs[v * JM], nullptr}, &dots[v * J]};
             if (t == 0) {
               predict<0>(a.w + i * JNM, args, J, N, M);
             } else {
-              predict<1>(a.w + i * JNM, args, J, N, M);
+              predict_or_agree<1>(cached, a.w + i * JNM, args, J, N, M);
             }
             V* l_i = &l[(v * kCapsBlock + ib) * J];
             logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
                          l_i, J);
-            if (!a.in_caps) softmax<T>(l_i, J);
+            if (!a.in_caps) softmax<T>(l_i, J, a.leaky);
           }
         }
         for (int64_t v = 0; v < nv; ++v) {
-          const V* uh_v = &uh[v * kCapsBlock * JM];
+          const V* uh_v = uh_at(v, i0, 0);
           V* l_v = &l[v * kCapsBlock * J];
           V* Sv = &S[v * JM];
           if (!a.in_caps) {
@@ -458,7 +574,8 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
           }
         }
       }
-      // Per sample: normalise (in_caps), save s^t and V^{t-1}, squash, V^t = V^{t-1} + v^t.
+      // Per sample: normalise (in_caps), add the bias, save s^t and V^{t-1}, squash,
+      // V^t = V^{t-1} + v^t.
       for (int64_t g = 0; g < KV * L && b0 + g < B; ++g) {
         const int64_t v = g / L, b = b0 + g;
         const int k = static_cast<int>(g % L);
@@ -472,12 +589,15 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
             a.lse[bt * J + j] = mx[v * J + j][k] + std::log(nj);
           }
         }
+        if (a.bias != nullptr) {
+          for (int64_t q = 0; q < JM; ++q) Sv[q][k] += a.bias[q];
+        }
         for (int64_t q = 0; q < JM; ++q) {
           a.V[bt * JM + q] = Vv[q][k];
           a.s[bt * JM + q] = Sv[q][k];
         }
         // v^t overwrites s^t (saved above); the last v^t is the output.
-        for (int64_t j = 0; j < J; ++j) squash_lane<T>(Sv + j * M, Sv + j * M, k, M);
+        for (int64_t j = 0; j < J; ++j) squash_lane<T>(Sv + j * M, Sv + j * M, k, M, a.eps);
         for (int64_t q = 0; q < JM; ++q) Vv[q][k] += Sv[q][k];
         if (t == R - 1) {
           for (int64_t q = 0; q < JM; ++q) v_out[b * JM + q] = Sv[q][k];
@@ -489,11 +609,12 @@ CAPSNET_KERNEL void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, in
 
 // Which backward sweeps run and what they produce.
 struct BackwardPlan {
-  bool detach_inner, need_uhat_grad, need_dp;
-  // D = dL/dV is carried backwards (ds^t for t < R-1 is needed).
-  bool carry() const { return !detach_inner || need_dp; }
+  bool detach_inner, need_uhat_grad, need_dp, need_db;
+  // D = dL/dV is carried backwards (ds^t for t < R-1 is needed: by du_hat without
+  // detach_inner, by dprior through beta^t, by dbias = sum_t ds^t).
+  bool carry() const { return !detach_inner || need_dp || need_db; }
   // Sweep t (recomputing u_hat) runs: with D carried, t >= 1 always and t = 0 for dprior
-  // (beta^0); with detach_inner and no dprior only alpha^{R-1} is needed.
+  // (beta^0); with detach_inner and neither dprior nor dbias only alpha^{R-1} is needed.
   bool sweep(int64_t t, int64_t R) const {
     if (carry()) return t >= 1 || need_dp;
     return t == R - 1;
@@ -519,26 +640,34 @@ struct BackwardChunk {
 };
 
 // Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta
-// for the sweeps the plan runs.
+// for the sweeps the plan runs. cached: the first sweep keeps u_hat of the vectors for the
+// later ones ((v_end - v_begin) I J M vectors, allocated here).
 template <typename T, int SB>
-CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c,
-                                    const T* g_out, const BackwardPlan& plan, int64_t v_begin,
-                                    int64_t v_end) {
+CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c,
+                                    const T* g_out, const BackwardPlan& plan, bool cached,
+                                    int64_t v_begin, int64_t v_end) {
   using V = typename Lanes<T, SB>::V;
   constexpr int64_t L = Lanes<T, SB>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
   const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
   const int64_t nv = v_end - v_begin;
-  Buffer<V> uh(nv * kCapsBlock * JM), l(J), eb(nv * kCapsBlock * J), dots(nv * 2 * J),
-      D(nv * JM), A(nv * JM), g(JM);
-  auto state = [&](int64_t t, int64_t v) { return (t * VC + v) * JM; };
-  auto scalars = [&](int64_t t, int64_t v) { return (t * VC + v) * J; };
-  // Every lane gets a finite ds^t: padded lanes have s = 0 and grad_v = 0.
-  auto squash_backward_vector = [&](int64_t t, int64_t v, const V* dv) {
-    for (int k = 0; k < L; ++k) {
+  Buffer<V> uh(cached ? nv * I * JM : nv * kCapsBlock * JM), l(J), eb(nv * kCapsBlock * J),
+      dots(nv * 2 * J), D(nv * JM), A(nv * JM), g(JM);
+  auto state = [&](int64_t t, int64_t v) CAPSNET_INLINE_LAMBDA { return (t * VC + v) * JM; };
+  auto scalars = [&](int64_t t, int64_t v) CAPSNET_INLINE_LAMBDA { return (t * VC + v) * J; };
+  // u_hat of input capsule i0 + ib for vector v - v_begin, laid out as in forward_groups.
+  auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
+    return &uh[cached ? (v * I + i0 + ib) * JM : (v * kCapsBlock + ib) * JM];
+  };
+  // The lanes of samples only: padded lanes keep ds^t = 0 (their s is 0, which the eps-free
+  // squash would turn into NaN).
+  auto squash_backward_vector = [&](int64_t t, int64_t v, const V* dv) CAPSNET_INLINE_LAMBDA {
+    const int lanes = static_cast<int>(std::min<int64_t>(L, B - c.b0 - v * L));
+    for (int k = 0; k < lanes; ++k) {
       for (int64_t j = 0; j < J; ++j) {
         c.dss[scalars(t, v) + j][k] = squash_backward_lane<T>(
-            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M);
+            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M, a.eps,
+            a.bias != nullptr ? a.bias + j * M : nullptr);
       }
     }
   };
@@ -550,8 +679,12 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
     squash_backward_vector(R - 1, v, g.data());
   }
   std::fill(D.begin(), D.end(), V{});
+  // With the cache: whether an earlier sweep has filled it.
+  bool filled = false;
   for (int64_t t = R - 1; t >= 0; --t) {
     const bool sweep = plan.sweep(t, R);
+    const bool from_cache = cached && filled;
+    filled = filled || sweep;
     const bool need_A = t >= 1 && plan.carry();
     if (!sweep && !plan.alpha_used(t, R)) continue;
     std::fill(A.begin(), A.end(), V{});
@@ -565,14 +698,13 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
           // t = 0: dots [0, J) = u_hat . ds^t.
           for (int64_t v = 0; v < nv; ++v) {
             const V* ds = &c.DS[state(t, v_begin + v)];
-            const PredictArgs<V> args{&c.ut[(i * VC + v_begin + v) * N],
-                                      &uh[(v * kCapsBlock + ib) * JM],
+            const PredictArgs<V> args{&c.ut[(i * VC + v_begin + v) * N], uh_at(v, i0, ib),
                                       {t > 0 ? &c.Vp[state(t, v_begin + v)] : ds, ds},
                                       &dots[v * 2 * J]};
             if (t > 0) {
-              predict<2>(a.w + i * JNM, args, J, N, M);
+              predict_or_agree<2>(from_cache, a.w + i * JNM, args, J, N, M);
             } else {
-              predict<1>(a.w + i * JNM, args, J, N, M);
+              predict_or_agree<1>(from_cache, a.w + i * JNM, args, J, N, M);
             }
           }
         }
@@ -589,14 +721,14 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
           if (a.in_caps) {
             for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - c.lse[scalars(t, v) + j]);
           } else {
-            softmax<T>(l.data(), J);
+            softmax<T>(l.data(), J, a.leaky);
           }
           V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
           for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
           if (!sweep) continue;
           // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
           if (a.in_caps) {
-            // Softmax over i: sum_i c_ij e_ij = ds^t_j . s^t_j.
+            // Softmax over i: sum_i c_ij e_ij = ds^t_j . (s^t_j - bias_j).
             for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
           } else {
             V ce{};
@@ -610,8 +742,8 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
       if (need_A) {
         // A_j += sum_i dl^t_ij u_hat_ij over the block.
         for (int64_t v = 0; v < nv; ++v) {
-          accumulate_block<V>(&A[v * JM], nullptr, &uh[v * kCapsBlock * JM],
-                              &eb[v * kCapsBlock * J], nb, J, M);
+          accumulate_block<V>(&A[v * JM], nullptr, uh_at(v, i0, 0), &eb[v * kCapsBlock * J], nb,
+                              J, M);
         }
       }
     }
@@ -625,28 +757,28 @@ CAPSNET_KERNEL void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
   }
 }
 
-// Unaligned loads and stores of a vector of M values, for the phase-2 loops that are
-// vectorised over the pose dimension (m) rather than over samples.
-template <typename T>
+// Unaligned loads and stores of a vector of PB bytes of pose values, for the phase-2 loops
+// that are vectorised over the pose dimension (m) rather than over samples.
+template <typename T, int PB>
 struct Unaligned {
-  typedef T V __attribute__((vector_size(32), aligned(alignof(T)), may_alias));
+  typedef T V __attribute__((vector_size(PB), aligned(alignof(T)), may_alias));
 };
 
 template <typename T, typename V>
 CAPSNET_INLINE T hsum(V x) {
   T sum = 0;
-  for (int64_t k = 0; k < Lanes<T>::L; ++k) sum += x[k];
+  for (size_t k = 0; k < sizeof(V) / sizeof(T); ++k) sum += x[k];
   return sum;
 }
 
-// du[b, i, n0 .. n0 + NB) = sum_j W[i, j, n, :] . du_hat_j, MV vectors per capsule, NB x MV
-// accumulators in registers.
-template <int NB, int MV, typename T>
+// du[b, i, n0 .. n0 + NB) = sum_j W[i, j, n, :] . du_hat_j, MV vectors of PB bytes per
+// capsule, NB x MV accumulators in registers.
+template <int NB, int MV, int PB, typename T>
 CAPSNET_INLINE void du_block(const T* w_i, const T* d, T* du_bi, int64_t n0, int64_t J,
                              int64_t N) {
-  using U = typename Unaligned<T>::V;
-  constexpr int64_t L = Lanes<T>::L, M = MV * L;
-  typename Lanes<T>::V acc[NB][MV] = {};
+  using U = typename Unaligned<T, PB>::V;
+  constexpr int64_t L = Lanes<T, PB>::L, M = MV * L;
+  typename Lanes<T, PB>::V acc[NB][MV] = {};
   for (int64_t j = 0; j < J; ++j) {
     const U* dj = reinterpret_cast<const U*>(d + j * M);
 #pragma GCC unroll 8
@@ -658,19 +790,19 @@ CAPSNET_INLINE void du_block(const T* w_i, const T* d, T* du_bi, int64_t n0, int
   }
 #pragma GCC unroll 8
   for (int nb = 0; nb < NB; ++nb) {
-    typename Lanes<T>::V x = acc[nb][0];
+    typename Lanes<T, PB>::V x = acc[nb][0];
     for (int q = 1; q < MV; ++q) x += acc[nb][q];
     du_bi[n0 + nb] = hsum<T>(x);
   }
 }
 
 // dW[i, j, n0 .. n0 + NB, :] (+)= sum over the chunk's samples g of u[g, i, n] du_hat[g, j, :].
-template <int NB, int MV, typename T>
+template <int NB, int MV, int PB, typename T>
 CAPSNET_INLINE void dw_block(const T* u_i, int64_t u_stride, const T* duh_j, int64_t duh_stride,
                              int64_t nb_samples, T* out, int64_t n0, bool first) {
-  using U = typename Unaligned<T>::V;
-  constexpr int64_t L = Lanes<T>::L, M = MV * L;
-  typename Lanes<T>::V acc[NB][MV] = {};
+  using U = typename Unaligned<T, PB>::V;
+  constexpr int64_t L = Lanes<T, PB>::L, M = MV * L;
+  typename Lanes<T, PB>::V acc[NB][MV] = {};
   for (int64_t g = 0; g < nb_samples; ++g) {
     const U* dj = reinterpret_cast<const U*>(duh_j + g * duh_stride);
     const T* ug = u_i + g * u_stride + n0;
@@ -688,28 +820,35 @@ CAPSNET_INLINE void dw_block(const T* u_i, int64_t u_stride, const T* duh_j, int
   }
 }
 
+// What phase 2 reads of a chunk: its first sample b0, its CS sample slots and, per
+// (t, i, j, slot), alpha and beta [R, I, J, CS] (the phase-1 vectors seen as scalars).
+template <typename T>
+struct ChunkCoefficients {
+  int64_t b0, CS;
+  const T* alpha;
+  const T* beta;
+};
+
 // Backward phase 2 for input capsules [i_begin, i_end) and the chunk's samples: du rows, and
 // dW[i] and dprior[i] accumulated over the chunks in order (first chunk: written).
-// MV > 0: M = MV x L, so the loops over m are whole vectors with register accumulators;
-// MV = 0: any M, plain loops.
-template <typename T, int MV, int SB>
-CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, SB>& c,
+// MV > 0: M = MV x (PB / sizeof(T)), so the loops over m are whole vectors of PB bytes with
+// register accumulators; MV = 0: any M, plain loops.
+template <typename T, int MV, int PB>
+CAPSNET_INLINE void backward_inputs(const Routing<T>& a, const ChunkCoefficients<T>& c,
                                     const BackwardPlan& plan, const T* ds, T* du, T* dw,
                                     T* dprior, bool first_chunk, int64_t i_begin,
                                     int64_t i_end) {
-  constexpr int64_t L = Lanes<T, SB>::L;  // samples per vector of the chunk
   // Registers for about 8 accumulators.
   constexpr int NB = MV >= 8 ? 1 : (MV > 0 ? 8 / MV : 1);
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R, M = a.sz.M;
-  const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
-  const int64_t nb = std::min(VC * L, B - c.b0);
-  const T* alpha = reinterpret_cast<const T*>(c.alpha.data());  // [R, I, J, VC L]
-  const T* beta = reinterpret_cast<const T*>(c.beta.data());
-  const int64_t CS = VC * L;
+  const int64_t JM = J * M, JNM = J * N * M, CS = c.CS;
+  const int64_t nb = std::min(CS, B - c.b0);
+  const T* alpha = c.alpha;
+  const T* beta = c.beta;
   std::vector<T> duh(nb * JM), acc(N * M), dp(J);
   // The coefficients of du_hat_bij for iteration t: alpha^t and beta^t (0 with detach_inner,
   // and at t = 0, where V^{-1} = 0), for sample g of the chunk.
-  auto coefficients = [&](int64_t t, int64_t i, int64_t j, int64_t g) {
+  auto coefficients = [&](int64_t t, int64_t i, int64_t j, int64_t g) CAPSNET_INLINE_LAMBDA {
     const int64_t at = ((t * I + i) * J + j) * CS + g;
     return std::pair<T, T>(alpha[at], !plan.detach_inner && t > 0 ? beta[at] : T(0));
   };
@@ -729,8 +868,8 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
       T* d = &duh[g * JM];
       for (int64_t j = 0; j < J; ++j) {
         if constexpr (MV > 0) {
-          using U = typename Unaligned<T>::V;
-          typename Lanes<T>::V dj[MV] = {};
+          using U = typename Unaligned<T, PB>::V;
+          typename Lanes<T, PB>::V dj[MV] = {};
           for (int64_t t = 0; t < R; ++t) {
             if (!plan.alpha_used(t, R)) continue;
             const auto [al, be] = coefficients(t, i, j, g);
@@ -757,8 +896,8 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
       T* du_bi = du + (b * I + i) * N;
       if constexpr (MV > 0) {
         int64_t n0 = 0;
-        for (; n0 + NB <= N; n0 += NB) du_block<NB, MV>(w_i, d, du_bi, n0, J, N);
-        for (; n0 < N; ++n0) du_block<1, MV>(w_i, d, du_bi, n0, J, N);
+        for (; n0 + NB <= N; n0 += NB) du_block<NB, MV, PB>(w_i, d, du_bi, n0, J, N);
+        for (; n0 < N; ++n0) du_block<1, MV, PB>(w_i, d, du_bi, n0, J, N);
       } else {
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t j = 0; j < J; ++j) {
@@ -782,10 +921,10 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
         if constexpr (MV > 0) {
           int64_t n0 = 0;
           for (; n0 + NB <= N; n0 += NB) {
-            dw_block<NB, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+            dw_block<NB, MV, PB>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
           }
           for (; n0 < N; ++n0) {
-            dw_block<1, MV>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
+            dw_block<1, MV, PB>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
           }
         } else {
           for (int64_t n = 0; n < N; ++n) {
@@ -806,50 +945,267 @@ CAPSNET_KERNEL void backward_inputs(const Routing<T>& a, const BackwardChunk<T, 
   }
 }
 
-// Calls body(std::integral_constant<int, MV>) with MV = M / L (vectors per capsule) when M is
-// 1, 2 or 4 vectors of T (16: the paper's digit capsules), MV = 0 (any M) otherwise.
-template <typename T, typename Body>
-void dispatch_pose_vectors(int64_t M, const Body& body) {
-  constexpr int64_t L = Lanes<T>::L;
+// Phase 2 with the widest pose vectors that divide M into 1, 2 or 4 vectors (16 float32: the
+// paper's digit capsules), among the clone's widest (WB bytes) and 32 bytes; plain loops for
+// any other M.
+template <typename T, int WB>
+CAPSNET_INLINE void backward_inputs_any(const Routing<T>& a, const ChunkCoefficients<T>& c,
+                                        const BackwardPlan& plan, const T* ds, T* du, T* dw,
+                                        T* dprior, bool first_chunk, int64_t i_begin,
+                                        int64_t i_end) {
+  const int64_t M = a.sz.M;
+  if constexpr (WB == 64) {
+    constexpr int64_t L = Lanes<T, 64>::L;
+    if (M == L || M == 2 * L || M == 4 * L) {
+      if (M == L) {
+        backward_inputs<T, 1, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
+      } else if (M == 2 * L) {
+        backward_inputs<T, 2, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
+      } else {
+        backward_inputs<T, 4, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
+      }
+      return;
+    }
+  }
+  constexpr int64_t L = Lanes<T, 32>::L;
   if (M == L) {
-    body(std::integral_constant<int, 1>());
+    backward_inputs<T, 1, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
   } else if (M == 2 * L) {
-    body(std::integral_constant<int, 2>());
+    backward_inputs<T, 2, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
   } else if (M == 4 * L) {
-    body(std::integral_constant<int, 4>());
+    backward_inputs<T, 4, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
   } else {
-    body(std::integral_constant<int, 0>());
+    backward_inputs<T, 0, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
   }
 }
 
-template <typename T, int SB>
-void forward_kernel(const Routing<T>& a, T* v) {
+// The kernels of one clone: the bodies above (always inlined) inside functions compiled for
+// the clone's instruction set. kWideBytes: its widest sample vector.
+#define CAPSNET_CLONE_KERNELS(NAME, TARGET, WIDE_BYTES)                                        \
+  struct NAME {                                                                                \
+    static constexpr int kWideBytes = WIDE_BYTES;                                              \
+    template <typename T, int SB>                                                              \
+    TARGET static void forward(const Routing<T>& a, T* v_out, int64_t KV, bool cached,         \
+                               int64_t grp_begin, int64_t grp_end) {                           \
+      forward_groups<T, SB>(a, v_out, KV, cached, grp_begin, grp_end);                         \
+    }                                                                                          \
+    template <typename T, int SB>                                                              \
+    TARGET static void sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c, const T* g_out,    \
+                              const BackwardPlan& plan, bool cached, int64_t v_begin,          \
+                              int64_t v_end) {                                                 \
+      backward_sweeps<T, SB>(a, c, g_out, plan, cached, v_begin, v_end);                       \
+    }                                                                                          \
+    template <typename T>                                                                      \
+    TARGET static void inputs(const Routing<T>& a, const ChunkCoefficients<T>& c,              \
+                              const BackwardPlan& plan, const T* ds, T* du, T* dw, T* dprior,  \
+                              bool first_chunk, int64_t i_begin, int64_t i_end) {              \
+      backward_inputs_any<T, WIDE_BYTES>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, \
+                                         i_end);                                               \
+    }                                                                                          \
+  };
+
+CAPSNET_CLONE_KERNELS(DefaultKernels, , kDefaultWideBytes)
+#if defined(CAPSNET_X86_CLONES)
+CAPSNET_CLONE_KERNELS(X86V3Kernels, CAPSNET_TARGET_X86_V3, 32)
+CAPSNET_CLONE_KERNELS(X86V4Kernels, CAPSNET_TARGET_X86_V4, 64)
+#endif
+
+// ---- Run-time choices: clone, sample vector width, u_hat cache.
+
+enum class Clone { kDefault = 0, kX86V3 = 1, kX86V4 = 2 };
+constexpr Clone kClones[] = {Clone::kX86V4, Clone::kX86V3, Clone::kDefault};  // best first
+const char* clone_name(Clone c) {
+  return c == Clone::kX86V4 ? "x86-64-v4" : c == Clone::kX86V3 ? "x86-64-v3" : "default";
+}
+
+bool clone_built(Clone c) {
+#if defined(CAPSNET_X86_CLONES)
+  (void)c;
+  return true;
+#else
+  return c == Clone::kDefault;
+#endif
+}
+
+// Whether this CPU (and its OS: AVX-512 state saved on context switches) runs the clone.
+bool cpu_runs(Clone c) {
+#if defined(CAPSNET_X86_CLONES)
+  __builtin_cpu_init();
+  if (c == Clone::kX86V4) return __builtin_cpu_supports("x86-64-v4");
+  if (c == Clone::kX86V3) return __builtin_cpu_supports("x86-64-v3");
+#endif
+  return c == Clone::kDefault;
+}
+
+int wide_bytes(Clone c) {
+  return c == Clone::kX86V4 ? 64 : c == Clone::kX86V3 ? 32 : kDefaultWideBytes;
+}
+
+std::string env_setting(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || value[0] == '\0' ? std::string("auto") : std::string(value);
+}
+
+// The clone this call runs: the best one the CPU runs, or the one CAPSNET_FUSED_CPU_ISA names
+// (read at every call, so that tests can switch it).
+Clone clone_for_call() {
+  const std::string isa = env_setting("CAPSNET_FUSED_CPU_ISA");
+  if (isa == "auto") {
+    for (Clone c : kClones) {
+      if (clone_built(c) && cpu_runs(c)) return c;
+    }
+    return Clone::kDefault;
+  }
+  TORCH_CHECK_VALUE(isa == "generic" || isa == "avx2" || isa == "avx512",
+                    "capsnet_fused: CAPSNET_FUSED_CPU_ISA must be auto, generic, avx2 or avx512, "
+                    "got '", isa, "'");
+  const Clone c =
+      isa == "avx512" ? Clone::kX86V4 : isa == "avx2" ? Clone::kX86V3 : Clone::kDefault;
+  TORCH_CHECK(clone_built(c), "capsnet_fused: CAPSNET_FUSED_CPU_ISA=", isa, " asks for the ",
+              clone_name(c),
+              " clone, which this build does not have (it has the default clone only: built "
+              "with CAPSNET_FUSED_NO_CLONES or CAPSNET_FUSED_NATIVE=1, or not by GCC >= 11 for "
+              "x86-64)");
+  TORCH_CHECK(cpu_runs(c), "capsnet_fused: CAPSNET_FUSED_CPU_ISA=", isa, " asks for the ",
+              clone_name(c), " clone, which this CPU cannot run (it lacks ",
+              c == Clone::kX86V4 ? "AVX-512 F/BW/CD/DQ/VL" : "AVX2/FMA/BMI2", ")");
+  return c;
+}
+
+// Bytes of one sample vector for a batch of B: 16 when the batch fits one 16-byte vector (a
+// half-empty wider vector costs full time); 64 in a clone that has them once the batch fills
+// two 64-byte vectors (one per core of a 2-core machine); else 32.
+int sample_bytes(Clone c, int64_t B, int64_t elem_bytes) {
+  if (B <= 16 / elem_bytes) return 16;
+  if (wide_bytes(c) == 64 && B >= 2 * (64 / elem_bytes)) return 64;
+  return 32;
+}
+
+int64_t parse_cache_size(const std::string& text) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || value <= 0) return 0;
+  const char unit = *end;
+  const int64_t scale = unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? 1 << 30 : 1;
+  return value * scale;
+}
+
+// L2 bytes of one core, 0 when unknown: the kernel's cache description of cpu0 (any
+// architecture), else glibc's sysconf. Read once.
+int64_t l2_bytes_per_core() {
+  static const int64_t bytes = [] {
+    for (int index = 0; index < 16; ++index) {
+      const std::string dir =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level");
+      if (!level_file) break;
+      int level = 0;
+      std::string type, size;
+      level_file >> level;
+      std::ifstream(dir + "type") >> type;
+      std::ifstream(dir + "size") >> size;
+      if (level == 2 && type != "Instruction") {
+        const int64_t parsed = parse_cache_size(size);
+        if (parsed > 0) return parsed;
+      }
+    }
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long value = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (value > 0) return static_cast<int64_t>(value);
+#endif
+    return int64_t{0};
+  }();
+  return bytes;
+}
+
+// Bytes of the u_hat that the cached path keeps per thread: one sample vector's, I J M
+// vectors (groups are one vector on that path).
+int64_t uhat_group_bytes(const RoutingSizes& sz, int64_t sample_vector_bytes) {
+  return sz.I * sz.J * sz.M * sample_vector_bytes;
+}
+
+// The fraction of the L2 that the cached u_hat may take: the rest holds the group's states and
+// the stream of W through the first sweep.
+constexpr int64_t kCacheL2Num = 3, kCacheL2Den = 4;
+
+// CAPSNET_FUSED_UHAT_CACHE: on / off force the cached or the recomputing path; auto (default)
+// caches when a group's u_hat fits 3/4 of the L2 of a core.
+bool use_uhat_cache(const RoutingSizes& sz, int64_t sample_vector_bytes) {
+  const std::string mode = env_setting("CAPSNET_FUSED_UHAT_CACHE");
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "on" || mode == "off",
+                    "capsnet_fused: CAPSNET_FUSED_UHAT_CACHE must be auto, on or off, got '", mode,
+                    "'");
+  if (mode != "auto") return mode == "on";
+  return uhat_group_bytes(sz, sample_vector_bytes) * kCacheL2Den <=
+         l2_bytes_per_core() * kCacheL2Num;
+}
+
+// Calls body(Kernels{}) with the kernels of clone c.
+template <typename Body>
+void with_clone(Clone c, const Body& body) {
+#if defined(CAPSNET_X86_CLONES)
+  if (c == Clone::kX86V4) return body(X86V4Kernels{});
+  if (c == Clone::kX86V3) return body(X86V3Kernels{});
+#endif
+  (void)c;
+  body(DefaultKernels{});
+}
+
+// Calls body(std::integral_constant<int, SB>) for sample vectors of sb bytes (64 only in
+// clones that have 64-byte vectors).
+template <typename Kernels, typename Body>
+void with_sample_bytes(int sb, const Body& body) {
+  if constexpr (Kernels::kWideBytes == 64) {
+    if (sb == 64) return body(std::integral_constant<int, 64>());
+  }
+  if (sb == 16) return body(std::integral_constant<int, 16>());
+  body(std::integral_constant<int, 32>());
+}
+
+template <typename Kernels, typename T, int SB>
+void forward_kernel(const Routing<T>& a, T* v, bool cached) {
   const int64_t vectors = (a.sz.B + Lanes<T, SB>::L - 1) / Lanes<T, SB>::L;
-  const int64_t KV = group_vectors(vectors);
+  // The cached path keeps the u_hat of one vector per group: W[i]'s reuse across a group's
+  // vectors only pays in the sweep that computes u_hat.
+  const int64_t KV = cached ? 1 : group_vectors(vectors);
   at::parallel_for(0, (vectors + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    forward_groups<T, SB>(a, v, KV, begin, end);
+    Kernels::template forward<T, SB>(a, v, KV, cached, begin, end);
   });
 }
 
-template <typename T, int SB>
+// dbias [J, M] = sum over b and t of ds^t_b (ds [B, R, J, M]), in that fixed order: one
+// thread, so the sum does not depend on the thread count (B R J M adds, 61 K at the MNIST
+// shape with B = 128).
+template <typename T>
+void bias_gradient(const T* ds, const RoutingSizes& sz, T* dbias) {
+  const int64_t JM = sz.J * sz.M;
+  std::fill(dbias, dbias + JM, T(0));
+  for (int64_t bt = 0; bt < sz.B * sz.R; ++bt) {
+    for (int64_t q = 0; q < JM; ++q) dbias[q] += ds[bt * JM + q];
+  }
+}
+
+template <typename Kernels, typename T, int SB>
 void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T* dprior,
-                     bool detach_inner) {
+                     bool need_dbias, bool detach_inner, bool cached) {
   using V = typename Lanes<T, SB>::V;
   constexpr int64_t L = Lanes<T, SB>::L;
   const RoutingSizes& sz = a.sz;
   const int64_t I = sz.I, J = sz.J, N = sz.N, M = sz.M, R = sz.R, JM = J * M;
-  const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr};
+  const BackwardPlan plan{detach_inner, du != nullptr || dw != nullptr, dprior != nullptr,
+                          need_dbias};
   const int64_t vectors = (sz.B + L - 1) / L;
   if (vectors == 0) {  // B = 0: the sums over the batch are empty
     if (dw != nullptr) std::fill(dw, dw + I * J * N * M, T(0));
     if (dprior != nullptr) std::fill(dprior, dprior + I * J, T(0));
     return;
   }
+  const int64_t chunk = chunk_vectors(SB);
   BackwardChunk<T, SB> c;
-  for (int64_t v0 = 0; v0 < vectors; v0 += kChunkVectors) {
+  for (int64_t v0 = 0; v0 < vectors; v0 += chunk) {
     c.b0 = v0 * L;
-    c.VC = std::min(kChunkVectors, vectors - v0);
+    c.VC = std::min(chunk, vectors - v0);
     const int64_t VC = c.VC;
     c.ut.resize(I * VC * N);
     gather_samples(a, c.b0, VC, c.ut.data());
@@ -874,10 +1230,11 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
         }
       }
     }
-    const int64_t KV = group_vectors(VC);
+    const int64_t KV = cached ? 1 : group_vectors(VC);
     at::parallel_for(0, (VC + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz;
-      backward_sweeps<T, SB>(a, c, g, plan, begin * KV, std::min(VC, end * KV));
+      Kernels::template sweeps<T, SB>(a, c, g, plan, cached, begin * KV,
+                                      std::min(VC, end * KV));
     });
     // ds^t per sample, as phase 2 reads it.
     for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
@@ -889,23 +1246,15 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
       }
     }
     const bool first = v0 == 0;
+    const ChunkCoefficients<T> coefficients{c.b0, VC * L,
+                                            reinterpret_cast<const T*>(c.alpha.data()),
+                                            reinterpret_cast<const T*>(c.beta.data())};
     at::parallel_for(0, I, 8, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz;
-      dispatch_pose_vectors<T>(M, [&](auto mv) {
-        constexpr int MV = decltype(mv)::value;
-        backward_inputs<T, MV, SB>(a, c, plan, ds_out, du, dw, dprior, first, begin, end);
-      });
+      Kernels::template inputs<T>(a, coefficients, plan, ds_out, du, dw, dprior, first, begin,
+                                  end);
     });
   }
-}
-
-// bias, leaky and a squash eps other than 1e-8 (issue 15) are not in these kernels yet: the
-// kernels are being reworked on another branch, and the options follow once that is merged.
-void refuse_new_options(const std::optional<at::Tensor>& bias, bool leaky, double squash_eps) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !bias.has_value() && !leaky && squash_eps == kSquashEps,
-      "capsnet_fused: the cpp CPU kernels do not implement bias, leaky or a squash_eps other "
-      "than 1e-8 yet; use backend='reference' for these options on the CPU");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
@@ -914,17 +1263,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
     bool /*detach_inner: backward only*/, bool leaky, double squash_eps) {
   const ForwardCall call =
       prepare_forward(u, weight, prior, bias, iterations, softmax_in_caps, squash_eps);
-  refuse_new_options(bias, leaky, squash_eps);
+  const Clone clone = clone_for_call();
   AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_fwd", [&] {
     using T = scalar_t;
     const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
-                       call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
-                       call.sz, softmax_in_caps};
-    if (call.sz.B <= Lanes<T, 16>::L) {
-      forward_kernel<T, 16>(a, call.v.data_ptr<T>());
-    } else {
-      forward_kernel<T, 32>(a, call.v.data_ptr<T>());
-    }
+                       ptr_or_null<T>(call.bias), call.s.data_ptr<T>(), call.V.data_ptr<T>(),
+                       call.lse.data_ptr<T>(), call.sz, softmax_in_caps, leaky,
+                       static_cast<T>(squash_eps)};
+    const int sb = sample_bytes(clone, call.sz.B, sizeof(T));
+    const bool cached = use_uhat_cache(call.sz, sb);
+    with_clone(clone, [&](auto kernels) {
+      using Kernels = decltype(kernels);
+      with_sample_bytes<Kernels>(sb, [&](auto sb_constant) {
+        constexpr int SB = decltype(sb_constant)::value;
+        forward_kernel<Kernels, T, SB>(a, call.v.data_ptr<T>(), cached);
+      });
+    });
   });
   return finish_forward(call, u.scalar_type());
 }
@@ -938,27 +1292,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
   const BackwardCall call =
       prepare_backward(grad_v, u, weight, prior, bias, s, V, lse, iterations, softmax_in_caps,
                        squash_eps, need_du, need_dweight, need_dprior, need_dbias);
-  refuse_new_options(bias, leaky, squash_eps);
   if (call.any()) {
+    const Clone clone = clone_for_call();
     AT_DISPATCH_FLOATING_TYPES(call.dtype, "cpp_routing_bwd", [&] {
       using T = scalar_t;
       // The backward kernels only read s, V and lse.
       const Routing<T> a{call.u.data_ptr<T>(), call.w.data_ptr<T>(), ptr_or_null<T>(call.prior),
-                         call.s.data_ptr<T>(), call.V.data_ptr<T>(), call.lse.data_ptr<T>(),
-                         call.sz, softmax_in_caps};
+                         ptr_or_null<T>(call.bias), call.s.data_ptr<T>(), call.V.data_ptr<T>(),
+                         call.lse.data_ptr<T>(), call.sz, softmax_in_caps, leaky,
+                         static_cast<T>(squash_eps)};
       T* du = call.need_du ? call.du.data_ptr<T>() : nullptr;
       T* dw = call.need_dw ? call.dw.data_ptr<T>() : nullptr;
       T* dp = call.need_dp ? call.dp.data_ptr<T>() : nullptr;
-      if (call.sz.B <= Lanes<T, 16>::L) {
-        backward_kernel<T, 16>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du, dw, dp,
-                               detach_inner);
-      } else {
-        backward_kernel<T, 32>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du, dw, dp,
-                               detach_inner);
-      }
+      const int sb = sample_bytes(clone, call.sz.B, sizeof(T));
+      const bool cached = use_uhat_cache(call.sz, sb);
+      with_clone(clone, [&](auto kernels) {
+        using Kernels = decltype(kernels);
+        with_sample_bytes<Kernels>(sb, [&](auto sb_constant) {
+          constexpr int SB = decltype(sb_constant)::value;
+          backward_kernel<Kernels, T, SB>(a, call.g.data_ptr<T>(), call.ds.data_ptr<T>(), du,
+                                          dw, dp, call.need_db, detach_inner, cached);
+        });
+      });
+      if (call.need_db) bias_gradient(call.ds.data_ptr<T>(), call.sz, call.db.data_ptr<T>());
     });
   }
   return finish_backward(call, u, weight, prior, bias);
+}
+
+// The MNIST DigitCaps routing problem at B = 128, float32: what cpp_kernel_info reports the
+// u_hat cache's decision for.
+constexpr RoutingSizes kMnistSizes{128, 1152, 10, 8, 16, 3};
+
+std::string json_list(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (size_t k = 0; k < items.size(); ++k) out += (k ? ", \"" : "\"") + items[k] + "\"";
+  return out + "]";
+}
+
+// JSON: the clone this process's calls run, what was built and what the CPU runs, the L2
+// size read, and the u_hat cache setting with its decision at the MNIST shape.
+std::string cpp_kernel_info() {
+  const Clone clone = clone_for_call();
+  std::vector<std::string> built, runs;
+  for (Clone c : kClones) {
+    if (clone_built(c)) built.push_back(clone_name(c));
+    if (clone_built(c) && cpu_runs(c)) runs.push_back(clone_name(c));
+  }
+  const int sb = sample_bytes(clone, kMnistSizes.B, sizeof(float));
+  const bool cached = use_uhat_cache(kMnistSizes, sb);
+  std::string json = "{";
+  json += "\"clone\": \"" + std::string(clone_name(clone)) + "\"";
+  json += ", \"clones_built\": " + json_list(built);
+  json += ", \"clones_cpu_runs\": " + json_list(runs);
+  json += ", \"cpu_isa\": \"" + env_setting("CAPSNET_FUSED_CPU_ISA") + "\"";
+  json += ", \"build_isa\": \"" + std::string(kBuildIsa) + "\"";
+  json += ", \"sample_vector_bytes\": " + std::to_string(wide_bytes(clone));
+  json += ", \"l2_bytes_per_core\": " + std::to_string(l2_bytes_per_core());
+  json += ", \"u_hat_cache\": \"" + env_setting("CAPSNET_FUSED_UHAT_CACHE") + "\"";
+  json += ", \"u_hat_cache_mnist\": {\"shape\": \"B=128 I=1152 J=10 N=8 M=16 float32\"";
+  json += ", \"sample_vector_bytes\": " + std::to_string(sb);
+  json += ", \"u_hat_bytes_per_group\": " + std::to_string(uhat_group_bytes(kMnistSizes, sb));
+  json += ", \"path\": \"" + std::string(cached ? "cached" : "recompute") + "\"}";
+  return json + "}";
 }
 
 }  // namespace
@@ -966,6 +1362,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_bwd_cpu(
 TORCH_LIBRARY_IMPL(capsnet_fused, CPU, m) {
   m.impl("cpp_routing_fwd", &routing_fwd_cpu);
   m.impl("cpp_routing_bwd", &routing_bwd_cpu);
+}
+
+// No tensor arguments, so no backend key to dispatch on: registered for every backend.
+TORCH_LIBRARY_IMPL(capsnet_fused, CompositeExplicitAutograd, m) {
+  m.impl("cpp_kernel_info", &cpp_kernel_info);
 }
 
 }  // namespace capsnet_fused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -312,18 +313,20 @@ def test_tolerance_rule_and_summary():
     assert (stats["min_ms"], stats["max_ms"], stats["runs"]) == (pytest.approx(1.0), 5.0, 5)
 
 
+SMALL_CAPSNET = dict(
+    image_size=20,
+    num_classes=3,
+    conv_channels=8,
+    kernel_size=5,
+    primary_caps=2,
+    primary_dim=4,
+    digit_dim=4,
+    decoder_hidden=(16, 16),
+)
+
+
 def test_end_to_end_checks_and_times(fake_cpp):
-    small = dict(
-        image_size=20,
-        num_classes=3,
-        conv_channels=8,
-        kernel_size=5,
-        primary_caps=2,
-        primary_dim=4,
-        digit_dim=4,
-        decoder_hidden=(16, 16),
-    )
-    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=small)
+    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=SMALL_CAPSNET)
     fake_cpp(_correct)
     rows = bm.run_end_to_end(config)
     assert [r["backend"] for r in rows] == ["reference", "cpp"]
@@ -336,6 +339,59 @@ def test_end_to_end_checks_and_times(fake_cpp):
     assert rows[1]["status"] == "failed" and "d_conv1_weight" in rows[1]["error"]
     assert rows[1]["train_images_per_s"] is None
     assert "failed: wrong result" in bm.format_e2e_table(rows)
+
+
+def test_end_to_end_times_every_amp_and_layout_setting(fake_cpp):
+    both = (False, True)
+    config = tiny_config(
+        e2e_batch=4,
+        repeats=1,
+        model_kwargs=SMALL_CAPSNET,
+        e2e_amp=both,
+        e2e_channels_last=both,
+    )
+    fake_cpp(_correct)
+    rows = bm.run_end_to_end(config)
+    assert [(r["backend"], r["amp"], r["channels_last"]) for r in rows] == [
+        (backend, amp, last) for amp in both for last in both for backend in ("reference", "cpp")
+    ]
+    by_key = {(r["backend"], r["amp"], r["channels_last"]): r for r in rows}
+    for (backend, amp, last), row in by_key.items():
+        assert row["status"] == "ok", row["error"]
+        assert row["autocast_dtype"] == ("torch.bfloat16" if amp else None)
+        plain = by_key[backend, False, False]
+        ref = by_key["reference", amp, last]
+        assert row["train_speedup_vs_plain"] == pytest.approx(
+            plain["train_median_ms"] / row["train_median_ms"]
+        )
+        assert row["infer_speedup_vs_reference"] == pytest.approx(
+            ref["infer_median_ms"] / row["infer_median_ms"]
+        )
+        # Under autocast the check allows twice the reference router's own bfloat16 error.
+        assert min(row["tolerances"].values()) >= 1e-3
+    table = bm.format_e2e_table(rows)
+    assert "bfloat16 channels_last" in table and "float32 contiguous" in table
+    # A wrong gradient is still refused under autocast: its error is far above bfloat16's.
+    fake_cpp(_wrong_backward)
+    amp_only = dataclasses.replace(config, e2e_amp=(True,), e2e_channels_last=(False,))
+    rows = bm.run_end_to_end(amp_only)
+    assert rows[1]["status"] == "failed" and "wrong result" in rows[1]["error"]
+
+
+def test_end_to_end_flags():
+    config = bm.config_from_args(_parse(["--end-to-end", "--amp", "--channels-last"]))
+    assert tuple(config.e2e_amp) == (False, True)
+    assert tuple(config.e2e_channels_last) == (False, True)
+    plain = bm.config_from_args(_parse(["--end-to-end"]))
+    assert bm.e2e_settings(plain) == [bm.E2ESetting()]
+
+
+def test_end_to_end_rows_name_the_cpu_kernel_clone():
+    pytest.importorskip("capsnet_fused._C", reason="capsnet_fused._C is not built")
+    fields = bm._cpu_kernel_fields(CPU)
+    assert fields["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
+    assert fields["cpu_l2_bytes_per_core"] >= 0
+    assert bm._cpu_kernel_fields(torch.device("meta")) == {}
 
 
 _CLI_TINY = [
@@ -356,3 +412,24 @@ def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
     assert bm.run(_parse([*_CLI_TINY, "--out-dir", str(tmp_path)])) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"cpu.csv", "cpu.json"}
     assert "pip install capsnet-fused[plots]" in capsys.readouterr().err
+
+
+def test_cpu_results_name_the_isa_and_the_kernel_path():
+    # The CPU's model name alone does not say which kernels ran (a VM reports "AMD EPYC" for
+    # Zen 1 to Zen 5): the environment records family/model, the vector ISA and the cpp path.
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    env = bm.environment_info(CPU)
+    assert env["cpu_isa"].startswith("family ")
+    for flag in ("avx2", "avx512f", "avx512_bf16"):
+        assert (f" {flag}" in env["cpu_isa"]) == (flag in flags), flag
+    line = bm._cpu_line(env)
+    assert env["cpu_isa"] in line
+    if "cpp_clone" in env:
+        assert env["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
+        assert env["cpp_u_hat_cache"] in ("auto", "on", "off")
+        assert f"cpp clone {env['cpp_clone']}" in line

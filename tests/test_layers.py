@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from capsnet_fused import FusedRouter, PrimaryCaps, reference_routing, squash
+from capsnet_fused import FusedRouter, PrimaryCaps, available_backends, reference_routing, squash
 
 
 class LabmlStyleRouter(nn.Module):
@@ -50,11 +50,14 @@ def test_router_parameters_and_prior():
     assert router.prior.grad is not None and router.prior.grad.abs().sum() > 0
 
 
-def test_router_bias_leaky_and_squash_eps():
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_router_bias_leaky_and_squash_eps(backend):
     # learn_bias adds `bias` [J, M] at the official code's 0.1; leaky and squash_eps are passed
-    # on. The reference backend: the cpp CPU kernels do not have these options yet.
+    # on, to the reference and to the C++ CPU kernels.
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"the {backend} backend is not built")
     router = FusedRouter(
-        12, 3, 4, 5, learn_bias=True, leaky=True, squash_eps=0.0, backend="reference"
+        12, 3, 4, 5, learn_bias=True, leaky=True, squash_eps=0.0, backend=backend
     ).double()
     assert dict(router.named_parameters()).keys() == {"weight", "bias"}
     assert torch.equal(router.bias.float(), torch.full((3, 5), 0.1))
@@ -62,7 +65,8 @@ def test_router_bias_leaky_and_squash_eps():
     assert "learn_bias=True" in repr(router) and "squash_eps=0" in repr(router)
     u = torch.randn(2, 12, 4, dtype=torch.float64)
     want = reference_routing(u, router.weight, 3, bias=router.bias, leaky=True, squash_eps=0.0)
-    torch.testing.assert_close(router(u), want, rtol=0, atol=0)
+    exact = backend == "reference"
+    torch.testing.assert_close(router(u), want, rtol=0 if exact else 1e-12, atol=0)
     router(u).sum().backward()
     assert router.bias.grad is not None and router.bias.grad.abs().sum() > 0
 

@@ -83,6 +83,26 @@ def test_loss_falls_over_20_steps():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_channels_last_computes_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    sizes = dict(conv_channels=8, primary_caps=2)
+    dense = CapsNet(3, 20, 4, **sizes)
+    last = CapsNet(3, 20, 4, **sizes, channels_last=True)
+    last.load_state_dict(dense.state_dict())
+    for conv in (last.conv1[0], last.primary.conv):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not dense.primary.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images, labels = torch.rand(3, 3, 20, 20), torch.tensor([0, 3, 1])
+    outputs = [model(images, labels) for model in (dense, last)]
+    for got, want in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for out in outputs:
+        (out.lengths.sum() + out.reconstructions.sum()).backward()
+    for name, param in last.named_parameters():
+        want = dict(dense.named_parameters())[name].grad
+        torch.testing.assert_close(param.grad, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _routing_ops(program) -> set[str]:
     """The capsnet_fused ops called anywhere in an exported program (HOP bodies included)."""
     return {
