@@ -37,7 +37,7 @@ def _jit_load() -> None:
     from torch.utils import cpp_extension
 
     csrc = Path(__file__).resolve().parent.parent / "csrc"
-    sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp"]
+    sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp", csrc / "routing_cpu_shared.cpp"]
     cflags = ["-O3", "-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
