@@ -110,6 +110,18 @@ class FlushDenormals {
 #endif
 };
 
+// at::parallel_for over n tasks of about `work` multiply-adds each, with a grain that gives
+// each thread at least kThreadWork of them: every parallel region ends in a barrier, which on a
+// busy machine can wait a scheduler time slice for a preempted thread, so small problems run on
+// the calling thread. The tiles, hence the results, are the same either way.
+constexpr int64_t kThreadWork = int64_t{1} << 18;
+
+template <typename F>
+void parallel_tasks(int64_t n, int64_t work, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(work, 1));
+  at::parallel_for(0, n, grain, f);
+}
+
 // Sizes of one call. The J M columns (j, m) of s, v and ds are kept in NP panels of two vectors
 // (PW values), zero beyond J M, so that every loop over columns is whole vectors whatever M is.
 // The packed weights of rows_gemm are NP panels [K, PW], PS values apart: K PW plus one cache
@@ -186,7 +198,7 @@ CAPSNET_SHARED_INLINE void tile_rows(int64_t nr, const T* a, int64_t a_row, cons
 // q >= J M): W with an [I, J] factor F (c^t, or kappa D) folded in, as rows_gemm reads it.
 template <typename T>
 void pack_scaled_weight(const Layout& z, const T* F, const T* w, T* P) {
-  at::parallel_for(0, z.I, 16, [&](int64_t begin, int64_t end) {
+  parallel_tasks(z.I, z.N * z.NPW, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t n = 0; n < z.N; ++n) {
         const int64_t k = i * z.N + n;
@@ -241,7 +253,7 @@ template <typename T>
 void rows_gemm(const Layout& z, const T* u, const T* F, const T* w, T* P, T* Y) {
   pack_scaled_weight(z, F, w, P);
   const int64_t tasks = (z.B + kTaskRows - 1) / kTaskRows * z.NP;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(tasks, kTaskRows * z.K * z.PW, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Scratch<T> ua(kTaskRows * padded_stride<T>(kDepth));
     rows_gemm_tasks<T>(z, u, P, Y, ua.data(), begin, end);
@@ -290,7 +302,8 @@ CAPSNET_SHARED_KERNEL void agreement_tasks(const Layout& z, const T* u, const T*
 template <typename T>
 void batch_agreement(const Layout& z, const T* u, const T* w, const T* Z, int64_t z_row, T* A) {
   const int64_t caps = agreement_caps(z.N);
-  at::parallel_for(0, (z.I + caps - 1) / caps, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = (z.I + caps - 1) / caps;
+  parallel_tasks(tasks, caps * z.N * z.B * z.NPW, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     Scratch<T> ut(caps * z.N * padded_stride<T>(z.B)), g(caps * z.N * z.NPW);
     agreement_tasks<T>(z, u, w, Z, z_row, A, ut.data(), g.data(), begin, end);
@@ -423,7 +436,7 @@ void shared_forward(const SharedRouting<T>& a, const SharedStates<T>& out, T* v_
     coupling_softmax(logits.data(), c, z.I, z.J, a.in_caps, a.leaky);
     rows_gemm(z, a.u, c, a.w, P.data(), Y.data());
     const bool last = t == z.R - 1;
-    at::parallel_for(0, z.B, 16, [&](int64_t begin, int64_t end) {
+    parallel_tasks(z.B, 8 * z.JM, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         T* s = out.s + (b * z.R + t) * z.JM;
         T* v = out.v_iter + (b * z.R + t) * z.JM;
@@ -555,7 +568,7 @@ void shared_backward(const SharedRouting<T>& a, const SharedPlan& plan, const T*
   VP.zero();
   D.zero();
   Dk.zero();
-  at::parallel_for(0, z.B, 16, [&](int64_t begin, int64_t end) {
+  parallel_tasks(z.B, z.R * z.JM, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t t = 0; t < z.R; ++t) {
         const T* v = v_saved + (b * z.R + t) * z.JM;
@@ -571,7 +584,7 @@ void shared_backward(const SharedRouting<T>& a, const SharedPlan& plan, const T*
       for (int64_t q = 0; q < IJ; ++q) F.data()[q] = a.kappa * D.data()[q];
       rows_gemm(z, a.u, F.data(), a.w, P.data(), Y.data());
     }
-    at::parallel_for(0, z.B, 16, [&](int64_t begin, int64_t end) {
+    parallel_tasks(z.B, 8 * z.JM, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const T* s = s_saved + (b * z.R + t) * z.JM;
         const T* dv = last ? g + b * z.JM : Y.data() + b * z.NPW;
@@ -600,7 +613,8 @@ void shared_backward(const SharedRouting<T>& a, const SharedPlan& plan, const T*
   }
   if (!plan.uhat_grad()) return;
   const int64_t blocks = (z.I + kCapsBlock - 1) / kCapsBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t block_work = kCapsBlock * z.B * z.NPW * (2 * z.R + 2 * z.N);
+  parallel_tasks(blocks, block_work, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
     gradient_blocks<T>(a, plan, c_saved, DS.data(), VP.data(), Dk.data(), du, dw, begin, end);
   });
