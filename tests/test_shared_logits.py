@@ -3,13 +3,29 @@ op contract, and every backend against the float64 reference."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+
 import pytest
 import torch
 
-from capsnet_fused import dynamic_routing, reference_routing
+import capsnet_fused.benchmark as bm
+from capsnet_fused import FusedRouter, dynamic_routing, reference_routing
+from capsnet_fused.checkpoint import load_checkpoint
+from capsnet_fused.models import CapsNet
 from capsnet_fused.ops import shared_logits_unavailable_reason, unavailable_reason
 from capsnet_fused.reference import coupling_softmax, squash
+from capsnet_fused.train import (
+    TrainConfig,
+    add_train_arguments,
+    build_model,
+    config_from_args,
+    config_from_checkpoint,
+    train,
+)
 from tests.helpers import Shape, make_inputs
+from tests.test_train import tiny_config, write_synthetic_dataset
 
 
 def squash_backward(s, dv, eps):
@@ -205,3 +221,68 @@ def test_op_contract_shapes_on_meta_tensors():
         v, u, weight, None, bias, s, v_iter, c, *flags, True, False, True, True
     )
     assert [tuple(g.shape) for g in grads] == [(5, 7, 3), (0,), (0,), (4, 6)]
+
+
+# ---------------------------------------------------------------- modules, CLI, benchmark
+
+
+def test_router_and_capsnet_pass_shared_logits():
+    router = FusedRouter(12, 3, 4, 5, shared_logits="mean", learn_prior=True, backend="reference")
+    assert "shared_logits='mean'" in repr(router)
+    with torch.no_grad():
+        router.prior.normal_()
+    u = torch.randn(3, 12, 4)
+    want = reference_routing(u, router.weight, 3, prior=router.prior, shared_logits="mean")
+    torch.testing.assert_close(router(u), want, rtol=0, atol=0)
+    assert FusedRouter(12, 3, 4, 5).shared_logits is None
+    with pytest.raises(ValueError, match="shared_logits"):
+        FusedRouter(12, 3, 4, 5, shared_logits="max")
+    model = CapsNet(1, 20, 4, conv_channels=8, primary_caps=2, shared_logits="sum")
+    assert model.digit.shared_logits == "sum"
+
+
+def test_train_flag_config_and_old_checkpoints(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    config, given = config_from_args(parser.parse_args(["--shared-logits", "mean"]))
+    assert given == {"shared_logits": "mean"}
+    assert build_model(config, (1, 28, 28)).digit.shared_logits == "mean"
+    assert config_from_args(parser.parse_args([]))[0].shared_logits is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--shared-logits", "max"])
+    with pytest.raises(ValueError, match="shared_logits must be"):
+        TrainConfig(shared_logits="max").validate()
+    # Checkpoints written before the setting existed routed with logits per sample.
+    state = {"config": dataclasses.asdict(TrainConfig())}
+    del state["config"]["shared_logits"]
+    assert config_from_checkpoint(state, "old.pt").shared_logits is None
+
+
+def test_training_records_shared_logits_and_resumes_with_it(tmp_path):
+    data_dir = write_synthetic_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    config = tiny_config(data_dir, out, epochs=1, limit_train=32, shared_logits="mean")
+    train(config, log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["shared_logits"] == "mean"
+    state = load_checkpoint(out)
+    assert config_from_checkpoint(state, out).shared_logits == "mean"
+
+
+def test_benchmark_variants_accept_shared_logits():
+    variant = bm.parse_variant("in_caps-prior-shared_sum")
+    assert variant == bm.Variant("in_caps", True, False, "sum")
+    assert variant.id == "in_caps-prior-shared_sum"
+    assert bm.parse_variant(bm.Variant("out_caps", False, True, "mean").id).shared_logits == "mean"
+    for bad in ("out_caps-shared_max", "out_caps-shared_mean-shared_sum"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            bm.parse_variant(bad)
+    config = bm.BenchConfig(
+        shapes=("24x3x2x5",), batches=(3,), iterations=(2,), backends=("reference", "cpp"),
+        variants=(variant,), repeats=1, memory=False, min_measure_s=0.0,
+    )  # fmt: skip
+    rows = bm.run_routing_benchmark(config)
+    assert {r["variant"] for r in rows} == {"in_caps-prior-shared_sum"}
+    assert {r["shared_logits"] for r in rows} == {"sum"}
+    cpp = [r for r in rows if r["backend"] == "cpp"]
+    if bm.unavailable_reason("cpp", "cpu") is None:
+        assert cpp and all(r["status"] == "ok" for r in cpp), cpp
