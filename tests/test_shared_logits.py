@@ -702,3 +702,23 @@ def test_pycapsnet_componentwise_squash_is_not_reproduced():
     theirs = pycapsnet_digitcaps(x, W, squash_axis=-1)
     ours = dynamic_routing(x, W[0].permute(0, 1, 3, 2), **PYCAPSNET_CALL, backend="reference")
     assert rel_error(ours, theirs) > 0.5
+
+
+@pytest.mark.parametrize("backend", pycapsnet_backends())
+def test_pycapsnet_pytorch_digitcaps_with_pose_components_as_capsules(backend):
+    # pyCapsNet's PyTorch DigitCaps returns after the first weighted sum (iterations=1; there
+    # the shared logits do not matter) and squashes component-wise too. Its pose components as
+    # J M capsules of size 1 (weight W[0] [I, J, M, N] as [I, J M, N, 1]) reproduce it exactly.
+    x, W = pycapsnet_inputs(16)
+    grad = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaves = leaves_of(x, W)
+    want = pycapsnet_digitcaps(*leaves, route_iter=1, squash_axis=-1)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    ours = leaves_of(x, W)
+    weight = ours[1][0].reshape(1152, 160, 8, 1)
+    got = dynamic_routing(ours[0], weight, 1, softmax_over="in_caps", squash_eps=0.0,
+                          shared_logits="mean", backend=backend).reshape(3, 10, 16)  # fmt: skip
+    got_grads = torch.autograd.grad(got, ours, grad)
+    assert rel_error(got, want) < 1e-12
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert rel_error(g, w) < 1e-12
