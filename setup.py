@@ -42,7 +42,7 @@ except ImportError as exc:
     ) from exc
 
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/ops.cpp", f"{CSRC}/routing_cpu.cpp"]
+CPU_SOURCES = [f"{CSRC}/ops.cpp", f"{CSRC}/routing_cpu.cpp", f"{CSRC}/routing_cpu_shared.cpp"]
 CUDA_SOURCES = [f"{CSRC}/routing_cuda.cpp", f"{CSRC}/routing_cuda.cu"]
 
 

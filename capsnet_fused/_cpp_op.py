@@ -37,7 +37,7 @@ def _jit_load() -> None:
     from torch.utils import cpp_extension
 
     csrc = Path(__file__).resolve().parent.parent / "csrc"
-    sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp"]
+    sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp", csrc / "routing_cpu_shared.cpp"]
     cflags = ["-O3", "-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
@@ -92,15 +92,27 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the cpp backend runs on cpu and cuda, not {device.type}"
 
 
+# Device types with kernels for routing logits shared by the batch, looked up once: dynamo
+# cannot trace the dispatcher query, and the answer does not change after import.
+_SHARED_KERNELS = (
+    {
+        device_type
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(
+            "capsnet_fused::cpp_shared_routing_fwd", key
+        )
+    }
+    if _LOAD_ERROR is None
+    else set()
+)
+
+
 def shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when the cpp backend (available for `device` and `dtype`) has kernels for routing
     logits shared by the batch on that device, else why not."""
     if _LOAD_ERROR is not None:
         return _LOAD_ERROR
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "capsnet_fused::cpp_shared_routing_fwd", key
-    ):
+    if device.type in _SHARED_KERNELS:
         return None
     where = {"cpu": "CPU kernels", "cuda": "CUDA kernels"}.get(device.type, device.type)
     return f"its {where} do not have it"

@@ -98,22 +98,29 @@ _WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 @dataclass(frozen=True)
 class Variant:
-    """A routing variant: softmax_over, a prior [I, J] or not, detach_inner."""
+    """A routing variant: softmax_over, a prior [I, J] or not, detach_inner, and the logits
+    per sample (shared_logits None) or shared by the batch ("mean" or "sum")."""
 
     softmax_over: str = "out_caps"
     prior: bool = False
     detach_inner: bool = False
+    shared_logits: str | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.softmax_over}{'-prior' if self.prior else ''}" + (
-            "-detach" if self.detach_inner else ""
+        return (
+            f"{self.softmax_over}{'-prior' if self.prior else ''}"
+            + ("-detach" if self.detach_inner else "")
+            + (f"-shared_{self.shared_logits}" if self.shared_logits else "")
         )
 
 
+# "all": the eight variants with logits per sample (add -shared_mean or -shared_sum to a
+# variant for the logits shared by the batch).
 ALL_VARIANTS = tuple(
     Variant(s, p, d) for s in ("out_caps", "in_caps") for p in (False, True) for d in (False, True)
 )
+_SHARED_FLAGS = {"shared_mean": "mean", "shared_sum": "sum"}
 
 
 @dataclass(frozen=True)
@@ -180,15 +187,20 @@ def parse_shape(name: str) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def parse_variant(text: str) -> Variant:
-    """Parse a variant id: out_caps or in_caps, optionally followed by -prior and/or -detach."""
+    """Parse a variant id: out_caps or in_caps, optionally followed by -prior, -detach and one
+    of -shared_mean / -shared_sum (routing logits shared by the batch)."""
     parts = text.split("-")
     softmax_over, flags = parts[0], set(parts[1:])
-    if softmax_over not in ("out_caps", "in_caps") or not flags <= {"prior", "detach"}:
+    shared = flags & set(_SHARED_FLAGS)
+    valid = softmax_over in ("out_caps", "in_caps") and len(shared) <= 1
+    if not valid or not flags <= {"prior", "detach", *_SHARED_FLAGS}:
         raise ValueError(
             f"unknown variant {text!r}: expected out_caps or in_caps, optionally followed by "
-            f"-prior and/or -detach (e.g. in_caps-prior-detach), or 'all'"
+            f"-prior, -detach and one of -shared_mean, -shared_sum (e.g. "
+            f"in_caps-prior-detach, out_caps-shared_mean), or 'all'"
         )
-    return Variant(softmax_over, "prior" in flags, "detach" in flags)
+    mode = _SHARED_FLAGS[shared.pop()] if shared else None
+    return Variant(softmax_over, "prior" in flags, "detach" in flags, mode)
 
 
 def _device(config: BenchConfig) -> torch.device:
@@ -290,6 +302,8 @@ def make_runner(case: Case, fn: Callable[..., torch.Tensor], inputs: dict) -> Ca
     a prior.
     """
     kwargs = {"softmax_over": case.variant.softmax_over, "detach_inner": case.variant.detach_inner}
+    if case.variant.shared_logits is not None:
+        kwargs["shared_logits"] = case.variant.shared_logits
     if case.mode == "forward":
 
         def forward() -> tuple:
@@ -596,6 +610,7 @@ def _row(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
         "softmax_over": case.variant.softmax_over,
         "prior": case.variant.prior,
         "detach_inner": case.variant.detach_inner,
+        "shared_logits": case.variant.shared_logits or "",
         "mode": case.mode,
         "backend": backend,
         "device": device.type,
@@ -1337,7 +1352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         type=_variants,
         default=None,
-        help="out_caps|in_caps[-prior][-detach], or all (default out_caps)",
+        help="out_caps|in_caps[-prior][-detach][-shared_mean|-shared_sum], or all (the eight "
+        "without shared logits; default out_caps)",
     )
     run_group = parser.add_argument_group("measurement and output")
     run_group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")

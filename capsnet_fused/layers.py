@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet_fused.ops import BACKENDS, check_iterations, check_squash_eps, dynamic_routing
+from capsnet_fused.ops import (
+    BACKENDS,
+    check_iterations,
+    check_shared_logits,
+    check_squash_eps,
+    dynamic_routing,
+)
 from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, squash
 
 # The official code's (Sabour et al.'s release) initial value of its capsule biases.
@@ -18,7 +24,8 @@ class FusedRouter(nn.Module):
     Parameters: `weight` [I, J, N, M] (the layout and name of labml's Router, so its state_dict
     loads unchanged); with learn_prior=True, `prior` [I, J], the initial routing logits; with
     learn_bias=True, `bias` [J, M], added to s before every squash, starting at 0.1 (the
-    official code's value). leaky and squash_eps: see reference_routing.
+    official code's value). leaky, squash_eps and shared_logits: see reference_routing (with
+    shared_logits="mean" or "sum" a sample's output depends on the rest of its batch).
     forward(u [B, I, N]) -> v [B, J, M].
 
     weight starts at init_scale * randn: with the softmax over out_caps, unit-variance weights
@@ -39,6 +46,7 @@ class FusedRouter(nn.Module):
         detach_inner: bool = False,
         leaky: bool = False,
         squash_eps: float = SQUASH_EPS,
+        shared_logits: str | None = None,
         backend: str = "auto",
         init_scale: float = 0.01,
     ) -> None:
@@ -54,6 +62,7 @@ class FusedRouter(nn.Module):
         if not isinstance(leaky, bool):
             raise ValueError(f"leaky must be a bool, got {leaky!r}")
         squash_eps = check_squash_eps(squash_eps)
+        check_shared_logits(shared_logits)
         # Whether the backend can run is known only at the first call (it depends on the
         # tensors' device and dtype); a name that is no backend at all is refused now.
         if backend != "auto" and backend not in BACKENDS:
@@ -64,6 +73,7 @@ class FusedRouter(nn.Module):
         self.detach_inner = detach_inner
         self.leaky = leaky
         self.squash_eps = squash_eps
+        self.shared_logits = shared_logits
         self.backend = backend
         self.weight = nn.Parameter(init_scale * torch.randn(in_caps, out_caps, in_d, out_d))
         self.prior = nn.Parameter(torch.zeros(in_caps, out_caps)) if learn_prior else None
@@ -80,6 +90,7 @@ class FusedRouter(nn.Module):
             detach_inner=self.detach_inner,
             leaky=self.leaky,
             squash_eps=self.squash_eps,
+            shared_logits=self.shared_logits,
             backend=self.backend,
         )
 
@@ -89,7 +100,8 @@ class FusedRouter(nn.Module):
             f"out_d={self.out_d}, iterations={self.iterations}, "
             f"softmax_over={self.softmax_over!r}, learn_prior={self.prior is not None}, "
             f"learn_bias={self.bias is not None}, detach_inner={self.detach_inner}, "
-            f"leaky={self.leaky}, squash_eps={self.squash_eps:g}, backend={self.backend!r}"
+            f"leaky={self.leaky}, squash_eps={self.squash_eps:g}, "
+            f"shared_logits={self.shared_logits!r}, backend={self.backend!r}"
         )
 
 

@@ -36,7 +36,8 @@ class CapsNet(nn.Module):
     """The paper's CapsNet, every size and routing option a constructor argument.
 
     squash_eps is the eps of both squashes (PrimaryCaps and the routing); learn_prior,
-    learn_bias, leaky, detach_inner and softmax_over are FusedRouter's options for DigitCaps.
+    learn_bias, leaky, detach_inner, softmax_over and shared_logits are FusedRouter's options
+    for DigitCaps (with shared_logits a sample's capsules depend on the rest of its batch).
 
     forward(images [B, C, H, W], labels [B] or None) -> CapsNetOutput. The decoder sees only the
     digit capsule of the true label while training (when labels are given) and of the
@@ -66,6 +67,7 @@ class CapsNet(nn.Module):
         detach_inner: bool = False,
         leaky: bool = False,
         squash_eps: float = SQUASH_EPS,
+        shared_logits: str | None = None,
         backend: str = "auto",
         digit_init_scale: float = 0.01,
         channels_last: bool = False,
@@ -101,6 +103,7 @@ class CapsNet(nn.Module):
             detach_inner=detach_inner,
             leaky=leaky,
             squash_eps=squash_eps,
+            shared_logits=shared_logits,
             backend=backend,
             init_scale=digit_init_scale,
         )

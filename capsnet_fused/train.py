@@ -73,7 +73,7 @@ from capsnet_fused.info import machine_summary
 from capsnet_fused.losses import MarginLoss, ReconstructionLoss
 from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
-from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS
+from capsnet_fused.reference import SHARED_LOGITS, SOFTMAX_OVER, SQUASH_EPS
 from capsnet_fused.robustness import AffineSpec, perturb_dataset
 
 # capsnet: the paper's CapsNet; cnn: the plain CNN baseline of the same size (baseline.py).
@@ -102,6 +102,7 @@ class TrainConfig:
     detach_inner: bool = False
     leaky: bool = False
     squash_eps: float = SQUASH_EPS
+    shared_logits: str | None = None
     backend: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -130,6 +131,10 @@ class TrainConfig:
         if self.softmax_over not in SOFTMAX_OVER:
             raise ValueError(
                 f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}"
+            )
+        if self.shared_logits not in SHARED_LOGITS:
+            raise ValueError(
+                f"shared_logits must be one of {SHARED_LOGITS}, got {self.shared_logits!r}"
             )
         if self.backend != "auto" and self.backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {self.backend!r}")
@@ -181,7 +186,7 @@ class TrainConfig:
 # Settings of the capsule routing, which the CNN baseline (model "cnn") does not have.
 CAPSULE_ONLY = (
     "routing_iterations", "softmax_over", "learn_prior", "learn_bias", "detach_inner", "leaky",
-    "squash_eps",
+    "squash_eps", "shared_logits",
 )  # fmt: skip
 
 
@@ -194,6 +199,7 @@ ADDED_SETTINGS = {
     "learn_bias": False,
     "leaky": False,
     "squash_eps": SQUASH_EPS,
+    "shared_logits": None,
 }
 
 # Settings a resumed run may change; all others come from the checkpoint. The backend changes
@@ -326,6 +332,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         f"squash, NaN at s = 0 (default {d.squash_eps:g})",
     )
     add(
+        "--shared-logits",
+        choices=[mode for mode in SHARED_LOGITS if mode is not None],
+        help="one set of routing logits for the whole batch, updated with the batch mean or "
+        "sum of the agreements (pyCapsNet, jindongwang/Pytorch-CapsuleNet); a sample's output "
+        "then depends on the rest of its batch (default: logits per sample)",
+    )
+    add(
         "--backend",
         choices=("auto", *BACKENDS),
         help=f"routing backend (default {d.backend}: the fastest available)",
@@ -448,6 +461,7 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Mo
         detach_inner=config.detach_inner,
         leaky=config.leaky,
         squash_eps=config.squash_eps,
+        shared_logits=config.shared_logits,
         backend=config.backend,
         digit_init_scale=config.digit_init_scale,
         channels_last=config.channels_last,
