@@ -426,15 +426,11 @@ def test_cpp_matches_reference(shape, case, dtype):
     check_against_reference("cpp", shape, case, dtype)
 
 
-# Not yet implemented: the Triton kernels and the CUDA kernels of cpp come on another branch.
-# strict: an unexpected pass fails, so these markers go when the kernels land.
-NOT_YET = pytest.mark.xfail(
-    raises=NotImplementedError, strict=True, reason="shared logits are CPU-only (cpp) so far"
-)
+# The Triton and CUDA kernels have their own full suites (tests/test_triton_shared.py,
+# tests/test_cuda_emulated_shared.py); these few cases check them through the same helper.
 SOME_CASES = [MATRIX[k] for k in (0, 37, 101, 190)]
 
 
-@NOT_YET
 @pytest.mark.parametrize("shape, case", SOME_CASES, ids=[f"{s.id}-{c.id}" for s, c in SOME_CASES])
 def test_triton_matches_reference(shape, case):
     if unavailable_reason("triton", "cpu") is not None:
@@ -442,7 +438,6 @@ def test_triton_matches_reference(shape, case):
     check_against_reference("triton", shape, case, torch.float64)
 
 
-@NOT_YET
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("shape, case", SOME_CASES, ids=[f"{s.id}-{c.id}" for s, c in SOME_CASES])
 def test_cuda_matches_reference(backend, shape, case):
@@ -677,7 +672,11 @@ PYCAPSNET_CALL = dict(iterations=2, softmax_over="in_caps", shared_logits="mean"
 
 
 def pycapsnet_backends():
-    return ["reference"] + (["cpp"] if cpp_available() else [])
+    return (
+        ["reference"]
+        + (["cpp"] if cpp_available() else [])
+        + (["triton"] if unavailable_reason("triton", "cpu") is None else [])
+    )
 
 
 @pytest.mark.parametrize("backend", pycapsnet_backends())
