@@ -1,4 +1,4 @@
-// CPU kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
+// CPU kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: docs/ROUTING-MATH.md).
 //
 // Layout: the sweeps over input capsules work on vectors of L samples (L = 8 float32 / 4 float64
 // lanes in a 32-byte vector, 16 / 8 in the 64-byte vectors of the AVX-512 clone), so that every
@@ -16,7 +16,7 @@
 // added to s in one pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per
 // (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
 //
-// Options of the published implementations (ROUTING-MATH.md): a bias [J, M] is added to s^t
+// Options of the published implementations (docs/ROUTING-MATH.md): a bias [J, M] is added to s^t
 // before every squash (the saved s includes it), leaky routing puts one more logit, fixed at 0,
 // into the softmax over j (softmax) or over i (the online softmax starts from it), and the
 // squash eps is an argument (0: the eps-free squash, NaN at s = 0 as in the reference).
@@ -133,8 +133,8 @@ constexpr int kDefaultWideBytes = 32;
 // A vector of L values (GCC vector extension) in Bytes bytes: with 32, one AVX register in the
 // x86-64-v3 clone and a pair of SSE registers in the baseline one; with 64 (x86-64-v4 clone
 // only), one AVX-512 register. Batches that fit one 16-byte vector (4 float32 / 2 float64
-// samples) use 16-byte sample vectors: on the Zen 1 machine a 256-bit FMA is two 128-bit ones,
-// so half-empty 32-byte vectors would cost twice the time.
+// samples) use 16-byte sample vectors: on Zen 1 (AMD EPYC family 23) a 256-bit FMA is two
+// 128-bit ones, so half-empty 32-byte vectors would cost twice the time.
 template <typename T, int Bytes = 32>
 struct Lanes {
   typedef T V __attribute__((vector_size(Bytes)));
@@ -341,7 +341,8 @@ CAPSNET_INLINE void add_dots(const V (&acc)[K], const V* const (&with)[2], int64
 // are accumulated in registers (K independent FMA chains; each u_i[n] vector is loaded once
 // per block and each weight broadcast). While the block is in registers, its dot products with
 // the `with` arrays are added to dj[d]. (Broadcasting each weight once for two sample vectors,
-// 4 x 2 accumulators, ran 30% slower on the Zen 1 machine.)
+// 4 x 2 accumulators, ran 30% slower on the 2-core Zen 1 (AVX2, 512 KB L2 per core) this was
+// tuned on.)
 template <int K, int NDOT, typename T, typename V>
 CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>& args, int64_t jm,
                                   int64_t N, int64_t M, V (&dj)[2]) {

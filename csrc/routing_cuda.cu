@@ -1,4 +1,4 @@
-// CUDA kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: ROUTING-MATH.md).
+// CUDA kernels of capsnet_fused::cpp_routing_fwd / cpp_routing_bwd (math: docs/ROUTING-MATH.md).
 // Only the CUDA runtime is used (no torch), so `nvcc -c` checks this file on any machine, and
 // with CAPSNET_FUSED_CUDA_EMULATION the same source runs on the CPU (cuda_compat.h).
 //
