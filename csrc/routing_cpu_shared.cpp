@@ -113,13 +113,18 @@ class FlushDenormals {
 // at::parallel_for over n tasks of about `work` multiply-adds each, with a grain that gives
 // each thread at least kThreadWork of them: every parallel region ends in a barrier, which on a
 // busy machine can wait a scheduler time slice for a preempted thread, so small problems run on
-// the calling thread. The tiles, hence the results, are the same either way.
+// the calling thread. The tiles, hence the results, are the same either way. Every thread
+// flushes denormals while it works, as the calling thread does for the whole call: the same
+// floating-point mode wherever a task runs.
 constexpr int64_t kThreadWork = int64_t{1} << 18;
 
 template <typename F>
 void parallel_tasks(int64_t n, int64_t work, const F& f) {
   const int64_t grain = std::max<int64_t>(1, kThreadWork / std::max<int64_t>(work, 1));
-  at::parallel_for(0, n, grain, f);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    f(begin, end);
+  });
 }
 
 // Sizes of one call. The J M columns (j, m) of s, v and ds are kept in NP panels of two vectors
@@ -196,31 +201,35 @@ CAPSNET_SHARED_INLINE void tile_rows(int64_t nr, const T* a, int64_t a_row, cons
 }
 
 // P[p][k][c] = F[i, j] W[i, j, n, m] for k = i N + n and column q = p PW + c = j M + m (0 for
-// q >= J M): W with an [I, J] factor F (c^t, or kappa D) folded in, as rows_gemm reads it.
+// q >= J M): W with an [I, J] factor F (c^t, or kappa D) folded in, as rows_gemm reads it. Rows
+// of input capsules [i_begin, i_end); each W row is scaled in runs of contiguous columns.
+template <typename T>
+CAPSNET_SHARED_KERNEL void pack_rows(const Layout& z, const T* F, const T* w, T* P,
+                                     int64_t i_begin, int64_t i_end) {
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    for (int64_t n = 0; n < z.N; ++n) {
+      const int64_t k = i * z.N + n;
+      for (int64_t j = 0; j < z.J; ++j) {
+        const T f = F[i * z.J + j];
+        const T* wr = w + ((i * z.J + j) * z.N + n) * z.M;
+        for (int64_t m = 0; m < z.M;) {
+          const int64_t q = j * z.M + m, c = q % z.PW;
+          const int64_t len = std::min(z.PW - c, z.M - m);
+          T* dst = P + (q / z.PW) * z.PS + k * z.PW + c;
+          for (int64_t x = 0; x < len; ++x) dst[x] = f * wr[m + x];
+          m += len;
+        }
+      }
+      T* last = P + (z.NP - 1) * z.PS + k * z.PW;
+      for (int64_t q = z.JM; q < z.NPW; ++q) last[q % z.PW] = T(0);
+    }
+  }
+}
+
 template <typename T>
 void pack_scaled_weight(const Layout& z, const T* F, const T* w, T* P) {
   parallel_tasks(z.I, z.N * z.NPW, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t n = 0; n < z.N; ++n) {
-        const int64_t k = i * z.N + n;
-        // Column q = p PW + c walks the panels' rows for this k.
-        int64_t p = 0, c = 0;
-        T* dst = P + k * z.PW;
-        auto put = [&](T x) {
-          dst[c] = x;
-          if (++c == z.PW) {
-            c = 0;
-            dst = P + ++p * z.PS + k * z.PW;
-          }
-        };
-        for (int64_t j = 0; j < z.J; ++j) {
-          const T f = F[i * z.J + j];
-          const T* wr = w + ((i * z.J + j) * z.N + n) * z.M;
-          for (int64_t m = 0; m < z.M; ++m) put(f * wr[m]);
-        }
-        for (int64_t q = z.JM; q < z.NPW; ++q) put(T(0));
-      }
-    }
+    pack_rows<T>(z, F, w, P, begin, end);
   });
 }
 
@@ -255,10 +264,40 @@ void rows_gemm(const Layout& z, const T* u, const T* F, const T* w, T* P, T* Y) 
   pack_scaled_weight(z, F, w, P);
   const int64_t tasks = (z.B + kTaskRows - 1) / kTaskRows * z.NP;
   parallel_tasks(tasks, kTaskRows * z.K * z.PW, [&](int64_t begin, int64_t end) {
-    const FlushDenormals ftz;
     Scratch<T> ua(kTaskRows * padded_stride<T>(kDepth));
     rows_gemm_tasks<T>(z, u, P, Y, ua.data(), begin, end);
   });
+}
+
+// Unaligned loads of 32 bytes of T (W's rows need not be 32-byte aligned).
+template <typename T>
+struct Unaligned {
+  typedef T V __attribute__((vector_size(32), aligned(alignof(T)), may_alias));
+};
+
+// sum_n sum_m w[n M + m] g[n NPW + m]: a W_ij [N, M] block against G's rows. Whole vectors of m
+// when M is a multiple of them (the lanes added in order at the end), else one value at a
+// time: the path depends on M only, so the sum's order is fixed.
+template <typename T>
+CAPSNET_SHARED_INLINE T contract_capsule(const Layout& z, const T* w, const T* g) {
+  using U = typename Unaligned<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  T sum = 0;
+  if (z.M % L == 0) {
+    typename Vec<T>::V acc{};
+    for (int64_t n = 0; n < z.N; ++n) {
+      for (int64_t m = 0; m < z.M; m += L) {
+        acc += *reinterpret_cast<const U*>(w + n * z.M + m) *
+               *reinterpret_cast<const U*>(g + n * z.NPW + m);
+      }
+    }
+    for (int64_t k = 0; k < L; ++k) sum += acc[k];
+    return sum;
+  }
+  for (int64_t n = 0; n < z.N; ++n) {
+    for (int64_t m = 0; m < z.M; ++m) sum += w[n * z.M + m] * g[n * z.NPW + m];
+  }
+  return sum;
 }
 
 // Input capsules per task of batch_agreement: about 48 rows (i, n), 8 row tiles.
@@ -288,13 +327,8 @@ CAPSNET_SHARED_KERNEL void agreement_tasks(const Layout& z, const T* u, const T*
     }
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t j = 0; j < z.J; ++j) {
-        T sum = 0;
-        for (int64_t n = 0; n < z.N; ++n) {
-          const T* wr = w + ((i * z.J + j) * z.N + n) * z.M;
-          const T* gr = g + ((i - i0) * z.N + n) * z.NPW + j * z.M;
-          for (int64_t m = 0; m < z.M; ++m) sum += wr[m] * gr[m];
-        }
-        A[i * z.J + j] = sum;
+        A[i * z.J + j] = contract_capsule(z, w + (i * z.J + j) * z.N * z.M,
+                                          g + (i - i0) * z.N * z.NPW + j * z.M);
       }
     }
   }
@@ -305,7 +339,6 @@ void batch_agreement(const Layout& z, const T* u, const T* w, const T* Z, int64_
   const int64_t caps = agreement_caps(z.N);
   const int64_t tasks = (z.I + caps - 1) / caps;
   parallel_tasks(tasks, caps * z.N * z.B * z.NPW, [&](int64_t begin, int64_t end) {
-    const FlushDenormals ftz;
     Scratch<T> ut(caps * z.N * padded_stride<T>(z.B)), g(caps * z.N * z.NPW);
     agreement_tasks<T>(z, u, w, Z, z_row, A, ut.data(), g.data(), begin, end);
   });
@@ -616,7 +649,6 @@ void shared_backward(const SharedRouting<T>& a, const SharedPlan& plan, const T*
   const int64_t blocks = (z.I + kCapsBlock - 1) / kCapsBlock;
   const int64_t block_work = kCapsBlock * z.B * z.NPW * (2 * z.R + 2 * z.N);
   parallel_tasks(blocks, block_work, [&](int64_t begin, int64_t end) {
-    const FlushDenormals ftz;
     gradient_blocks<T>(a, plan, c_saved, DS.data(), VP.data(), Dk.data(), du, dw, begin, end);
   });
 }
