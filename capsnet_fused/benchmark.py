@@ -59,6 +59,7 @@ import torch
 
 import capsnet_fused
 from capsnet_fused import available_backends, dynamic_routing, reference_routing
+from capsnet_fused._checks import resolve_device
 from capsnet_fused.ops import BACKENDS, unavailable_reason
 from capsnet_fused.testing import random_routing_inputs, rel_error
 
@@ -204,14 +205,7 @@ def parse_variant(text: str) -> Variant:
 
 
 def _device(config: BenchConfig) -> torch.device:
-    if config.device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(config.device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {config.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA device")
-    return device
+    return resolve_device(config.device)
 
 
 def build_cases(config: BenchConfig) -> list[Case]:
@@ -814,12 +808,12 @@ def run_end_to_end(
     1e-3), and under autocast at least twice the reference router's own error in that setting.
     Training step: forward, margin + reconstruction loss, backward, Adam step.
     """
-    from capsnet_fused.losses import MarginLoss, ReconstructionLoss
+    from capsnet_fused.losses import CapsNetLoss
     from capsnet_fused.models import CapsNet
 
     device = _device(config)
     wanted = [b for b in benchmark_backends(config, device, torch.float32) if b != "compiled"]
-    margin, reconstruction = MarginLoss(), ReconstructionLoss()
+    criterion = CapsNetLoss()  # the training loss, as `capsnet-fused train` computes it
     names = ("lengths", "d_digit_weight", "d_conv1_weight")
 
     def build(backend: str, setting: E2ESetting) -> torch.nn.Module:
@@ -833,7 +827,7 @@ def run_end_to_end(
     def loss_of(model, images, labels, setting):
         with autocast(setting):
             out = model(images, labels)
-            loss = margin(out.lengths, labels) + reconstruction(out.reconstructions, images)
+            loss, _margin, _recon = criterion(out, images, labels)
         return loss, out
 
     def check_pass(model, images, labels, setting):

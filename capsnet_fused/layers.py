@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet_fused.ops import (
-    BACKENDS,
-    check_iterations,
-    check_shared_logits,
+from capsnet_fused._checks import (
+    SQUASH_EPS,
+    check_backend_name,
+    check_routing_options,
     check_squash_eps,
-    dynamic_routing,
 )
-from capsnet_fused.reference import SOFTMAX_OVER, SQUASH_EPS, squash
+from capsnet_fused.ops import dynamic_routing
+from capsnet_fused.reference import squash
 
 # The official code's (Sabour et al.'s release) initial value of its capsule biases.
 BIAS_INIT = 0.1
@@ -56,17 +56,12 @@ class FusedRouter(nn.Module):
                 f"in_caps, out_caps, in_d and out_d must be >= 1, "
                 f"got {(in_caps, out_caps, in_d, out_d)}"
             )
-        iterations = check_iterations(iterations)
-        if softmax_over not in SOFTMAX_OVER:
-            raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
-        if not isinstance(leaky, bool):
-            raise ValueError(f"leaky must be a bool, got {leaky!r}")
-        squash_eps = check_squash_eps(squash_eps)
-        check_shared_logits(shared_logits)
+        iterations, squash_eps = check_routing_options(
+            iterations, softmax_over, leaky, squash_eps, shared_logits
+        )
         # Whether the backend can run is known only at the first call (it depends on the
         # tensors' device and dtype); a name that is no backend at all is refused now.
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
         self.in_caps, self.out_caps, self.in_d, self.out_d = in_caps, out_caps, in_d, out_d
         self.iterations = iterations
         self.softmax_over = softmax_over

@@ -54,3 +54,23 @@ class ReconstructionLoss(nn.Module):
         batch = images.shape[0]
         diff = reconstructions.reshape(batch, -1) - images.reshape(batch, -1)
         return self.scale * (diff * diff).sum(dim=1).mean()
+
+
+class CapsNetLoss(nn.Module):
+    """margin loss + recon_scale x reconstruction loss, computed in float32.
+
+    forward(output: CapsNetOutput, images [B, C, H, W], labels [B]) -> (loss, margin, recon).
+    images are the un-normalised ones in [0, 1], which the decoder's sigmoid can reproduce.
+    """
+
+    part_names = ("margin_loss", "recon_loss")
+
+    def __init__(self, recon_scale: float = 0.0005) -> None:
+        super().__init__()
+        self.margin = MarginLoss()
+        self.recon = ReconstructionLoss(recon_scale)
+
+    def forward(self, output, images: torch.Tensor, labels: torch.Tensor):
+        margin = self.margin(output.lengths.float(), labels)
+        recon = self.recon(output.reconstructions.float(), images.float())
+        return margin + recon, margin, recon

@@ -26,121 +26,27 @@ fallback to another backend.
 from __future__ import annotations
 
 import importlib
-import math
-import operator
 import os
 from types import ModuleType
 
 import torch
 
-from capsnet_fused.reference import SHARED_LOGITS, SOFTMAX_OVER, SQUASH_EPS, reference_routing
+# The checks are re-exported: capsnet_fused.ops.check_iterations and friends are public.
+from capsnet_fused._checks import (  # noqa: F401
+    BACKENDS,
+    MAX_ITERATIONS,
+    SQUASH_EPS,
+    check_iterations,
+    check_shared_logits,
+    check_squash_eps,
+    validate_routing_args,
+)
+from capsnet_fused.reference import reference_routing
 
-BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
 _BACKEND_MODULES = {"triton": "capsnet_fused._triton_op", "cpp": "capsnet_fused._cpp_op"}
 # Fastest first; "auto" takes the first one available for the device.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
-# Routing iterations beyond this are a mistake (the paper uses 3; the saved states grow with R,
-# and 2**40 iterations would try to allocate terabytes).
-MAX_ITERATIONS = 1000
-
-
-def check_iterations(iterations) -> int:
-    """iterations as an int in [1, MAX_ITERATIONS]: anything with __index__ (int, numpy
-    integers, integer tensors of one element) except bools; else ValueError."""
-    is_bool = isinstance(iterations, bool) or (
-        isinstance(iterations, torch.Tensor) and iterations.dtype == torch.bool
-    )
-    try:
-        count = None if is_bool else operator.index(iterations)
-    except TypeError:
-        count = None
-    if count is None or not 1 <= count <= MAX_ITERATIONS:
-        raise ValueError(
-            f"iterations must be an integer in [1, {MAX_ITERATIONS}] (not a bool), "
-            f"got {iterations!r}"
-        )
-    return count
-
-
-def check_squash_eps(squash_eps) -> float:
-    """squash_eps as a float >= 0 (finite; not a bool), else ValueError."""
-    valid = isinstance(squash_eps, (int, float)) and not isinstance(squash_eps, bool)
-    if valid:
-        squash_eps = float(squash_eps)
-        valid = math.isfinite(squash_eps) and squash_eps >= 0
-    if not valid:
-        raise ValueError(
-            f"squash_eps must be a finite number >= 0 (0: the eps-free squash), got {squash_eps!r}"
-        )
-    return squash_eps
-
-
-def check_shared_logits(shared_logits) -> str | None:
-    """shared_logits as None, "mean" or "sum", else ValueError."""
-    if not (
-        shared_logits is None or (isinstance(shared_logits, str) and shared_logits in SHARED_LOGITS)
-    ):
-        raise ValueError(
-            f"shared_logits must be None (logits per sample), 'mean' or 'sum' (one set of "
-            f"logits for the batch), got {shared_logits!r}"
-        )
-    return shared_logits
-
-
-def validate_routing_args(
-    u: torch.Tensor,
-    weight: torch.Tensor,
-    iterations: int,
-    prior: torch.Tensor | None,
-    softmax_over: str,
-    *,
-    bias: torch.Tensor | None = None,
-    leaky: bool = False,
-    squash_eps: float = SQUASH_EPS,
-    shared_logits: str | None = None,
-) -> tuple[int, float]:
-    """Raise ValueError, naming the expected shapes, unless the arguments describe a routing.
-
-    Returns (iterations as an int (see check_iterations), squash_eps as a float).
-    """
-    expect = "expected u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None"
-    if not isinstance(u, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise ValueError(f"u and weight must be tensors; {expect}")
-    if u.dim() != 3:
-        raise ValueError(f"u must have 3 dims, got shape {tuple(u.shape)}; {expect}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must have 4 dims, got shape {tuple(weight.shape)}; {expect}")
-    in_caps, out_caps, in_d, out_d = weight.shape
-    if u.shape[1] != in_caps or u.shape[2] != in_d:
-        raise ValueError(
-            f"u {tuple(u.shape)} does not match weight {tuple(weight.shape)}: "
-            f"u must be [B, I={in_caps}, N={in_d}]; {expect}"
-        )
-    if min(in_caps, out_caps, in_d, out_d) < 1:
-        raise ValueError(f"I, J, N and M must be >= 1, got weight {tuple(weight.shape)}")
-    for name, t, shape, letters in (
-        ("prior", prior, (in_caps, out_caps), f"[I={in_caps}, J={out_caps}]"),
-        ("bias", bias, (out_caps, out_d), f"[J={out_caps}, M={out_d}]"),
-    ):
-        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be {letters} or None, got {got}")
-    named = [("u", u), ("weight", weight), ("prior", prior), ("bias", bias)]
-    for name, t in named:
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != u.device:
-            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
-    iterations = check_iterations(iterations)
-    if softmax_over not in SOFTMAX_OVER:
-        raise ValueError(f"softmax_over must be one of {SOFTMAX_OVER}, got {softmax_over!r}")
-    if not isinstance(leaky, bool):
-        raise ValueError(f"leaky must be a bool, got {leaky!r}")
-    check_shared_logits(shared_logits)
-    return iterations, check_squash_eps(squash_eps)
 
 
 def _import_backend(name: str) -> ModuleType | str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
-SQUASH_EPS = 1e-8
-SOFTMAX_OVER = ("out_caps", "in_caps")
-# Routing logits per sample (None), or one [I, J] tensor for the batch updated with the batch
-# mean or sum of the agreements (issue 18).
-SHARED_LOGITS = (None, "mean", "sum")
+# The routing settings' valid values (re-exported from here, where they were first defined).
+from capsnet_fused._checks import (  # noqa: F401
+    SHARED_LOGITS,
+    SOFTMAX_OVER,
+    SQUASH_EPS,
+    validate_routing_args,
+)
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -100,9 +102,6 @@ def reference_routing(
       same couplings and a sample's output depends on the rest of its batch (xanderchf/pyCapsNet,
       jindongwang/Pytorch-CapsuleNet). The mean over an empty batch is taken as 0.
     """
-    # Imported here: ops imports this module.
-    from capsnet_fused.ops import validate_routing_args
-
     iterations, squash_eps = validate_routing_args(
         u, weight, iterations, prior, softmax_over, bias=bias, leaky=leaky,
         squash_eps=squash_eps, shared_logits=shared_logits,

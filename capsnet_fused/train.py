@@ -40,6 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from capsnet_fused._checks import (
+    SHARED_LOGITS,
+    SOFTMAX_OVER,
+    SQUASH_EPS,
+    check_backend_name,
+    check_routing_options,
+    resolve_device,
+)
 from capsnet_fused.baseline import BaselineCNN, CrossEntropyCriterion
 from capsnet_fused.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -70,10 +78,9 @@ from capsnet_fused.data import (
     to_float,
 )
 from capsnet_fused.info import machine_summary
-from capsnet_fused.losses import MarginLoss, ReconstructionLoss
+from capsnet_fused.losses import CapsNetLoss
 from capsnet_fused.models import CapsNet, CapsNetOutput
 from capsnet_fused.ops import BACKENDS, choose_backend
-from capsnet_fused.reference import SHARED_LOGITS, SOFTMAX_OVER, SQUASH_EPS
 from capsnet_fused.robustness import AffineSpec, perturb_dataset
 
 # capsnet: the paper's CapsNet; cnn: the plain CNN baseline of the same size (baseline.py).
@@ -128,16 +135,11 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.softmax_over not in SOFTMAX_OVER:
-            raise ValueError(
-                f"softmax_over must be one of {SOFTMAX_OVER}, got {self.softmax_over!r}"
-            )
-        if self.shared_logits not in SHARED_LOGITS:
-            raise ValueError(
-                f"shared_logits must be one of {SHARED_LOGITS}, got {self.shared_logits!r}"
-            )
-        if self.backend != "auto" and self.backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {self.backend!r}")
+        check_routing_options(
+            self.routing_iterations, self.softmax_over, self.leaky, self.squash_eps,
+            self.shared_logits,
+        )  # fmt: skip
+        check_backend_name(self.backend)
         positive = (
             "epochs",
             "batch_size",
@@ -166,8 +168,6 @@ class TrainConfig:
             raise ValueError(f"recon_scale must be a finite number >= 0, got {self.recon_scale}")
         if not (math.isfinite(self.digit_init_scale) and self.digit_init_scale > 0):
             raise ValueError(f"digit_init_scale must be > 0, got {self.digit_init_scale}")
-        if not (math.isfinite(self.squash_eps) and self.squash_eps >= 0):
-            raise ValueError(f"squash_eps must be a finite number >= 0, got {self.squash_eps}")
         if len(self.decoder_hidden) != 2 or min(self.decoder_hidden) < 1:
             raise ValueError(f"decoder_hidden must be two sizes >= 1, got {self.decoder_hidden}")
         if self.model == "cnn":
@@ -468,26 +468,6 @@ def build_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> nn.Mo
     )
 
 
-class CapsNetLoss(nn.Module):
-    """margin loss + recon_scale x reconstruction loss, computed in float32.
-
-    forward(output: CapsNetOutput, images [B, C, H, W], labels [B]) -> (loss, margin, recon).
-    images are the un-normalised ones in [0, 1], which the decoder's sigmoid can reproduce.
-    """
-
-    part_names = ("margin_loss", "recon_loss")
-
-    def __init__(self, recon_scale: float = 0.0005) -> None:
-        super().__init__()
-        self.margin = MarginLoss()
-        self.recon = ReconstructionLoss(recon_scale)
-
-    def forward(self, output, images: torch.Tensor, labels: torch.Tensor):
-        margin = self.margin(output.lengths.float(), labels)
-        recon = self.recon(output.reconstructions.float(), images.float())
-        return margin + recon, margin, recon
-
-
 def make_criterion(config: TrainConfig) -> nn.Module:
     """The training loss of config.model: forward(output, images, labels) -> (loss, *parts),
     parts named by its part_names."""
@@ -499,30 +479,6 @@ def make_criterion(config: TrainConfig) -> nn.Module:
 def class_scores(output: CapsNetOutput | torch.Tensor) -> torch.Tensor:
     """[B, J] scores whose argmax is the prediction: capsule lengths, or a CNN's logits."""
     return output.lengths if isinstance(output, CapsNetOutput) else output
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:local_rank when CUDA is available, else cpu. ValueError for anything
-    that is not an existing cpu or cuda device."""
-    expect = "expected cpu, cuda, cuda:N or auto"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {device!r} is not a device; {expect}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: training runs on cpu or cuda; {expect}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {str(dev)!r} requested but there are {torch.cuda.device_count()} CUDA "
-            f"device(s)"
-        )
-    return dev
 
 
 def autocast_context(device: torch.device, enabled: bool):
