@@ -308,6 +308,41 @@ __device__ inline void warp_squash_backward(const T* s_row, T* ds_row, int M, T 
   }
 }
 
+// A softmax's max and denominator: sum_i exp(x_i - max).
+template <typename T>
+struct Softmax {
+  T max, sum;
+};
+
+// The softmax over count logits logit(i), i = 0..count-1, held by one warp: per lane an online
+// max and sum over its logits (i = lane, lane + 32, ...), then a butterfly merge, so that every
+// lane returns the same (max, sum). Leaky: one more logit, 0, starts lane 0's.
+template <typename T, typename Logit>
+__device__ inline Softmax<T> warp_softmax(int64_t count, bool leaky, int lane, Logit logit) {
+  const bool leak = leaky && lane == 0;
+  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
+  for (int64_t i = lane; i < count; i += kWarpSize) {
+    const T x = logit(i);
+    if (x > mx) {
+      sum = sum * dev_exp(mx - x) + T(1);
+      mx = x;
+    } else {
+      sum += dev_exp(x - mx);
+    }
+  }
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    const T om = __shfl_xor_sync(kFullMask, mx, off);
+    const T os = __shfl_xor_sync(kFullMask, sum, off);
+    const T nm = om > mx ? om : mx;
+    // A lane without logits has sum 0 and max -inf: it adds nothing (and no inf - inf).
+    const T mine = sum == T(0) ? T(0) : sum * dev_exp(mx - nm);
+    const T other = os == T(0) ? T(0) : os * dev_exp(om - nm);
+    sum = mine + other;
+    mx = nm;
+  }
+  return {mx, sum};
+}
+
 // prior softmax: c1 = softmax(prior) over j (out_caps: a thread per capsule) or over i (in_caps:
 // a warp per output capsule j, which also writes lse1[j]). Leaky: one more logit, 0, in the
 // max and the sum.
@@ -328,30 +363,9 @@ __global__ void prior_softmax_kernel(Params<T> p) {
   }
   const int j = blockIdx.x;
   const int lane = threadIdx.x;
-  // Per lane an online max and sum over its capsules, then a butterfly merge; the leaky
-  // logit 0 starts lane 0's.
-  const bool leak = p.leaky && lane == 0;
-  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
-  for (int64_t i = lane; i < p.I; i += kWarpSize) {
-    const T x = p.prior[i * J + j];
-    if (x > mx) {
-      sum = sum * dev_exp(mx - x) + T(1);
-      mx = x;
-    } else {
-      sum += dev_exp(x - mx);
-    }
-  }
-  for (int off = kWarpSize / 2; off > 0; off /= 2) {
-    const T om = __shfl_xor_sync(kFullMask, mx, off);
-    const T os = __shfl_xor_sync(kFullMask, sum, off);
-    const T nm = om > mx ? om : mx;
-    // A lane without capsules has sum 0 and max -inf: it adds nothing (and no inf - inf).
-    const T mine = sum == T(0) ? T(0) : sum * dev_exp(mx - nm);
-    const T other = os == T(0) ? T(0) : os * dev_exp(om - nm);
-    sum = mine + other;
-    mx = nm;
-  }
-  const T lse = mx + dev_log(sum);
+  const Softmax<T> sm =
+      warp_softmax<T>(p.I, p.leaky, lane, [&](int64_t i) { return p.prior[i * J + j]; });
+  const T lse = sm.max + dev_log(sm.sum);
   if (lane == 0) p.lse1[j] = lse;
   for (int64_t i = lane; i < p.I; i += kWarpSize) {
     p.c1[i * J + j] = dev_exp(p.prior[i * J + j] - lse);
@@ -1038,7 +1052,7 @@ __device__ inline T shared_logit(const Params<T>& p, int64_t idx) {
 
 // The logit update and the couplings of iteration k, c^k = softmax(b^k), [I, J] once for the
 // batch: over j a thread per capsule; over i a warp per output capsule j (per lane an online max
-// and sum over its capsules, then a butterfly merge, as prior_softmax_kernel). Each element is
+// and sum over its capsules, then a butterfly merge: warp_softmax). Each element is
 // read and then written by one thread, so p.logits may be logits_in (the update in place).
 template <typename T>
 __global__ void shared_softmax_kernel(Params<T> p) {
@@ -1060,30 +1074,11 @@ __global__ void shared_softmax_kernel(Params<T> p) {
   }
   const int j = blockIdx.x;
   const int lane = threadIdx.x;
-  const bool leak = p.leaky && lane == 0;
-  T mx = leak ? T(0) : neg_inf<T>(), sum = leak ? T(1) : T(0);
+  const Softmax<T> sm =
+      warp_softmax<T>(p.I, p.leaky, lane, [&](int64_t i) { return shared_logit(p, i * J + j); });
   for (int64_t i = lane; i < p.I; i += kWarpSize) {
     const T x = shared_logit(p, i * J + j);
-    if (x > mx) {
-      sum = sum * dev_exp(mx - x) + T(1);
-      mx = x;
-    } else {
-      sum += dev_exp(x - mx);
-    }
-  }
-  for (int off = kWarpSize / 2; off > 0; off /= 2) {
-    const T om = __shfl_xor_sync(kFullMask, mx, off);
-    const T os = __shfl_xor_sync(kFullMask, sum, off);
-    const T nm = om > mx ? om : mx;
-    // A lane without capsules has sum 0 and max -inf: it adds nothing (and no inf - inf).
-    const T mine = sum == T(0) ? T(0) : sum * dev_exp(mx - nm);
-    const T other = os == T(0) ? T(0) : os * dev_exp(om - nm);
-    sum = mine + other;
-    mx = nm;
-  }
-  for (int64_t i = lane; i < p.I; i += kWarpSize) {
-    const T x = shared_logit(p, i * J + j);
-    c_out[i * J + j] = dev_exp(x - mx) / sum;
+    c_out[i * J + j] = dev_exp(x - sm.max) / sm.sum;
     if (p.store_logits) p.logits[i * J + j] = x;
   }
 }
@@ -1279,6 +1274,32 @@ size_t max_shared_bytes() {
     return kDefaultSharedBytes;
   }
   return static_cast<size_t>(value);
+}
+
+// The tiles of a kernel whose blocks stage `caps` input capsules and `samples` samples in
+// shared memory (the gradient and agreement kernels). A 0 is chosen here: up to 4 capsules per
+// block while the grid keeps kMinBlocks blocks, 8 samples, 8 warps. Then the chosen sizes halve,
+// samples first, until bytes() (which reads caps and samples) is at most max_shared; false when
+// they cannot (sizes given by the caller are never changed).
+template <typename Bytes>
+bool fit_block_tiles(int& caps, int& samples, int& warps, int64_t I, size_t max_shared,
+                     Bytes bytes) {
+  const bool auto_caps = caps == 0, auto_samples = samples == 0;
+  if (auto_caps) {
+    caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
+  }
+  if (auto_samples) samples = 8;
+  if (warps == 0) warps = 8;
+  while (bytes() > max_shared) {
+    if (auto_samples && samples > 1) {
+      samples /= 2;
+    } else if (auto_caps && caps > 1) {
+      caps /= 2;
+    } else {
+      return false;
+    }
+  }
+  return true;
 }
 
 int plan_error(Plan* plan, const char* message) {
@@ -1538,27 +1559,16 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
   plan->gemm_splits = cdiv(I, t.gemm_caps);
   plan->gemm_shared = elem_size * (kGemmTileK * kGemmStrideB + kGemmTileK * kGemmTileC);
 
-  // Gradients: up to 4 capsules per block while the grid keeps kMinBlocks blocks.
-  const bool auto_grads_caps = t.grads_caps == 0, auto_grads_samples = t.grads_samples == 0;
-  if (auto_grads_caps) {
-    t.grads_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
-  }
-  if (auto_grads_samples) t.grads_samples = 8;
-  if (t.grads_warps == 0) t.grads_warps = 8;
+  // Gradients.
   auto grads_bytes = [&]() {
     return elem_size *
            static_cast<size_t>(grads_layout(t.grads_caps, t.grads_samples, J, N, M).total);
   };
-  while (grads_bytes() > max_shared) {
-    if (auto_grads_samples && t.grads_samples > 1) {
-      t.grads_samples /= 2;
-    } else if (auto_grads_caps && t.grads_caps > 1) {
-      t.grads_caps /= 2;
-    } else {
-      return plan_error(plan,
-                        "the CUDA gradient kernel does not fit this J x N x M in shared memory; "
-                        "use the triton backend");
-    }
+  if (!fit_block_tiles(t.grads_caps, t.grads_samples, t.grads_warps, I, max_shared,
+                       grads_bytes)) {
+    return plan_error(plan,
+                      "the CUDA gradient kernel does not fit this J x N x M in shared memory; "
+                      "use the triton backend");
   }
   if (t.grads_caps < 1 || t.grads_samples < 1 || t.grads_warps < 1 || t.grads_warps > 32) {
     return plan_error(plan, "grads tiles: caps, samples >= 1, 1..32 warps");
@@ -1571,28 +1581,18 @@ int plan_routing(const Sizes& sz, const Options& opt, const Tiles& request, size
     return plan_error(plan, "combine_warps must be 1..32");
   }
 
-  // Agreements of the shared-logits launchers: as the gradient blocks, up to 4 capsules per
-  // block while the grid keeps kMinBlocks blocks, 8 samples staged at a time.
-  const bool auto_agree_caps = t.agree_caps == 0, auto_agree_samples = t.agree_samples == 0;
-  if (auto_agree_caps) {
-    t.agree_caps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, I / kMinBlocks)));
-  }
-  if (auto_agree_samples) t.agree_samples = 8;
-  if (t.agree_warps == 0) t.agree_warps = 8;
+  // Agreements of the shared-logits launchers (staged as the gradient blocks); they need to
+  // fit only where they run.
   auto agree_bytes = [&]() {
     return elem_size *
            static_cast<size_t>(agree_layout(t.agree_caps, t.agree_samples, N, JM).total);
   };
-  while (opt.shared_logits && agree_bytes() > max_shared) {
-    if (auto_agree_samples && t.agree_samples > 1) {
-      t.agree_samples /= 2;
-    } else if (auto_agree_caps && t.agree_caps > 1) {
-      t.agree_caps /= 2;
-    } else {
-      return plan_error(plan,
-                        "the CUDA agreement kernel does not fit this N x J x M in shared memory; "
-                        "use the triton backend");
-    }
+  const size_t agree_limit = opt.shared_logits ? max_shared : SIZE_MAX;
+  if (!fit_block_tiles(t.agree_caps, t.agree_samples, t.agree_warps, I, agree_limit,
+                       agree_bytes)) {
+    return plan_error(plan,
+                      "the CUDA agreement kernel does not fit this N x J x M in shared memory; "
+                      "use the triton backend");
   }
   if (t.agree_caps < 1 || t.agree_samples < 1 || t.agree_warps < 1 || t.agree_warps > 32) {
     return plan_error(plan, "agree tiles: caps, samples >= 1, 1..32 warps");
