@@ -26,47 +26,185 @@ from capsnet_fused.ops import BACKENDS
 MODELS = ("capsnet", "cnn")
 
 
+def _setting(
+    default: Any, help: str, *, flag: str | None = None, group: str | None = None, **kwargs: Any
+) -> Any:
+    """A TrainConfig field with its flag of `capsnet-fused train`: the flag (default --<name>
+    with dashes), its help, where "{default}" stands for the field's default, the argument group
+    (None: the general options) and the other keywords of ArgumentParser.add_argument."""
+    metadata = {"flag": flag, "help": help, "group": group, "argparse": kwargs}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+MODEL_SIZE = "model size (defaults are the paper's CapsNet)"
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; defaults follow Sabour et al. (2017)."""
+    """Every setting of a training run; defaults follow Sabour et al. (2017).
 
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_decay: float = 0.96
-    recon_scale: float = 0.0005
-    max_shift: int = 2
-    hflip: bool = False
-    normalize: bool = False
-    model: str = "capsnet"
-    routing_iterations: int = 3
-    softmax_over: str = "out_caps"
-    learn_prior: bool = False
-    learn_bias: bool = False
-    detach_inner: bool = False
-    leaky: bool = False
-    squash_eps: float = SQUASH_EPS
-    shared_logits: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    out: str | None = None
-    num_workers: int = 0
-    amp: bool = False
-    channels_last: bool = False
-    checkpoint_every: int = 0
-    limit_train: int | None = None
-    limit_test: int | None = None
-    progress: bool = True
-    conv_channels: int = 256
-    kernel_size: int = 9
-    primary_caps: int = 32
-    primary_dim: int = 8
-    digit_dim: int = 16
-    decoder_hidden: tuple[int, int] = (512, 1024)
-    digit_init_scale: float = 0.01
+    Each setting is a flag of `capsnet-fused train`, declared in its field's metadata (see
+    _setting and add_train_arguments), in the order --help lists them.
+    """
+
+    dataset: str = _setting(
+        "fashion-mnist", "dataset to train on (default {default})", choices=DATASETS
+    )
+    data_dir: str | None = _setting(
+        None,
+        "folder with the IDX files (or its <dataset> subfolder); an error when they are "
+        "not there. Without it: ./data, ./data/<dataset>, /usr/share/datasets/fashion-mnist, "
+        "else a download to ./data/<dataset>",
+    )
+    epochs: int = _setting(10, "number of epochs to train in total (default {default})", type=int)
+    batch_size: int = _setting(128, "images per step per process (default {default})", type=int)
+    lr: float = _setting(1e-3, "Adam learning rate (default {default})", type=float)
+    lr_decay: float = _setting(
+        0.96, "ExponentialLR factor applied after every epoch (default {default})", type=float
+    )
+    recon_scale: float = _setting(
+        0.0005, "weight of the reconstruction loss (default {default})", type=float
+    )
+    max_shift: int = _setting(
+        2,
+        "largest random shift in pixels, each direction, for "
+        "training images; 0 disables augmentation (default {default})",
+        type=int,
+    )
+    hflip: bool = _setting(
+        False,
+        "also mirror each training image left to right with probability 1/2 (default off)",
+        action="store_true",
+    )
+    normalize: bool = _setting(
+        False,
+        "feed the model (x - mean) / std, with the mean and std of the training images "
+        "used (recorded in config.json and the checkpoint); reconstructions are still "
+        "compared with the images in [0, 1] (default off)",
+        action="store_true",
+    )
+    model: str = _setting(
+        "capsnet",
+        "capsnet (the paper's CapsNet) or cnn (a plain CNN of the same size, the baseline: "
+        "CapsNet's two convolutions, then fully connected 328, 192, dropout, cross entropy; "
+        "routing and decoder flags do not apply) (default {default})",
+        choices=MODELS,
+    )
+    routing_iterations: int = _setting(
+        3, "dynamic routing iterations (default {default})", type=int
+    )
+    softmax_over: str = _setting(
+        "out_caps",
+        "normalise couplings over output capsules (paper) or input capsules (default {default})",
+        choices=SOFTMAX_OVER,
+    )
+    learn_prior: bool = _setting(
+        False, "learn the initial routing logits (default off)", action="store_true"
+    )
+    learn_bias: bool = _setting(
+        False,
+        "learn a DigitCaps bias [J, M] added to s before every squash, starting at 0.1 "
+        "(the official code's; default off)",
+        action="store_true",
+    )
+    detach_inner: bool = _setting(
+        False,
+        "no gradient through the inner routing iterations (default off)",
+        action="store_true",
+    )
+    leaky: bool = _setting(
+        False,
+        "leaky routing: one extra logit fixed at 0 on the softmax axis (the official "
+        "code's; default off)",
+        action="store_true",
+    )
+    squash_eps: float = _setting(
+        SQUASH_EPS,
+        "eps of every squash, |s|^2/(1+|s|^2) s/sqrt(|s|^2+EPS); 0 is the eps-free "
+        "squash, NaN at s = 0 (default {default:g})",
+        type=float,
+        metavar="EPS",
+    )
+    shared_logits: str | None = _setting(
+        None,
+        "one set of routing logits for the whole batch, updated with the batch mean or "
+        "sum of the agreements (pyCapsNet, jindongwang/Pytorch-CapsuleNet); a sample's output "
+        "then depends on the rest of its batch (default: logits per sample)",
+        choices=[mode for mode in SHARED_LOGITS if mode is not None],
+    )
+    backend: str = _setting(
+        "auto",
+        "routing backend (default {default}: the fastest available)",
+        choices=("auto", *BACKENDS),
+    )
+    device: str = _setting("auto", "cpu, cuda, cuda:N or auto (default auto: cuda when available)")
+    seed: int = _setting(
+        0, "seed for initialisation, shuffling and shifts (default {default})", type=int
+    )
+    out: str | None = _setting(
+        None,
+        "run folder for config, metrics and checkpoints "
+        "(default runs/<dataset>-<time>; the checkpoint's folder when resuming)",
+    )
+    # --resume, not a setting, comes here in --help (see add_train_arguments).
+    num_workers: int = _setting(0, "DataLoader worker processes (default {default})", type=int)
+    amp: bool = _setting(
+        False,
+        "mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA",
+        action="store_true",
+    )
+    channels_last: bool = _setting(
+        False,
+        "channels-last memory order for the convolutions (see the README for where it is faster)",
+        action="store_true",
+    )
+    checkpoint_every: int = _setting(
+        0,
+        "also checkpoint every N steps (default 0: only at the end of each epoch)",
+        type=int,
+        metavar="N",
+    )
+    limit_train: int | None = _setting(
+        None, "train on the first N training images only", type=int, metavar="N"
+    )
+    limit_test: int | None = _setting(
+        None, "evaluate on the first N test images only", type=int, metavar="N"
+    )
+    progress: bool = _setting(
+        True,
+        "no progress bars (the per-epoch line is still printed)",
+        flag="--no-progress",
+        action="store_false",
+    )
+    conv_channels: int = _setting(
+        256, "channels of the first convolution (default {default})", group=MODEL_SIZE, type=int
+    )
+    kernel_size: int = _setting(
+        9, "kernel of both convolutions (default {default})", group=MODEL_SIZE, type=int
+    )
+    primary_caps: int = _setting(
+        32, "primary capsule channels (default {default})", group=MODEL_SIZE, type=int
+    )
+    primary_dim: int = _setting(
+        8, "pose size N of a primary capsule (default {default})", group=MODEL_SIZE, type=int
+    )
+    digit_dim: int = _setting(
+        16, "pose size M of a digit capsule (default {default})", group=MODEL_SIZE, type=int
+    )
+    decoder_hidden: tuple[int, int] = _setting(
+        (512, 1024),
+        "decoder hidden sizes (default {default[0]} {default[1]})",
+        group=MODEL_SIZE,
+        type=int,
+        nargs=2,
+        metavar=("H1", "H2"),
+    )
+    digit_init_scale: float = _setting(
+        0.01,
+        "DigitCaps weights start at this x randn (default {default})",
+        group=MODEL_SIZE,
+        type=float,
+    )
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -158,191 +296,38 @@ RESUMABLE_OVERRIDES = (
 
 def _flag(name: str) -> str:
     """The command-line flag of a TrainConfig field."""
-    return "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+    field = {field.name: field for field in dataclasses.fields(TrainConfig)}[name]
+    return field.metadata["flag"] or "--" + name.replace("_", "-")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Define the flags of `capsnet-fused train`. Unset flags stay None (see config_from_args)."""
-    d = TrainConfig()
-    add = parser.add_argument
-    add("--dataset", choices=DATASETS, help=f"dataset to train on (default {d.dataset})")
-    add(
-        "--data-dir",
-        help="folder with the IDX files (or its <dataset> subfolder); an error when they are "
-        "not there. Without it: ./data, ./data/<dataset>, /usr/share/datasets/fashion-mnist, "
-        "else a download to ./data/<dataset>",
-    )
-    add("--epochs", type=int, help=f"number of epochs to train in total (default {d.epochs})")
-    add("--batch-size", type=int, help=f"images per step per process (default {d.batch_size})")
-    add("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
-    add(
-        "--lr-decay",
-        type=float,
-        help=f"ExponentialLR factor applied after every epoch (default {d.lr_decay})",
-    )
-    add(
-        "--recon-scale",
-        type=float,
-        help=f"weight of the reconstruction loss (default {d.recon_scale})",
-    )
-    add(
-        "--max-shift",
-        type=int,
-        help="largest random shift in pixels, each direction, for "
-        f"training images; 0 disables augmentation (default {d.max_shift})",
-    )
-    add(
-        "--hflip",
-        action="store_true",
-        default=None,
-        help="also mirror each training image left to right with probability 1/2 (default off)",
-    )
-    add(
-        "--normalize",
-        action="store_true",
-        default=None,
-        help="feed the model (x - mean) / std, with the mean and std of the training images "
-        "used (recorded in config.json and the checkpoint); reconstructions are still "
-        "compared with the images in [0, 1] (default off)",
-    )
-    add(
-        "--model",
-        choices=MODELS,
-        help="capsnet (the paper's CapsNet) or cnn (a plain CNN of the same size, the baseline: "
-        "CapsNet's two convolutions, then fully connected 328, 192, dropout, cross entropy; "
-        f"routing and decoder flags do not apply) (default {d.model})",
-    )
-    add(
-        "--routing-iterations",
-        type=int,
-        help=f"dynamic routing iterations (default {d.routing_iterations})",
-    )
-    add(
-        "--softmax-over",
-        choices=SOFTMAX_OVER,
-        help="normalise couplings over output capsules "
-        f"(paper) or input capsules (default {d.softmax_over})",
-    )
-    add(
-        "--learn-prior",
-        action="store_true",
-        default=None,
-        help="learn the initial routing logits (default off)",
-    )
-    add(
-        "--learn-bias",
-        action="store_true",
-        default=None,
-        help="learn a DigitCaps bias [J, M] added to s before every squash, starting at 0.1 "
-        "(the official code's; default off)",
-    )
-    add(
-        "--detach-inner",
-        action="store_true",
-        default=None,
-        help="no gradient through the inner routing iterations (default off)",
-    )
-    add(
-        "--leaky",
-        action="store_true",
-        default=None,
-        help="leaky routing: one extra logit fixed at 0 on the softmax axis (the official "
-        "code's; default off)",
-    )
-    add(
-        "--squash-eps",
-        type=float,
-        metavar="EPS",
-        help=f"eps of every squash, |s|^2/(1+|s|^2) s/sqrt(|s|^2+EPS); 0 is the eps-free "
-        f"squash, NaN at s = 0 (default {d.squash_eps:g})",
-    )
-    add(
-        "--shared-logits",
-        choices=[mode for mode in SHARED_LOGITS if mode is not None],
-        help="one set of routing logits for the whole batch, updated with the batch mean or "
-        "sum of the agreements (pyCapsNet, jindongwang/Pytorch-CapsuleNet); a sample's output "
-        "then depends on the rest of its batch (default: logits per sample)",
-    )
-    add(
-        "--backend",
-        choices=("auto", *BACKENDS),
-        help=f"routing backend (default {d.backend}: the fastest available)",
-    )
-    add("--device", help="cpu, cuda, cuda:N or auto (default auto: cuda when available)")
-    add(
-        "--seed", type=int, help=f"seed for initialisation, shuffling and shifts (default {d.seed})"
-    )
-    add(
-        "--out",
-        help="run folder for config, metrics and checkpoints "
-        "(default runs/<dataset>-<time>; the checkpoint's folder when resuming)",
-    )
-    add(
+    """Define the flags of `capsnet-fused train`: one per TrainConfig field, from its metadata
+    (see _setting), and those of _add_other_arguments after --out. Unset flags stay None (see
+    config_from_args)."""
+    groups: dict[str | None, Any] = {None: parser}
+    for field in dataclasses.fields(TrainConfig):
+        spec = field.metadata
+        if spec["group"] not in groups:
+            groups[spec["group"]] = parser.add_argument_group(spec["group"])
+        groups[spec["group"]].add_argument(
+            _flag(field.name),
+            dest=field.name,
+            default=None,
+            help=spec["help"].format(default=field.default),
+            **spec["argparse"],
+        )
+        if field.name == "out":  # where --help has always listed --resume
+            _add_other_arguments(parser)
+
+
+def _add_other_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `capsnet-fused train` that are not settings (TrainConfig fields), declared
+    here by hand."""
+    parser.add_argument(
         "--resume",
         metavar="CHECKPOINT",
         help="continue from a checkpoint file or run folder (settings come from it, except "
         f"{', '.join(_flag(n) for n in RESUMABLE_OVERRIDES)})",
-    )
-    add("--num-workers", type=int, help=f"DataLoader worker processes (default {d.num_workers})")
-    add(
-        "--amp",
-        action="store_true",
-        default=None,
-        help="mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA",
-    )
-    add(
-        "--channels-last",
-        action="store_true",
-        default=None,
-        help="channels-last memory order for the convolutions (see the README for where it is "
-        "faster)",
-    )
-    add(
-        "--checkpoint-every",
-        type=int,
-        metavar="N",
-        help="also checkpoint every N steps (default 0: only at the end of each epoch)",
-    )
-    add("--limit-train", type=int, metavar="N", help="train on the first N training images only")
-    add("--limit-test", type=int, metavar="N", help="evaluate on the first N test images only")
-    add(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="no progress bars (the per-epoch line is still printed)",
-    )
-    model = parser.add_argument_group("model size (defaults are the paper's CapsNet)")
-    model.add_argument(
-        "--conv-channels",
-        type=int,
-        help=f"channels of the first convolution (default {d.conv_channels})",
-    )
-    model.add_argument(
-        "--kernel-size", type=int, help=f"kernel of both convolutions (default {d.kernel_size})"
-    )
-    model.add_argument(
-        "--primary-caps", type=int, help=f"primary capsule channels (default {d.primary_caps})"
-    )
-    model.add_argument(
-        "--primary-dim",
-        type=int,
-        help=f"pose size N of a primary capsule (default {d.primary_dim})",
-    )
-    model.add_argument(
-        "--digit-dim", type=int, help=f"pose size M of a digit capsule (default {d.digit_dim})"
-    )
-    model.add_argument(
-        "--decoder-hidden",
-        type=int,
-        nargs=2,
-        metavar=("H1", "H2"),
-        help=f"decoder hidden sizes (default {d.decoder_hidden[0]} {d.decoder_hidden[1]})",
-    )
-    model.add_argument(
-        "--digit-init-scale",
-        type=float,
-        help=f"DigitCaps weights start at this x randn (default {d.digit_init_scale})",
     )
 
 
