@@ -21,6 +21,7 @@ from capsnet_fused.train.config import TrainConfig
 from capsnet_fused.train.distributed import DistInfo, _all_sum
 from capsnet_fused.train.model import autocast_context, class_scores, make_criterion
 from capsnet_fused.train.resume import model_from_checkpoint, normalization_from_checkpoint
+from capsnet_fused.train.stats import EpochStats
 
 
 @torch.no_grad()
@@ -52,12 +53,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     names = tuple(criterion.part_names)
-    sums = [0.0] * (3 + len(names))  # correct, count, loss, parts...
+    sums = EpochStats(part_sums=[0.0] * len(names))
     complete = True
     for images, labels in tqdm(
         loader, desc="eval", unit="batch", leave=False, disable=not (progress and info.main)
     ):
-        if stop is not None and not info.enabled and sums[1] > 0 and stop():
+        if stop is not None and not info.enabled and sums.images > 0 and stop():
             complete = False
             break
         images, labels = to_float(images.to(device)), labels.to(device)
@@ -67,15 +68,18 @@ def evaluate(
         losses = criterion(output, images, labels)
         n = labels.shape[0]
         correct = (class_scores(output).argmax(dim=1) == labels).sum().item()
-        batch = (correct, n, *(value.item() * n for value in losses))
-        sums = [a + b for a, b in zip(sums, batch, strict=True)]
+        loss_sum, *part_sums = (value.item() * n for value in losses)
+        batch = EpochStats(
+            loss_sum=loss_sum, correct=correct, images=n, processed=n, part_sums=part_sums
+        )
+        sums = sums + batch
     model.train(was_training)
-    correct, count, loss, *parts = _all_sum(sums, info, device)
-    count = max(count, 1.0)
+    sums = EpochStats.from_list(_all_sum(sums.to_list(), info, device))
+    count = max(sums.images, 1.0)
     return {
-        "loss": loss / count,
-        **{name: value / count for name, value in zip(names, parts, strict=True)},
-        "accuracy": correct / count,
+        "loss": sums.loss_sum / count,
+        **{name: value / count for name, value in zip(names, sums.part_sums, strict=True)},
+        "accuracy": sums.correct / count,
         "images": int(count),
         "complete": complete,
     }
