@@ -15,6 +15,8 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from capsnet_fused.checkpoint import (
     write_text_atomic,
 )
 from capsnet_fused.data import (
+    ImageDataset,
     Normalization,
     ResumableSampler,
     load_dataset,
@@ -62,6 +65,7 @@ from capsnet_fused.train.resume import (
     normalization_from_checkpoint,
 )
 from capsnet_fused.train.signals import _ignore_stop_signals, _StopSignals
+from capsnet_fused.train.stats import EpochStats
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,7 +170,182 @@ def _train(
     stop: _StopSignals,
     command: str | None = None,
 ) -> dict[str, Any]:
+    """The run from its setup to the end of its last epoch; returns that epoch's record."""
+    run = _setup(config, state, info, log, stop)
+    if info.main:
+        _start_session(run, state, command)
+    while run.epoch < config.epochs:
+        _train_epoch(run)
+        _end_epoch(run)
+    if info.enabled:
+        dist.barrier()
+    return run.record
+
+
+@dataclass
+class _Run:
+    """A run in training: what _setup builds, and where training stands, after `epoch` whole
+    epochs and `step_in_epoch` steps of the next (`step` steps in all)."""
+
+    config: TrainConfig
+    info: DistInfo
+    log: Callable[[str], Any]
+    stop: _StopSignals
+    device: torch.device
+    out: Path
+    augment_gen: torch.Generator
+    train_set: ImageDataset
+    test_set: ImageDataset
+    normalization: Normalization | None
+    model: nn.Module
+    ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    backend: str
+    machine: str
+    sampler: ResumableSampler
+    loader: DataLoader
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    stats: EpochStats = dataclasses.field(default_factory=EpochStats)  # of the epoch so far
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)  # the last epoch's
+    saved_at: tuple[int, int, int] | None = None  # (epoch, step_in_epoch, step) of ckpt_file
+    # A --checkpoint-every checkpoint is due; it is written once the next loss, computed from
+    # the same state, has come out finite.
+    due: bool = False
+
+    @property
+    def ckpt_file(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.config.batch_size)
+
+    def kept(self) -> str:
+        if self.saved_at is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {self.ckpt_file} holds {_position(*self.saved_at)}"
+
+    def snapshot(self, rng: dict[str, Any], stats: EpochStats) -> None:
+        """Checkpoint the current model and optimiser state at (epoch, step_in_epoch, step)."""
+        # Every rank holds the same state, so every rank reaches the same verdict.
+        if not _finite_state(self.model, self.optimizer):
+            raise TrainingDiverged(
+                f"parameters or optimiser state became NaN or Inf by "
+                f"{_position(self.epoch, self.step_in_epoch, self.step)}; stopping "
+                f"({self.kept()}). Try a lower --lr or disabling --amp."
+            )
+        if self.info.main:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": dataclasses.asdict(self.config),
+                    "image_shape": list(self.train_set.image_shape),
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "step_in_epoch": self.step_in_epoch,
+                    "epoch_sums": stats.to_list(),
+                    "world_size": self.info.world_size,
+                    "history": self.history,
+                    "normalization": self.normalization.to_dict() if self.normalization else None,
+                },
+                self.ckpt_file,
+            )
+        self.saved_at = (self.epoch, self.step_in_epoch, self.step)
+
+    def interrupted(self) -> TrainingInterrupted:
+        name = signal.Signals(self.stop.signum).name
+        where = _position(*self.saved_at) if self.saved_at else "nothing"
+        return TrainingInterrupted(
+            f"stopped by {name}; {self.ckpt_file} holds {where}. Continue with: "
+            f"capsnet-fused train --resume {self.out}",
+            128 + self.stop.signum,
+        )
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _setup(
+    config: TrainConfig, state: dict | None, info: DistInfo, log, stop: _StopSignals
+) -> _Run:
+    """Everything the run needs, in the order that makes it reproducible: the run folder, the
+    seeds, the data, the model and its optimiser; a resumed run then takes the checkpoint's
+    state (before DistributedDataParallel copies rank 0's parameters to every process)."""
     device = resolve_device(config.device, info.local_rank)
+    out = _prepare_run_folder(config, state, info, log)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    # One generator per process for the shifts, so ranks augment independently.
+    augment_gen = torch.Generator().manual_seed(config.seed + 7919 * (info.rank + 1))
+
+    train_set, test_set = _load_data(config, state)
+    # The statistics of the training images actually used (after --limit-train), computed once:
+    # a resumed run keeps the checkpoint's, as eval and visualize do.
+    normalization = None
+    if state is not None:
+        normalization = normalization_from_checkpoint(state, config, state["path"])
+    elif config.normalize:
+        normalization = Normalization.of_images(train_set.images)
+    model = build_model(config, train_set.image_shape).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    use_scaler = config.amp and device.type == "cuda"
+    sampler = ResumableSampler(
+        train_set, info.world_size, info.rank, shuffle=True, seed=config.seed
+    )
+    run = _Run(
+        config=config,
+        info=info,
+        log=log,
+        stop=stop,
+        device=device,
+        out=out,
+        augment_gen=augment_gen,
+        train_set=train_set,
+        test_set=test_set,
+        normalization=normalization,
+        model=model,
+        ddp_model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay),
+        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        criterion=make_criterion(config),
+        backend=choose_backend(device, torch.float32, config.backend),
+        machine=machine_summary(device),
+        sampler=sampler,
+        loader=DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals if config.num_workers else None,
+        ),
+    )
+    if state is not None:
+        _restore(run, state)
+    if info.enabled:
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return run
+
+
+def _prepare_run_folder(config: TrainConfig, state: dict | None, info: DistInfo, log) -> Path:
+    """The run folder, created and cleaned (by rank 0), recorded in config.out; a fresh run
+    refuses a folder that holds a checkpoint."""
     out = Path(config.out) if config.out else _default_out(config)
     ckpt_file = out / CHECKPOINT_NAME
     if info.main:
@@ -179,13 +358,11 @@ def _train(
             "or choose another --out"
         )
     config.out = str(out)
+    return out
 
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
-    # One generator per process for the shifts, so ranks augment independently.
-    augment_gen = torch.Generator().manual_seed(config.seed + 7919 * (info.rank + 1))
 
+def _load_data(config: TrainConfig, state: dict | None) -> tuple[ImageDataset, ImageDataset]:
+    """The training and test images, of the same shape (a resumed run's: the checkpoint's)."""
     # An explicit data folder is the only place looked at (no download); the folder actually
     # read is recorded as an absolute path, so eval and visualize find it from anywhere.
     explicit = config.data_dir is not None
@@ -207,314 +384,270 @@ def _train(
             f"{state['path']} was trained on images {list(state['image_shape'])}, but those in "
             f"{config.data_dir} are {list(image_shape)}"
         )
-    # The statistics of the training images actually used (after --limit-train), computed once:
-    # a resumed run keeps the checkpoint's, as eval and visualize do.
-    normalization = None
-    if state is not None:
-        normalization = normalization_from_checkpoint(state, config, state["path"])
-    elif config.normalize:
-        normalization = Normalization.of_images(train_set.images)
-    model = build_model(config, image_shape).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    use_scaler = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    criterion = make_criterion(config)
-    backend = choose_backend(device, torch.float32, config.backend)
-    machine = machine_summary(device)
+    return train_set, test_set
 
-    sampler = ResumableSampler(
-        train_set, info.world_size, info.rank, shuffle=True, seed=config.seed
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    """Continue where the checkpoint `state` stopped: its model, optimiser, scheduler, scaler and
+    RNG states, its position, the sums of its epoch so far and the epochs' records."""
+    path = state["path"]
+    if state["world_size"] != run.info.world_size:
+        raise ValueError(
+            f"checkpoint was written by {state['world_size']} processes; "
+            f"resume it with the same number (got {run.info.world_size})"
+        )
+    _load_state_dict(run.model, state["model"], "model", path)
+    _load_state_dict(run.optimizer, state["optimizer"], "optimizer state", path)
+    _load_state_dict(run.scheduler, state["scheduler"], "scheduler state", path)
+    _load_state_dict(run.scaler, state["scaler"], "grad scaler state", path)
+    _set_rng_state(state["rng"], run.augment_gen)
+    run.epoch, run.step, run.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+    run.saved_at = (run.epoch, run.step_in_epoch, run.step)
+    sums = list(state["epoch_sums"])
+    # Checkpoints from before the padding was told apart counted processed images only.
+    run.stats = EpochStats.from_list(sums + [sums[2]] if len(sums) == 4 else sums)
+    history = state.get("history")
+    if history is None:  # an older checkpoint: its epochs from metrics.jsonl, once each
+        history = history_for(read_metrics_lenient(run.out / METRICS_NAME), run.epoch)
+    run.history = history
+    run.record = history[-1] if history else {}
+
+
+def _start_session(run: _Run, state: dict | None, command: str | None) -> None:
+    """Rank 0, before the first step: metrics.jsonl as the checkpoint has it, config.json, this
+    session in sessions.jsonl, and what is trained where in the log."""
+    config, out, normalization = run.config, run.out, run.normalization
+    # metrics.jsonl agrees with the checkpoint: the epochs it holds, no more, none twice
+    # (a fresh run removes a stale file).
+    if run.history:
+        write_metrics(out / METRICS_NAME, run.history)
+    else:
+        (out / METRICS_NAME).unlink(missing_ok=True)
+    recorded = dataclasses.asdict(config)
+    if normalization is not None:
+        recorded["normalization"] = normalization.to_dict()
+    write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
+    # A long run may be resumed on other machines: each session says where it ran and how
+    # it was started (a fresh run starts the list anew).
+    sessions = read_jsonl(out / SESSIONS_NAME) if state is not None else []
+    session = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command,
+        "cwd": os.getcwd(),
+        "from_epoch": run.epoch,
+        "from_step": run.step,
+        "machine": run.machine,
+        "device": str(run.device),
+        "world_size": run.info.world_size,
+        "backend": run.backend,
+        "torch": torch.__version__,
+    }
+    write_metrics(out / SESSIONS_NAME, [*sessions, session])
+    run.log(
+        f"training {config.dataset} ({len(run.train_set)} train / {len(run.test_set)} test "
+        f"images from {config.data_dir}) on {run.device} x{run.info.world_size}, backend "
+        f"{run.backend}, run folder {out}"
     )
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_stop_signals if config.num_workers else None,
+    if normalization is not None:
+        run.log(
+            f"inputs normalised with mean {list(normalization.mean)} and std "
+            f"{list(normalization.std)} of the {len(run.train_set)} training images"
+        )
+
+
+# ---------------------------------------------------------------- the epoch and its steps
+
+
+def _train_epoch(run: _Run) -> None:
+    """The steps of epoch run.epoch + 1, from where it stands (a resumed run may start inside
+    it)."""
+    config = run.config
+    run.sampler.set_epoch(run.epoch)
+    run.sampler.set_start(run.step_in_epoch * config.batch_size)
+    run.model.train()
+    bar = tqdm(
+        run.loader,
+        desc=f"epoch {run.epoch + 1}/{config.epochs}",
+        unit="batch",
+        initial=run.step_in_epoch,
+        total=run.steps_per_epoch,
+        disable=not (config.progress and run.info.main),
+        dynamic_ncols=True,
     )
-    steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
+    start = time.perf_counter()
+    for images, labels in bar:
+        _train_step(run, images, labels, bar, start)
+    bar.close()
+    run.stats.seconds += time.perf_counter() - start
 
-    epoch, step, step_in_epoch = 0, 0, 0
-    # loss sum, correct, images (without the sampler's padding), seconds, images processed
-    epoch_sums = [0.0, 0.0, 0.0, 0.0, 0.0]
-    history: list[dict[str, Any]] = []
-    saved_at: tuple[int, int, int] | None = None  # (epoch, step_in_epoch, step) of ckpt_file
-    if state is not None:
-        path = state["path"]
-        if state["world_size"] != info.world_size:
-            raise ValueError(
-                f"checkpoint was written by {state['world_size']} processes; "
-                f"resume it with the same number (got {info.world_size})"
-            )
-        _load_state_dict(model, state["model"], "model", path)
-        _load_state_dict(optimizer, state["optimizer"], "optimizer state", path)
-        _load_state_dict(scheduler, state["scheduler"], "scheduler state", path)
-        _load_state_dict(scaler, state["scaler"], "grad scaler state", path)
-        _set_rng_state(state["rng"], augment_gen)
-        epoch, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        saved_at = (epoch, step_in_epoch, step)
-        sums = list(state["epoch_sums"])
-        # Checkpoints from before the padding was told apart counted processed images only.
-        epoch_sums = sums + [sums[2]] if len(sums) == 4 else sums
-        history = state.get("history")
-        if history is None:  # an older checkpoint: its epochs from metrics.jsonl, once each
-            history = history_for(read_metrics_lenient(out / METRICS_NAME), epoch)
 
-    ddp_model: nn.Module = model
-    if info.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    if info.main:
-        # metrics.jsonl agrees with the checkpoint: the epochs it holds, no more, none twice
-        # (a fresh run removes a stale file).
-        if history:
-            write_metrics(out / METRICS_NAME, history)
-        else:
-            (out / METRICS_NAME).unlink(missing_ok=True)
-        recorded = dataclasses.asdict(config)
-        if normalization is not None:
-            recorded["normalization"] = normalization.to_dict()
-        write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
-        # A long run may be resumed on other machines: each session says where it ran and how
-        # it was started (a fresh run starts the list anew).
-        sessions = read_jsonl(out / SESSIONS_NAME) if state is not None else []
-        session = {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": command,
-            "cwd": os.getcwd(),
-            "from_epoch": epoch,
-            "from_step": step,
-            "machine": machine,
-            "device": str(device),
-            "world_size": info.world_size,
-            "backend": backend,
-            "torch": torch.__version__,
-        }
-        write_metrics(out / SESSIONS_NAME, [*sessions, session])
-        log(
-            f"training {config.dataset} ({len(train_set)} train / {len(test_set)} test images "
-            f"from {config.data_dir}) on {device} x{info.world_size}, backend {backend}, "
-            f"run folder {out}"
-        )
-        if normalization is not None:
-            log(
-                f"inputs normalised with mean {list(normalization.mean)} and std "
-                f"{list(normalization.std)} of the {len(train_set)} training images"
-            )
-
-    def kept() -> str:
-        if saved_at is None:
-            return "no checkpoint was written yet"
-        return f"the last good checkpoint {ckpt_file} holds {_position(*saved_at)}"
-
-    def snapshot(rng: dict[str, Any], sums: list[float]) -> None:
-        """Checkpoint the current model and optimiser state at (epoch, step_in_epoch, step)."""
-        nonlocal saved_at
-        # Every rank holds the same state, so every rank reaches the same verdict.
-        if not _finite_state(model, optimizer):
-            raise TrainingDiverged(
-                f"parameters or optimiser state became NaN or Inf by "
-                f"{_position(epoch, step_in_epoch, step)}; stopping ({kept()}). "
-                "Try a lower --lr or disabling --amp."
-            )
-        if info.main:
-            save_checkpoint(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "config": dataclasses.asdict(config),
-                    "image_shape": list(image_shape),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng,
-                    "epoch": epoch,
-                    "step": step,
-                    "step_in_epoch": step_in_epoch,
-                    "epoch_sums": sums,
-                    "world_size": info.world_size,
-                    "history": history,
-                    "normalization": normalization.to_dict() if normalization else None,
-                },
-                ckpt_file,
-            )
-        saved_at = (epoch, step_in_epoch, step)
-
-    def interrupted() -> TrainingInterrupted:
-        name = signal.Signals(stop.signum).name
-        where = _position(*saved_at) if saved_at else "nothing"
-        return TrainingInterrupted(
-            f"stopped by {name}; {ckpt_file} holds {where}. Continue with: "
-            f"capsnet-fused train --resume {out}",
-            128 + stop.signum,
-        )
-
-    record: dict[str, Any] = history[-1] if history else {}
-    # A --checkpoint-every checkpoint is due; it is written once the next loss, computed from
-    # the same state, has come out finite.
-    due = False
-    while epoch < config.epochs:
-        sampler.set_epoch(epoch)
-        sampler.set_start(step_in_epoch * config.batch_size)
-        model.train()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="batch",
-            initial=step_in_epoch,
-            total=steps_per_epoch,
-            disable=not (config.progress and info.main),
-            dynamic_ncols=True,
-        )
-        start = time.perf_counter()
-        for images, labels in bar:
-            # The state a checkpoint written at this step resumes from: before this batch.
-            rng = _rng_state(augment_gen)
-            sums_before = [
-                *epoch_sums[:3],
-                epoch_sums[3] + time.perf_counter() - start,
-                epoch_sums[4],
-            ]
-            first = step_in_epoch * config.batch_size
-            real = sampler.real_samples(first, first + labels.shape[0])
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            images = to_float(images)
-            if config.max_shift:
-                images = random_shift(images, config.max_shift, augment_gen)
-            if config.hflip:
-                images = random_hflip(images, augment_gen)
-            # Normalised after augmenting, so shifted-in pixels are background (0) like the
-            # image's own border. Only the model's input is normalised: the decoder ends in a
-            # sigmoid, so its reconstruction is compared with the image in [0, 1], and the
-            # reconstruction loss keeps the paper's scale.
-            inputs = normalization(images) if normalization is not None else images
-            with autocast_context(device, config.amp):
-                output = ddp_model(inputs, labels)
-            loss = criterion(output, images, labels)[0]
-            hits = class_scores(output).argmax(dim=1) == labels
-            stats = torch.stack(
-                [
-                    loss.detach().double() * labels.shape[0],
-                    hits[:real].sum().double(),
-                    torch.tensor(real, device=device, dtype=torch.float64),
-                    torch.tensor(labels.shape[0], device=device, dtype=torch.float64),
-                    torch.tensor(float(stop.requested), device=device, dtype=torch.float64),
-                ]
-            )
-            if info.enabled:
-                dist.all_reduce(stats)
-            loss_sum, batch_correct, batch_real, batch_images, stopping = stats.tolist()
-            if not math.isfinite(loss_sum):
-                bar.close()
-                raise TrainingDiverged(
-                    f"loss became {loss_sum / batch_images} at epoch {epoch + 1}, step "
-                    f"{step + 1}; stopping ({kept()}). Try a lower --lr or disabling --amp."
-                )
-            # The loss is finite: the state after the previous step is good to keep.
-            if due or stopping:
-                snapshot(rng, sums_before)
-                due = False
-            if stopping:
-                bar.close()
-                raise interrupted()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            step_in_epoch += 1
-            elapsed = time.perf_counter() - start
-            epoch_sums = [
-                epoch_sums[0] + loss_sum,
-                epoch_sums[1] + batch_correct,
-                epoch_sums[2] + batch_real,
-                epoch_sums[3],
-                epoch_sums[4] + batch_images,
-            ]
-            if step_in_epoch % 10 == 0 or step_in_epoch == steps_per_epoch:
-                seconds = epoch_sums[3] + elapsed
-                bar.set_postfix(
-                    loss=f"{epoch_sums[0] / epoch_sums[4]:.4f}",
-                    acc=f"{100 * epoch_sums[1] / max(epoch_sums[2], 1.0):.2f}%",
-                    img_s=f"{epoch_sums[2] / max(seconds, 1e-9):.1f}",
-                )
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                due = True
+def _train_step(
+    run: _Run, images: torch.Tensor, labels: torch.Tensor, bar: tqdm, start: float
+) -> None:
+    """One step: the batch's loss; once it is finite, the checkpoint of the state it was
+    computed from when one is due (or a stop is requested); then the optimiser step. `start`:
+    when the epoch's steps in this process began."""
+    config = run.config
+    # The state a checkpoint written at this step resumes from: before this batch.
+    rng = _rng_state(run.augment_gen)
+    stats_before = dataclasses.replace(
+        run.stats, seconds=run.stats.seconds + time.perf_counter() - start
+    )
+    first = run.step_in_epoch * config.batch_size
+    real = run.sampler.real_samples(first, first + labels.shape[0])
+    loss, batch, stopping = _batch_loss(run, images, labels, real)
+    if not math.isfinite(batch.loss_sum):
         bar.close()
-        epoch_sums[3] += time.perf_counter() - start
-        # The test loss checks the state after the epoch's last step, as the next step's loss
-        # checks a mid-epoch one.
-        test_start = time.perf_counter()
-        test = evaluate(
-            model,
-            test_set,
-            criterion,
-            device,
-            batch_size=max(config.batch_size, 256),
-            amp=config.amp,
-            info=info,
-            progress=config.progress,
-            stop=lambda: stop.requested,
-            normalization=normalization,
+        raise TrainingDiverged(
+            f"loss became {batch.loss_sum / batch.processed} at epoch {run.epoch + 1}, step "
+            f"{run.step + 1}; stopping ({run.kept()}). Try a lower --lr or disabling --amp."
         )
-        if not math.isfinite(test["loss"]):
-            raise TrainingDiverged(
-                f"test loss became {test['loss']} after epoch {epoch + 1} (step {step}); "
-                f"stopping ({kept()}). Try a lower --lr or disabling --amp."
-            )
-        if not test["complete"]:
-            # Stopped during the evaluation: keep the epoch's training, evaluate on resume.
-            snapshot(_rng_state(augment_gen), list(epoch_sums))
-            raise interrupted()
-        images_seen = max(epoch_sums[2], 1.0)
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": epoch_sums[0] / max(epoch_sums[4], 1.0),
-            "train_accuracy": epoch_sums[1] / images_seen,
-            "train_images": int(epoch_sums[2]),
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            # CapsNet's test_margin_loss and test_recon_loss; the CNN's loss has no parts.
-            **{f"test_{name}": test[name] for name in criterion.part_names},
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": epoch_sums[3],
-            "images_per_s": epoch_sums[2] / max(epoch_sums[3], 1e-9),
-            # epoch_time_s is the training alone; an epoch's wall time adds this.
-            "test_time_s": time.perf_counter() - test_start,
-            "world_size": info.world_size,
-            "device": str(device),
-            # Where this epoch finished (a run resumed elsewhere changes machine mid-run).
-            "machine": machine,
-            "backend": backend,
-            "amp": config.amp,
-            "model": config.model,
-        }
-        with warnings.catch_warnings():
-            # A run resumed after its epoch's last step (stopped during the evaluation) steps
-            # the scheduler before this process stepped the optimiser; the schedule is right.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            scheduler.step()
-        epoch += 1
-        step_in_epoch = 0
-        epoch_sums = [0.0, 0.0, 0.0, 0.0, 0.0]
-        history = [*history, record]
-        due = False
-        # The checkpoint first: metrics.jsonl never shows an epoch the checkpoint lacks.
-        snapshot(_rng_state(augment_gen), list(epoch_sums))
-        if info.main:
-            write_metrics(out / METRICS_NAME, history)
-            log(_format_epoch(record, config.epochs))
-        # Every process takes part in the vote, or the others would wait for it forever.
-        if _any_rank(stop.requested, info, device) if info.enabled else stop.requested:
-            raise interrupted()
-    if info.enabled:
-        dist.barrier()
-    return record
+    # The loss is finite: the state after the previous step is good to keep.
+    if run.due or stopping:
+        run.snapshot(rng, stats_before)
+        run.due = False
+    if stopping:
+        bar.close()
+        raise run.interrupted()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+    run.step_in_epoch += 1
+    elapsed = time.perf_counter() - start
+    run.stats = run.stats + batch
+    if run.step_in_epoch % 10 == 0 or run.step_in_epoch == run.steps_per_epoch:
+        seconds = run.stats.seconds + elapsed
+        bar.set_postfix(
+            loss=f"{run.stats.loss_sum / run.stats.processed:.4f}",
+            acc=f"{100 * run.stats.correct / max(run.stats.images, 1.0):.2f}%",
+            img_s=f"{run.stats.images / max(seconds, 1e-9):.1f}",
+        )
+    if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+        run.due = True
+
+
+def _batch_loss(
+    run: _Run, images: torch.Tensor, labels: torch.Tensor, real: int
+) -> tuple[torch.Tensor, EpochStats, bool]:
+    """The training loss of one batch (augmented; `real` of its images are not the sampler's
+    padding), the batch's sums over all processes, and whether any process is asked to stop."""
+    config, device = run.config, run.device
+    images, labels = images.to(device, non_blocking=True), labels.to(device)
+    images = to_float(images)
+    if config.max_shift:
+        images = random_shift(images, config.max_shift, run.augment_gen)
+    if config.hflip:
+        images = random_hflip(images, run.augment_gen)
+    # Normalised after augmenting, so shifted-in pixels are background (0) like the
+    # image's own border. Only the model's input is normalised: the decoder ends in a
+    # sigmoid, so its reconstruction is compared with the image in [0, 1], and the
+    # reconstruction loss keeps the paper's scale.
+    inputs = run.normalization(images) if run.normalization is not None else images
+    with autocast_context(device, config.amp):
+        output = run.ddp_model(inputs, labels)
+    loss = run.criterion(output, images, labels)[0]
+    hits = class_scores(output).argmax(dim=1) == labels
+    stats = torch.stack(
+        [
+            loss.detach().double() * labels.shape[0],
+            hits[:real].sum().double(),
+            torch.tensor(real, device=device, dtype=torch.float64),
+            torch.tensor(labels.shape[0], device=device, dtype=torch.float64),
+            torch.tensor(float(run.stop.requested), device=device, dtype=torch.float64),
+        ]
+    )
+    if run.info.enabled:
+        dist.all_reduce(stats)
+    loss_sum, batch_correct, batch_real, batch_images, stopping = stats.tolist()
+    batch = EpochStats(
+        loss_sum=loss_sum, correct=batch_correct, images=batch_real, processed=batch_images
+    )
+    return loss, batch, bool(stopping)
+
+
+# ---------------------------------------------------------------- the end of an epoch
+
+
+def _end_epoch(run: _Run) -> None:
+    """After the epoch's last step: the test loss, which checks the state the epoch ends in;
+    then the epoch's record, the checkpoint and metrics.jsonl. A stop requested in any process
+    ends the run here."""
+    config, info = run.config, run.info
+    # The test loss checks the state after the epoch's last step, as the next step's loss
+    # checks a mid-epoch one.
+    test_start = time.perf_counter()
+    test = evaluate(
+        run.model,
+        run.test_set,
+        run.criterion,
+        run.device,
+        batch_size=max(config.batch_size, 256),
+        amp=config.amp,
+        info=info,
+        progress=config.progress,
+        stop=lambda: run.stop.requested,
+        normalization=run.normalization,
+    )
+    if not math.isfinite(test["loss"]):
+        raise TrainingDiverged(
+            f"test loss became {test['loss']} after epoch {run.epoch + 1} (step {run.step}); "
+            f"stopping ({run.kept()}). Try a lower --lr or disabling --amp."
+        )
+    if not test["complete"]:
+        # Stopped during the evaluation: keep the epoch's training, evaluate on resume.
+        run.snapshot(_rng_state(run.augment_gen), run.stats)
+        raise run.interrupted()
+    record = _epoch_record(run, test, test_start)
+    with warnings.catch_warnings():
+        # A run resumed after its epoch's last step (stopped during the evaluation) steps
+        # the scheduler before this process stepped the optimiser; the schedule is right.
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        run.scheduler.step()
+    run.epoch += 1
+    run.step_in_epoch = 0
+    run.stats = EpochStats()
+    run.history = [*run.history, record]
+    run.record = record
+    run.due = False
+    # The checkpoint first: metrics.jsonl never shows an epoch the checkpoint lacks.
+    run.snapshot(_rng_state(run.augment_gen), run.stats)
+    if info.main:
+        write_metrics(run.out / METRICS_NAME, run.history)
+        run.log(_format_epoch(record, config.epochs))
+    # Every process takes part in the vote, or the others would wait for it forever.
+    if _any_rank(run.stop.requested, info, run.device) if info.enabled else run.stop.requested:
+        raise run.interrupted()
+
+
+def _epoch_record(run: _Run, test: dict[str, Any], test_start: float) -> dict[str, Any]:
+    """The line of metrics.jsonl for the epoch just trained (run.epoch + 1) and tested."""
+    config, stats = run.config, run.stats
+    images_seen = max(stats.images, 1.0)
+    return {
+        "epoch": run.epoch + 1,
+        "step": run.step,
+        "train_loss": stats.loss_sum / max(stats.processed, 1.0),
+        "train_accuracy": stats.correct / images_seen,
+        "train_images": int(stats.images),
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        # CapsNet's test_margin_loss and test_recon_loss; the CNN's loss has no parts.
+        **{f"test_{name}": test[name] for name in run.criterion.part_names},
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "epoch_time_s": stats.seconds,
+        "images_per_s": stats.images / max(stats.seconds, 1e-9),
+        # epoch_time_s is the training alone; an epoch's wall time adds this.
+        "test_time_s": time.perf_counter() - test_start,
+        "world_size": run.info.world_size,
+        "device": str(run.device),
+        # Where this epoch finished (a run resumed elsewhere changes machine mid-run).
+        "machine": run.machine,
+        "backend": run.backend,
+        "amp": config.amp,
+        "model": config.model,
+    }
 
 
 def main_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
