@@ -1,6 +1,16 @@
-"""The training loop: train() sets up a run (fresh or resumed), then trains epoch by epoch,
-step by step, checkpointing only states known to be good (see the package docstring).
-main_train is `capsnet-fused train`."""
+"""The training loop, to be read top to bottom.
+
+main_train (`capsnet-fused train`) calls train(), which settles the config (fresh or resumed),
+catches SIGINT / SIGTERM and joins the process group; _train then runs the steps, all on one
+_Run, the state they share:
+
+  _setup           run folder, seeds, data, model, optimiser, loader (_restore on resume)
+  _start_session   metrics.jsonl, config.json, sessions.jsonl and the first log lines
+  _train_epoch     the epoch's steps: _train_step, with the loss of _batch_loss
+  _end_epoch       the test loss, the epoch's record, the checkpoint and metrics.jsonl
+
+Only states known to be good are checkpointed (_Run.snapshot; see the package docstring).
+"""
 
 from __future__ import annotations
 
@@ -82,47 +92,21 @@ class TrainingInterrupted(RuntimeError):
         self.exit_status = exit_status
 
 
-def _default_out(config: TrainConfig) -> Path:
-    return Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _format_epoch(record: dict[str, Any], epochs: int) -> str:
-    return (
-        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
-        f"acc {100 * record['train_accuracy']:.2f}% | test loss {record['test_loss']:.4f} "
-        f"acc {100 * record['test_accuracy']:.2f}% | {record['images_per_s']:.1f} img/s, "
-        f"{record['epoch_time_s']:.1f} s | lr {record['lr']:.3g} | backend {record['backend']}"
-    )
-
-
-def _position(epoch: int, step_in_epoch: int, step: int) -> str:
-    """Where training stands, in words: after `epoch` whole epochs and step_in_epoch steps."""
-    if step_in_epoch == 0:
-        return f"the end of epoch {epoch} (step {step})"
-    return f"step {step_in_epoch} of epoch {epoch + 1} (step {step} overall)"
-
-
-def _prepare_out(out: Path) -> None:
-    """Create the run folder and check that it can be written, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+def main_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Entry point of `capsnet-fused train` (see cli.py); argv, the command's arguments, is
+    recorded in the run folder. Exit status: 0 done, 3 diverged, 130 / 143 stopped by SIGINT /
+    SIGTERM with a checkpoint; cli.py maps other errors."""
+    config, given = config_from_args(args)
+    command = None if argv is None else shlex.join(["capsnet-fused", *argv])
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"--out {out} cannot be used as a run folder: {exc.strerror or exc}"
-        ) from exc
-
-
-def _finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter and every floating-point optimiser state is finite."""
-    tensors = [p.detach() for p in model.parameters()]
-    for per_param in optimizer.state.values():
-        tensors += [t for t in per_param.values() if torch.is_tensor(t) and t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+        train(config, resume=args.resume, given=given, command=command)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_status
+    return 0
 
 
 def train(
@@ -227,6 +211,7 @@ class _Run:
         return math.ceil(len(self.sampler) / self.config.batch_size)
 
     def kept(self) -> str:
+        """What the run keeps if it stops now, in words: its last good checkpoint, if any."""
         if self.saved_at is None:
             return "no checkpoint was written yet"
         return f"the last good checkpoint {self.ckpt_file} holds {_position(*self.saved_at)}"
@@ -264,6 +249,8 @@ class _Run:
         self.saved_at = (self.epoch, self.step_in_epoch, self.step)
 
     def interrupted(self) -> TrainingInterrupted:
+        """The error that ends a run stopped by a signal: what its checkpoint holds, how to
+        continue."""
         name = signal.Signals(self.stop.signum).name
         where = _position(*self.saved_at) if self.saved_at else "nothing"
         return TrainingInterrupted(
@@ -650,18 +637,47 @@ def _epoch_record(run: _Run, test: dict[str, Any], test_start: float) -> dict[st
     }
 
 
-def main_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """Entry point of `capsnet-fused train` (see cli.py); argv, the command's arguments, is
-    recorded in the run folder. Exit status: 0 done, 3 diverged, 130 / 143 stopped by SIGINT /
-    SIGTERM with a checkpoint; cli.py maps other errors."""
-    config, given = config_from_args(args)
-    command = None if argv is None else shlex.join(["capsnet-fused", *argv])
+# ---------------------------------------------------------------- helpers
+
+
+def _default_out(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _format_epoch(record: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
+        f"acc {100 * record['train_accuracy']:.2f}% | test loss {record['test_loss']:.4f} "
+        f"acc {100 * record['test_accuracy']:.2f}% | {record['images_per_s']:.1f} img/s, "
+        f"{record['epoch_time_s']:.1f} s | lr {record['lr']:.3g} | backend {record['backend']}"
+    )
+
+
+def _position(epoch: int, step_in_epoch: int, step: int) -> str:
+    """Where training stands, in words: after `epoch` whole epochs and step_in_epoch steps."""
+    if step_in_epoch == 0:
+        return f"the end of epoch {epoch} (step {step})"
+    return f"step {step_in_epoch} of epoch {epoch + 1} (step {step} overall)"
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the run folder and check that it can be written, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     try:
-        train(config, resume=args.resume, given=given, command=command)
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)
-        return exc.exit_status
-    return 0
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"--out {out} cannot be used as a run folder: {exc.strerror or exc}"
+        ) from exc
+
+
+def _finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter and every floating-point optimiser state is finite."""
+    tensors = [p.detach() for p in model.parameters()]
+    for per_param in optimizer.state.values():
+        tensors += [t for t in per_param.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
