@@ -21,6 +21,7 @@ The modules, in the order a run meets them:
   model.py        the model and loss a config describes, predictions, autocast
   distributed.py  the torchrun process group and sums over processes
   signals.py      SIGINT / SIGTERM as a request to stop with a checkpoint
+  stats.py        EpochStats: the sums an epoch's (or an evaluation's) results come from
   evaluation.py   test loss and accuracy, of the model in training or of a checkpoint
   loop.py         train(): setup, the epochs and their steps, checkpoints; main_train
 
