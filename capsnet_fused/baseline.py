@@ -96,7 +96,7 @@ class CrossEntropyCriterion(nn.Module):
     """Softmax cross entropy of the logits, computed in float32, batch mean.
 
     forward(logits [B, J], images (unused), labels [B]) -> (loss,): the calling convention of
-    train.CapsNetLoss, whose extra terms (part_names) this loss does not have.
+    losses.CapsNetLoss, whose extra terms (part_names) this loss does not have.
     """
 
     part_names: tuple[str, ...] = ()

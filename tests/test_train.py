@@ -478,16 +478,16 @@ def test_stale_temporaries_are_removed_when_a_run_starts(dataset_dir, tmp_path):
 
 def test_metrics_agree_with_the_checkpoint_after_a_crash(dataset_dir, tmp_path, monkeypatch):
     # A crash after epoch 2's checkpoint but before metrics.jsonl is written...
-    from capsnet_fused import train as train_module
+    from capsnet_fused.train import loop as train_loop
 
-    real_write = train_module.write_metrics
+    real_write = train_loop.write_metrics
 
     def crash_on_epoch_2(path, records):
         if len(records) == 2:
             raise KeyboardInterrupt("killed between the checkpoint and the metrics")
         return real_write(path, records)
 
-    monkeypatch.setattr(train_module, "write_metrics", crash_on_epoch_2)
+    monkeypatch.setattr(train_loop, "write_metrics", crash_on_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(dataset_dir, tmp_path, epochs=3), **_quiet())
     monkeypatch.undo()
@@ -597,11 +597,11 @@ def test_signal_during_evaluation_keeps_the_epochs_training(
 ):
     # The 40 test images are one batch of the training loop's evaluation; batches of 8 leave
     # some after the signal.
-    from capsnet_fused import train as train_module
+    from capsnet_fused.train import loop as train_loop
 
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_loop.evaluate
     monkeypatch.setattr(
-        train_module, "evaluate", lambda *a, **k: real_evaluate(*a, **{**k, "batch_size": 8})
+        train_loop, "evaluate", lambda *a, **k: real_evaluate(*a, **{**k, "batch_size": 8})
     )
     _send_signal_at(monkeypatch, signal.SIGTERM, eval_call=1)
     with pytest.raises(TrainingInterrupted):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import capsnet_fused.train as train_module
+import capsnet_fused.train.loop as train_loop
 from capsnet_fused.reference import squash
 
 
@@ -37,14 +38,14 @@ class BiasedDigitCaps(nn.Module):
 
 def main() -> None:
     bias_init, out = float(sys.argv[1]), sys.argv[2]
-    build_model = train_module.build_model
+    build_model = train_loop.build_model
 
     def build_biased_model(config, image_shape):
         model = build_model(config, image_shape)
         model.digit = BiasedDigitCaps(model.digit, bias_init)
         return model
 
-    train_module.build_model = build_biased_model
+    train_loop.build_model = build_biased_model  # where train() looks it up
     config = train_module.TrainConfig(dataset="fashion-mnist", epochs=1, out=out, progress=False)
     train_module.train(config)
 
