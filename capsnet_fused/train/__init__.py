@@ -18,6 +18,7 @@ The modules, in the order a run meets them:
   config.py       TrainConfig (every setting, its check and its flag), the flags of
                   `capsnet-fused train`, a config from the command line or on resume
   resume.py       config, model and normalisation from a checkpoint; RNG states
+  run_folder.py   the run folder: created, checked, and the files a session starts with
   model.py        the model and loss a config describes, predictions, autocast
   distributed.py  the torchrun process group and sums over processes
   signals.py      SIGINT / SIGTERM as a request to stop with a checkpoint

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -41,16 +40,11 @@ from capsnet_fused._checks import resolve_device
 from capsnet_fused.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
-    CONFIG_NAME,
     METRICS_NAME,
-    SESSIONS_NAME,
     history_for,
-    read_jsonl,
     read_metrics_lenient,
-    remove_stale_temporaries,
     save_checkpoint,
     write_metrics,
-    write_text_atomic,
 )
 from capsnet_fused.data import (
     ImageDataset,
@@ -74,6 +68,7 @@ from capsnet_fused.train.resume import (
     _set_rng_state,
     normalization_from_checkpoint,
 )
+from capsnet_fused.train.run_folder import prepare_run_folder, write_session_files
 from capsnet_fused.train.signals import _ignore_stop_signals, _StopSignals
 from capsnet_fused.train.stats import EpochStats
 
@@ -270,7 +265,7 @@ def _setup(
     seeds, the data, the model and its optimiser; a resumed run then takes the checkpoint's
     state (before DistributedDataParallel copies rank 0's parameters to every process)."""
     device = resolve_device(config.device, info.local_rank)
-    out = _prepare_run_folder(config, state, info, log)
+    out = prepare_run_folder(config, state, info, log)
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -330,24 +325,6 @@ def _setup(
     return run
 
 
-def _prepare_run_folder(config: TrainConfig, state: dict | None, info: DistInfo, log) -> Path:
-    """The run folder, created and cleaned (by rank 0), recorded in config.out; a fresh run
-    refuses a folder that holds a checkpoint."""
-    out = Path(config.out) if config.out else _default_out(config)
-    ckpt_file = out / CHECKPOINT_NAME
-    if info.main:
-        _prepare_out(out)
-        for stale in remove_stale_temporaries(out):
-            log(f"removed {stale}, left by a process that no longer runs")
-    if state is None and ckpt_file.exists():
-        raise ValueError(
-            f"{out} already holds a checkpoint; resume it with --resume {out} "
-            "or choose another --out"
-        )
-    config.out = str(out)
-    return out
-
-
 def _load_data(config: TrainConfig, state: dict | None) -> tuple[ImageDataset, ImageDataset]:
     """The training and test images, of the same shape (a resumed run's: the checkpoint's)."""
     # An explicit data folder is the only place looked at (no download); the folder actually
@@ -401,22 +378,9 @@ def _restore(run: _Run, state: dict[str, Any]) -> None:
 
 
 def _start_session(run: _Run, state: dict | None, command: str | None) -> None:
-    """Rank 0, before the first step: metrics.jsonl as the checkpoint has it, config.json, this
-    session in sessions.jsonl, and what is trained where in the log."""
-    config, out, normalization = run.config, run.out, run.normalization
-    # metrics.jsonl agrees with the checkpoint: the epochs it holds, no more, none twice
-    # (a fresh run removes a stale file).
-    if run.history:
-        write_metrics(out / METRICS_NAME, run.history)
-    else:
-        (out / METRICS_NAME).unlink(missing_ok=True)
-    recorded = dataclasses.asdict(config)
-    if normalization is not None:
-        recorded["normalization"] = normalization.to_dict()
-    write_text_atomic(out / CONFIG_NAME, json.dumps(recorded, indent=2) + "\n")
-    # A long run may be resumed on other machines: each session says where it ran and how
-    # it was started (a fresh run starts the list anew).
-    sessions = read_jsonl(out / SESSIONS_NAME) if state is not None else []
+    """Rank 0, before the first step: the run folder's files (write_session_files) and what
+    is trained where in the log."""
+    config, normalization = run.config, run.normalization
     session = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command,
@@ -429,11 +393,11 @@ def _start_session(run: _Run, state: dict | None, command: str | None) -> None:
         "backend": run.backend,
         "torch": torch.__version__,
     }
-    write_metrics(out / SESSIONS_NAME, [*sessions, session])
+    write_session_files(run.out, config, normalization, run.history, session, state is not None)
     run.log(
         f"training {config.dataset} ({len(run.train_set)} train / {len(run.test_set)} test "
         f"images from {config.data_dir}) on {run.device} x{run.info.world_size}, backend "
-        f"{run.backend}, run folder {out}"
+        f"{run.backend}, run folder {run.out}"
     )
     if normalization is not None:
         run.log(
@@ -640,10 +604,6 @@ def _epoch_record(run: _Run, test: dict[str, Any], test_start: float) -> dict[st
 # ---------------------------------------------------------------- helpers
 
 
-def _default_out(config: TrainConfig) -> Path:
-    return Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _format_epoch(record: dict[str, Any], epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} "
@@ -658,21 +618,6 @@ def _position(epoch: int, step_in_epoch: int, step: int) -> str:
     if step_in_epoch == 0:
         return f"the end of epoch {epoch} (step {step})"
     return f"step {step_in_epoch} of epoch {epoch + 1} (step {step} overall)"
-
-
-def _prepare_out(out: Path) -> None:
-    """Create the run folder and check that it can be written, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(
-            f"--out {out} cannot be used as a run folder: {exc.strerror or exc}"
-        ) from exc
 
 
 def _finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
