@@ -90,7 +90,7 @@ TENSOR_NAMES = ("v", "du", "dweight", "dprior")
 DEFAULT_BATCHES = (1, 8, 32, 128)
 FULL_ITERATIONS = (1, 3, 5)
 E2E_BATCH = 128
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 # Fixing glibc's mmap threshold keeps large buffers mmapped, so a freed tensor leaves the
 # resident set and the measured call's tensors show up in the peak (the default dynamic
 # threshold would recycle the warm-up call's heap memory invisibly).
@@ -1500,7 +1500,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
