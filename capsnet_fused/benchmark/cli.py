@@ -78,6 +78,12 @@ PLOTS_HINT = "pip install capsnet-fused[plots]"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags on parser (the `capsnet-fused bench` subcommand)."""
+    _add_grid_arguments(parser)
+    _add_measurement_arguments(parser)
+    _add_end_to_end_arguments(parser)
+
+
+def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     grid = parser.add_argument_group("grid (lists are comma-separated)")
     grid.add_argument(
         "--full",
@@ -123,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="out_caps|in_caps[-prior][-detach][-shared_mean|-shared_sum], or all (the eight "
         "without shared logits; default out_caps)",
     )
+
+
+def _add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
     run_group = parser.add_argument_group("measurement and output")
     run_group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
     run_group.add_argument(
@@ -148,6 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--name", default=None, help="file stem (default: the device, e.g. cpu or nvidia-h100)"
     )
     run_group.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+
+
+def _add_end_to_end_arguments(parser: argparse.ArgumentParser) -> None:
     e2e = parser.add_argument_group("end-to-end")
     e2e.add_argument(
         "--end-to-end",

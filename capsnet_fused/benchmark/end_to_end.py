@@ -2,13 +2,18 @@
 reconstruction loss, backward, Adam step) and an inference forward, images per second, with
 the reference router and every fused backend; optionally also under autocast (--amp) and with
 channels-last convolutions (--channels-last).
+
+run_end_to_end takes these steps: one batch and the float32 reference model's outputs and
+gradients on it (_E2ERun.load_batch); every (setting, backend) checked against them, its
+training step and inference warmed up (_checked_rows); all of them timed in interleaved rounds
+(_time_rounds, _record_times); the speed-ups (_add_speedups).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +23,10 @@ from capsnet_fused.benchmark.check import _failure, _rel_error, check_errors
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
 from capsnet_fused.benchmark.measure import _summary, _sync
 from capsnet_fused.ops import unavailable_reason
+
+# What the check compares: the capsule lengths [B, J] and the gradients of the digit weight
+# [I, J, N, M] and of conv1's weight.
+_CHECKED = ("lengths", "d_digit_weight", "d_conv1_weight")
 
 
 def _e2e_inputs(model: torch.nn.Module, batch: int, device: torch.device, seed: int):
@@ -50,6 +59,12 @@ def e2e_settings(config: BenchConfig) -> list[E2ESetting]:
     return [E2ESetting(a, c) for a in config.e2e_amp for c in config.e2e_channels_last]
 
 
+# By (setting, backend): its result row with its warmed-up training step and inference, and
+# the times in seconds of those two calls.
+_Timed = dict[tuple[E2ESetting, str], tuple[dict[str, Any], Callable, Callable]]
+_Samples = dict[tuple[E2ESetting, str], tuple[list[float], list[float]]]
+
+
 def run_end_to_end(
     config: BenchConfig, echo: Callable[[str], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -66,113 +81,190 @@ def run_end_to_end(
     Training step: forward, margin + reconstruction loss, backward, Adam step.
     """
     from capsnet_fused.losses import CapsNetLoss
-    from capsnet_fused.models import CapsNet
 
     device = _device(config)
     wanted = [b for b in benchmark_backends(config, device, torch.float32) if b != "compiled"]
-    criterion = CapsNetLoss()  # the training loss, as `capsnet-fused train` computes it
-    names = ("lengths", "d_digit_weight", "d_conv1_weight")
+    # The training loss, as `capsnet-fused train` computes it.
+    run = _E2ERun(config, device, CapsNetLoss())
+    cpu_kernel_fields = _cpu_kernel_fields(device)
+    run.load_batch()
+    rows, timed = _checked_rows(run, wanted, cpu_kernel_fields)
+    samples = _time_rounds(timed, config, device)
+    _record_times(timed, samples, config, echo)
+    _add_speedups(rows)
+    return rows
 
-    def build(backend: str, setting: E2ESetting) -> torch.nn.Module:
-        torch.manual_seed(config.seed)
-        model = CapsNet(backend=backend, channels_last=setting.channels_last, **config.model_kwargs)
-        return model.to(device)
 
-    def autocast(setting: E2ESetting):
-        return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=setting.amp)
+@dataclass
+class _E2ERun:
+    """What the steps of one end-to-end run share: the config, the device, the training loss,
+    one batch (images, labels) and the float32 reference model's check pass on it (expected)."""
 
-    def loss_of(model, images, labels, setting):
-        with autocast(setting):
-            out = model(images, labels)
-            loss, _margin, _recon = criterion(out, images, labels)
+    config: BenchConfig
+    device: torch.device
+    criterion: torch.nn.Module
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    expected: list[torch.Tensor] = field(default_factory=list)
+
+    def build(self, backend: str, setting: E2ESetting) -> torch.nn.Module:
+        """A CapsNet with the backend's router, initialised from the config's seed."""
+        from capsnet_fused.models import CapsNet
+
+        torch.manual_seed(self.config.seed)
+        model = CapsNet(
+            backend=backend, channels_last=setting.channels_last, **self.config.model_kwargs
+        )
+        return model.to(self.device)
+
+    def autocast(self, setting: E2ESetting):
+        return torch.autocast(
+            self.device.type, dtype=autocast_dtype(self.device), enabled=setting.amp
+        )
+
+    def loss_of(self, model, setting):
+        with self.autocast(setting):
+            out = model(self.images, self.labels)
+            loss, _margin, _recon = self.criterion(out, self.images, self.labels)
         return loss, out
 
-    def check_pass(model, images, labels, setting):
+    def check_pass(self, model, setting):
+        """One forward and backward pass on the batch -> the _CHECKED tensors in float32."""
         model.zero_grad(set_to_none=True)
-        loss, out = loss_of(model, images, labels, setting)
+        loss, out = self.loss_of(model, setting)
         loss.backward()
         grads = [model.digit.weight.grad, model.conv1[0].weight.grad]
         return [out.lengths.detach().float()] + [g.detach().float().clone() for g in grads]
 
-    def errors_of(got):
-        return {n: _rel_error(g, w) for n, g, w in zip(names, got, expected, strict=True)}
+    def errors_of(self, got):
+        """Relative errors of check_pass tensors against the reference's (expected)."""
+        return {n: _rel_error(g, w) for n, g, w in zip(_CHECKED, got, self.expected, strict=True)}
 
-    cpu_kernel_fields = _cpu_kernel_fields(device)
-    plain = E2ESetting()
-    images, labels = _e2e_inputs(build("reference", plain), config.e2e_batch, device, config.seed)
-    expected = check_pass(build("reference", plain), images, labels, plain)
+    def load_batch(self) -> None:
+        """The batch (from the config's seed) and the float32 reference model's check pass on
+        it in the default layout, which every backend and setting is checked against."""
+        plain = E2ESetting()
+        self.images, self.labels = _e2e_inputs(
+            self.build("reference", plain), self.config.e2e_batch, self.device, self.config.seed
+        )
+        self.expected = self.check_pass(self.build("reference", plain), plain)
+
+
+def _checked_rows(
+    run: _E2ERun, wanted: list[str], cpu_kernel_fields: dict[str, Any]
+) -> tuple[list[dict[str, Any]], _Timed]:
+    """A row per (setting, backend), checked against the reference; the rows that passed with
+    their warmed-up calls, by (setting, backend)."""
+    config, device = run.config, run.device
     floor = config.rtol if config.rtol is not None else 1e-3
     rows = []
-    timed: dict[tuple[E2ESetting, str], tuple[dict[str, Any], Callable, Callable]] = {}
+    timed: _Timed = {}
     for setting in e2e_settings(config):
-        reference_model = build("reference", setting)
-        tolerances = dict.fromkeys(names, floor)
+        reference_model = run.build("reference", setting)
+        tolerances = dict.fromkeys(_CHECKED, floor)
         if setting.amp:
-            drift = errors_of(check_pass(reference_model, images, labels, setting))
-            tolerances = {n: max(floor, 2 * drift[n]) for n in names}
+            drift = run.errors_of(run.check_pass(reference_model, setting))
+            tolerances = {n: max(floor, 2 * drift[n]) for n in _CHECKED}
         for backend in wanted:
-            row: dict[str, Any] = {
-                "backend": backend,
-                "device": device.type,
-                "batch": config.e2e_batch,
-                "amp": setting.amp,
-                "autocast_dtype": str(autocast_dtype(device)) if setting.amp else None,
-                "channels_last": setting.channels_last,
-                "setting": setting.label(device),
-                **cpu_kernel_fields,
-                "status": "ok",
-                "error": "",
-                "rel_errors": {},
-                "tolerances": {},
-                "train_median_ms": None,
-                "train_iqr_ms": None,
-                "train_images_per_s": None,
-                "infer_median_ms": None,
-                "infer_iqr_ms": None,
-                "infer_images_per_s": None,
-                "train_speedup_vs_reference": None,
-                "infer_speedup_vs_reference": None,
-                "train_speedup_vs_plain": None,
-                "infer_speedup_vs_plain": None,
-            }
+            row = _e2e_row(backend, setting, config, device, cpu_kernel_fields)
             rows.append(row)
             if backend not in BASELINES and unavailable_reason(backend, device) is not None:
                 row.update(status="skipped", error=unavailable_reason(backend, device))
                 continue
-            try:
-                model = reference_model if backend == "reference" else build(backend, setting)
-                errors = errors_of(check_pass(model, images, labels, setting))
-                row["rel_errors"], row["tolerances"] = errors, tolerances
-                problem = check_errors(errors, tolerances)
-                if problem is not None:
-                    row.update(status="failed", error=f"wrong result, not timed: {problem}")
-                    continue
-                optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-                scaler = torch.amp.GradScaler(
-                    device.type, enabled=setting.amp and device.type == "cuda"
-                )
+            calls = _checked_calls(run, row, backend, setting, reference_model, tolerances)
+            if calls is not None:
+                timed[setting, backend] = (row, *calls)
+    return rows, timed
 
-                def train_step(model=model, optimizer=optimizer, scaler=scaler, setting=setting):
-                    model.train()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, _ = loss_of(model, images, labels, setting)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    return loss
 
-                def infer(model=model, setting=setting):
-                    model.eval()
-                    with torch.no_grad(), autocast(setting):
-                        return model(images)
+def _e2e_row(
+    backend: str,
+    setting: E2ESetting,
+    config: BenchConfig,
+    device: torch.device,
+    cpu_kernel_fields: dict[str, Any],
+) -> dict[str, Any]:
+    """A (setting, backend)'s result row, nothing measured yet."""
+    return {
+        "backend": backend,
+        "device": device.type,
+        "batch": config.e2e_batch,
+        "amp": setting.amp,
+        "autocast_dtype": str(autocast_dtype(device)) if setting.amp else None,
+        "channels_last": setting.channels_last,
+        "setting": setting.label(device),
+        **cpu_kernel_fields,
+        "status": "ok",
+        "error": "",
+        "rel_errors": {},
+        "tolerances": {},
+        "train_median_ms": None,
+        "train_iqr_ms": None,
+        "train_images_per_s": None,
+        "infer_median_ms": None,
+        "infer_iqr_ms": None,
+        "infer_images_per_s": None,
+        "train_speedup_vs_reference": None,
+        "infer_speedup_vs_reference": None,
+        "train_speedup_vs_plain": None,
+        "infer_speedup_vs_plain": None,
+    }
 
-                train_step()
-                infer()
-            except Exception as exc:  # noqa: BLE001
-                row.update(status="failed", error=_failure(exc))
-                continue
-            timed[setting, backend] = (row, train_step, infer)
 
+def _checked_calls(
+    run: _E2ERun,
+    row: dict[str, Any],
+    backend: str,
+    setting: E2ESetting,
+    reference_model: torch.nn.Module,
+    tolerances: dict[str, float],
+) -> tuple[Callable, Callable] | None:
+    """The backend's model checked against the reference (its errors go on the row), then its
+    training step and inference, each called once; None, with the row marked failed, when the
+    check or a call fails."""
+    try:
+        model = reference_model if backend == "reference" else run.build(backend, setting)
+        errors = run.errors_of(run.check_pass(model, setting))
+        row["rel_errors"], row["tolerances"] = errors, tolerances
+        problem = check_errors(errors, tolerances)
+        if problem is not None:
+            row.update(status="failed", error=f"wrong result, not timed: {problem}")
+            return None
+        train_step, infer = _calls(run, model, setting)
+        train_step()
+        infer()
+    except Exception as exc:  # noqa: BLE001
+        row.update(status="failed", error=_failure(exc))
+        return None
+    return train_step, infer
+
+
+def _calls(run: _E2ERun, model: torch.nn.Module, setting: E2ESetting) -> tuple[Callable, Callable]:
+    """The timed calls of a model: a training step (forward, loss, backward, Adam step, with a
+    GradScaler under autocast on CUDA) and an inference forward."""
+    device = run.device
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device.type, enabled=setting.amp and device.type == "cuda")
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = run.loss_of(model, setting)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), run.autocast(setting):
+            return model(run.images)
+
+    return train_step, infer
+
+
+def _time_rounds(timed: _Timed, config: BenchConfig, device: torch.device) -> _Samples:
+    """(training step times, inference times) in seconds of every (setting, backend)."""
     # Every (setting, backend) takes its turn within every round, so that a drift of the
     # machine's speed (other load, frequency) hits all of them alike; a step lasts seconds on
     # CPU, so one call per measurement is enough.
@@ -185,6 +277,16 @@ def run_end_to_end(
                 _sync(device)
                 if round_ >= max(1, config.warmup):
                     times.append(time.perf_counter() - start)
+    return samples
+
+
+def _record_times(
+    timed: _Timed,
+    samples: _Samples,
+    config: BenchConfig,
+    echo: Callable[[str], None] | None,
+) -> None:
+    """Medians, IQRs and images per second on the rows; a progress line each to echo."""
     for key, (row, _, _) in timed.items():
         train, infer_stats = (_summary(times) for times in samples[key])
         row.update(
@@ -201,6 +303,10 @@ def run_end_to_end(
                 f"{row['train_median_ms']:.1f} ms, inference {row['infer_median_ms']:.1f} ms "
                 f"at batch {config.e2e_batch}"
             )
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Speed-ups of the rows that passed (baseline time / time, > 1 = faster)."""
     ok = {(r["backend"], r["amp"], r["channels_last"]): r for r in rows if r["status"] == "ok"}
     for (backend, amp, channels_last), row in ok.items():
         # Speed-ups over the reference router in the same setting, and over the same backend
@@ -215,4 +321,3 @@ def run_end_to_end(
                     row[f"{mode}_speedup_vs_{base_name}"] = (
                         base[f"{mode}_median_ms"] / row[f"{mode}_median_ms"]
                     )
-    return rows
