@@ -18,7 +18,7 @@ import torch
 
 from capsnet_fused import available_backends, dynamic_routing, reference_routing
 from capsnet_fused._checks import resolve_device
-from capsnet_fused.ops import BACKENDS
+from capsnet_fused.ops import BACKENDS, unavailable_reason
 from capsnet_fused.testing import random_routing_inputs
 
 # I, J, N, M of each named routing problem.
@@ -196,6 +196,14 @@ def benchmark_backends(config: BenchConfig, device: torch.device, dtype: torch.d
         if name not in known:
             raise ValueError(f"unknown backend {name!r}: expected some of {known}")
     return list(dict.fromkeys(config.backends))
+
+
+def skip_reason(
+    backend: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> str | None:
+    """Why a benchmarked backend cannot run on device with dtype; None for the baselines,
+    which always run, and for a fused backend that can."""
+    return None if backend in BASELINES else unavailable_reason(backend, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ as failed, with its error, and is not timed. Also the one-line text of a failure
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -69,6 +70,18 @@ def case_reference(case: Case, device: torch.device, rtol: float | None = None) 
     del inputs64
     drift = compare(make_runner(case, reference_routing, inputs)(), reference64)
     return inputs, reference64, drift, tolerances_for(DTYPES[case.dtype], drift, rtol)
+
+
+def passes_check(
+    row: dict[str, Any], errors: dict[str, float], tolerances: dict[str, float]
+) -> bool:
+    """Record a backend's errors and tolerances on its result row; False, with the row marked
+    failed (and so not timed), when some error is above its tolerance."""
+    row["rel_errors"], row["tolerances"] = errors, tolerances
+    problem = check_errors(errors, tolerances)
+    if problem is not None:
+        row.update(status="failed", error=f"wrong result, not timed: {problem}")
+    return problem is None
 
 
 def _failure(exc: BaseException) -> str:

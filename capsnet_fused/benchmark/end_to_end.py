@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from capsnet_fused.benchmark.cases import BASELINES, BenchConfig, _device, benchmark_backends
-from capsnet_fused.benchmark.check import _failure, _rel_error, check_errors
+from capsnet_fused.benchmark.cases import BenchConfig, _device, benchmark_backends, skip_reason
+from capsnet_fused.benchmark.check import _failure, _rel_error, passes_check
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
 from capsnet_fused.benchmark.measure import _summary, _sync
-from capsnet_fused.ops import unavailable_reason
 
 # What the check compares: the capsule lengths [B, J] and the gradients of the digit weight
 # [I, J, N, M] and of conv1's weight.
@@ -168,8 +167,9 @@ def _checked_rows(
         for backend in wanted:
             row = _e2e_row(backend, setting, config, device, cpu_kernel_fields)
             rows.append(row)
-            if backend not in BASELINES and unavailable_reason(backend, device) is not None:
-                row.update(status="skipped", error=unavailable_reason(backend, device))
+            reason = skip_reason(backend, device)
+            if reason is not None:
+                row.update(status="skipped", error=reason)
                 continue
             calls = _checked_calls(run, row, backend, setting, reference_model, tolerances)
             if calls is not None:
@@ -225,10 +225,7 @@ def _checked_calls(
     try:
         model = reference_model if backend == "reference" else run.build(backend, setting)
         errors = run.errors_of(run.check_pass(model, setting))
-        row["rel_errors"], row["tolerances"] = errors, tolerances
-        problem = check_errors(errors, tolerances)
-        if problem is not None:
-            row.update(status="failed", error=f"wrong result, not timed: {problem}")
+        if not passes_check(row, errors, tolerances):
             return None
         train_step, infer = _calls(run, model, setting)
         train_step()

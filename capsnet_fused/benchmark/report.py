@@ -29,6 +29,11 @@ _COLUMNS = [
 ]
 
 
+def _status(row: dict) -> str:
+    """A row's status: ok, or failed or skipped with the reason."""
+    return row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error']}"
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
@@ -56,8 +61,7 @@ def format_table(
             return lines[0]
     for row in rows:
         cells = " ".join(f"{_cell(row, k, f):>{w}}" for _, k, w, f in columns)
-        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error']}"
-        lines.append(f"{cells}  {status}")
+        lines.append(f"{cells}  {_status(row)}")
     return "\n".join(lines)
 
 
@@ -69,20 +73,16 @@ def format_e2e_table(rows: list[dict]) -> str:
         f"{'x plain':>7}  status"
     ]
     for row in rows:
-
-        def cell(key: str, fmt: str, row=row) -> str:
-            return "-" if row.get(key) is None else fmt.format(row[key])
-
-        status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['error']}"
         lines.append(
             f"{row['backend']:>9} {row.get('setting', 'float32 contiguous'):>24} "
-            f"{row['batch']:>5} {cell('train_median_ms', '{:.1f}'):>9} "
-            f"{cell('train_images_per_s', '{:.1f}'):>11} "
-            f"{cell('train_speedup_vs_reference', '{:.2f}'):>6} "
-            f"{cell('train_speedup_vs_plain', '{:.2f}'):>7} "
-            f"{cell('infer_median_ms', '{:.1f}'):>9} {cell('infer_images_per_s', '{:.1f}'):>11} "
-            f"{cell('infer_speedup_vs_reference', '{:.2f}'):>6} "
-            f"{cell('infer_speedup_vs_plain', '{:.2f}'):>7}  {status}"
+            f"{row['batch']:>5} {_cell(row, 'train_median_ms', '{:.1f}'):>9} "
+            f"{_cell(row, 'train_images_per_s', '{:.1f}'):>11} "
+            f"{_cell(row, 'train_speedup_vs_reference', '{:.2f}'):>6} "
+            f"{_cell(row, 'train_speedup_vs_plain', '{:.2f}'):>7} "
+            f"{_cell(row, 'infer_median_ms', '{:.1f}'):>9} "
+            f"{_cell(row, 'infer_images_per_s', '{:.1f}'):>11} "
+            f"{_cell(row, 'infer_speedup_vs_reference', '{:.2f}'):>6} "
+            f"{_cell(row, 'infer_speedup_vs_plain', '{:.2f}'):>7}  {_status(row)}"
         )
     return "\n".join(lines)
 

@@ -22,11 +22,11 @@ from capsnet_fused.benchmark.cases import (
     build_cases,
     make_runner,
     routing_function,
+    skip_reason,
 )
-from capsnet_fused.benchmark.check import _failure, case_reference, check_errors, compare
+from capsnet_fused.benchmark.check import _failure, case_reference, compare, passes_check
 from capsnet_fused.benchmark.measure import cpu_peak_memory, cuda_peak_memory, time_call
 from capsnet_fused.benchmark.report import format_table
-from capsnet_fused.ops import unavailable_reason
 
 
 def _row(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
@@ -75,11 +75,10 @@ def run_case(
     for backend in backends:
         row = _row(case, backend, device)
         rows.append(row)
-        if backend not in BASELINES:
-            reason = unavailable_reason(backend, device, dtype)
-            if reason is not None:
-                row.update(status="skipped", error=reason)
-                continue
+        reason = skip_reason(backend, device, dtype)
+        if reason is not None:
+            row.update(status="skipped", error=reason)
+            continue
         try:
             runner = make_runner(case, routing_function(backend), inputs)
             # The eager reference was just checked (drift); for the others the first call
@@ -88,10 +87,7 @@ def run_case(
         except Exception as exc:  # noqa: BLE001 - any failure of a backend is reported as such
             row.update(status="failed", error=_failure(exc))
             continue
-        row["rel_errors"], row["tolerances"] = errors, tolerances
-        problem = check_errors(errors, tolerances)
-        if problem is not None:
-            row.update(status="failed", error=f"wrong result, not timed: {problem}")
+        if not passes_check(row, errors, tolerances):
             continue
         try:
             row.update(
