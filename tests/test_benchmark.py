@@ -13,8 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import capsnet_fused
 from capsnet_fused import benchmark as bm
 from capsnet_fused import ops, reference_routing
+from capsnet_fused.benchmark.cli import _cpu_line
+from capsnet_fused.benchmark.environment import _cpu_kernel_fields
+from capsnet_fused.benchmark.measure import _summary
 from tests.helpers import reference64, rel_error, run_with_grads
 
 TINY = "32x4x4x8"
@@ -198,7 +202,7 @@ def test_results_files_and_plot(fake_cpp, tmp_path):
     ):
         assert key in data["environment"], key
     assert data["environment"]["torch"] == torch.__version__
-    assert data["environment"]["capsnet_fused"] == bm.capsnet_fused.__version__
+    assert data["environment"]["capsnet_fused"] == capsnet_fused.__version__
     assert len(data["rows"]) == len(rows) == 8
     with paths["csv"].open() as handle:
         table = list(csv.DictReader(handle))
@@ -307,7 +311,7 @@ def test_tolerance_rule_and_summary():
     assert bm.tolerances_for(torch.bfloat16, {"v": 0.02}, None) == {"v": 0.04}
     assert bm.tolerances_for(torch.float32, {"v": 1e-7}, 1e-2) == {"v": 1e-2}
     assert bm.check_errors({"v": 1e-5, "du": math.nan}, {"v": 1e-4, "du": 1e-4}).startswith("du")
-    stats = bm._summary([0.001, 0.002, 0.003, 0.004, 0.005])
+    stats = _summary([0.001, 0.002, 0.003, 0.004, 0.005])
     assert stats["median_ms"] == pytest.approx(3.0)
     assert stats["iqr_ms"] == pytest.approx(2.0)
     assert (stats["min_ms"], stats["max_ms"], stats["runs"]) == (pytest.approx(1.0), 5.0, 5)
@@ -388,10 +392,10 @@ def test_end_to_end_flags():
 
 def test_end_to_end_rows_name_the_cpu_kernel_clone():
     pytest.importorskip("capsnet_fused._C", reason="capsnet_fused._C is not built")
-    fields = bm._cpu_kernel_fields(CPU)
+    fields = _cpu_kernel_fields(CPU)
     assert fields["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")
     assert fields["cpu_l2_bytes_per_core"] >= 0
-    assert bm._cpu_kernel_fields(torch.device("meta")) == {}
+    assert _cpu_kernel_fields(torch.device("meta")) == {}
 
 
 _CLI_TINY = [
@@ -427,7 +431,7 @@ def test_cpu_results_name_the_isa_and_the_kernel_path():
     assert env["cpu_isa"].startswith("family ")
     for flag in ("avx2", "avx512f", "avx512_bf16"):
         assert (f" {flag}" in env["cpu_isa"]) == (flag in flags), flag
-    line = bm._cpu_line(env)
+    line = _cpu_line(env)
     assert env["cpu_isa"] in line
     if "cpp_clone" in env:
         assert env["cpp_clone"] in ("x86-64-v4", "x86-64-v3", "default")

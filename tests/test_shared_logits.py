@@ -299,7 +299,7 @@ def test_benchmark_variants_accept_shared_logits():
     assert {r["variant"] for r in rows} == {"in_caps-prior-shared_sum"}
     assert {r["shared_logits"] for r in rows} == {"sum"}
     cpp = [r for r in rows if r["backend"] == "cpp"]
-    if bm.unavailable_reason("cpp", "cpu") is None:
+    if unavailable_reason("cpp", "cpu") is None:
         assert cpp and all(r["status"] == "ok" for r in cpp), cpp
 
 
