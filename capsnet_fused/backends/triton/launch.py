@@ -41,9 +41,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from capsnet_fused._op_glue import state_dtype
-from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
-from capsnet_fused.triton.kernels import (
+from capsnet_fused.backends.glue import state_dtype
+from capsnet_fused.backends.triton.kernels import (
     combine_back_kernel,
     combine_kernel,
     first_sweep_kernel,
@@ -52,6 +51,7 @@ from capsnet_fused.triton.kernels import (
     sweep_back_kernel,
     sweep_kernel,
 )
+from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
 
 # True when the kernels were decorated with TRITON_INTERPRET=1 (they then run on CPU tensors).
 INTERPRETED = isinstance(sweep_kernel, InterpretedFunction)

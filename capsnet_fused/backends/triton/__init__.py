@@ -1,6 +1,6 @@
 """Fused dynamic-routing kernels in Triton and their launchers (no torch op registration here)."""
 
-from capsnet_fused.triton.routing import (
+from capsnet_fused.backends.triton.launch import (
     INTERPRETED,
     KernelLaunch,
     RoutingConfig,
@@ -9,7 +9,7 @@ from capsnet_fused.triton.routing import (
     routing_backward,
     routing_forward,
 )
-from capsnet_fused.triton.shared_routing import (
+from capsnet_fused.backends.triton.shared_launch import (
     SharedConfig,
     choose_shared_config,
     planned_shared_launches,

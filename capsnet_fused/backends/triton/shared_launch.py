@@ -1,11 +1,11 @@
 """Launchers for routing logits shared by the batch (issue 18): tensors in, tensors out.
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None, v [B, J, M];
-R iterations. Saved for the backward (the op contract, capsnet_fused/_op_glue.py): s^k and
+R iterations. Saved for the backward (the op contract, capsnet_fused/backends/glue.py): s^k and
 v^k [B, R, J, M] and the couplings c^k [R, I, J], the same for every sample. Scratch: the
 logits and the agreements [I, J], the GEMM's partial sums [splits, B, J, M], in the backward
 D^k [R, I, J] and dW's float32 accumulator for half-precision weights. Nothing of size
-B x I x J x M. The kernels and the math: capsnet_fused/triton/shared_kernels.py,
+B x I x J x M. The kernels and the math: capsnet_fused/backends/triton/shared_kernels.py,
 docs/ROUTING-MATH.md.
 
 Launches (k is the 0-based iteration):
@@ -19,7 +19,7 @@ that is 4R - 1 forward and at most 4R + 1 backward. detach_inner without the pri
 bias's gradient needs only the last iteration: combine_back, agree_back (dW), du.
 
 Grids at the MNIST DigitCaps shape (I=1152, J=10, N=8, M=16) with the GPU tiles of
-choose_shared_config (programs per launch; the GEMM and the combines as in routing.py):
+choose_shared_config (programs per launch; the GEMM and the combines as in launch.py):
 
     | B   | softmax (j / i) | agree         | du      |
     |-----|-----------------|---------------|---------|
@@ -38,10 +38,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from capsnet_fused._op_glue import state_dtype
-from capsnet_fused.reference import SQUASH_EPS
-from capsnet_fused.triton.kernels import first_sweep_kernel
-from capsnet_fused.triton.routing import (
+from capsnet_fused.backends.glue import state_dtype
+from capsnet_fused.backends.triton.kernels import first_sweep_kernel
+from capsnet_fused.backends.triton.launch import (
     KernelLaunch,
     RoutingConfig,
     TorchLaunch,
@@ -53,7 +52,7 @@ from capsnet_fused.triton.routing import (
     choose_config,
     tile_kind,
 )
-from capsnet_fused.triton.shared_kernels import (
+from capsnet_fused.backends.triton.shared_kernels import (
     shared_agree_kernel,
     shared_combine_back_kernel,
     shared_combine_kernel,
@@ -61,6 +60,7 @@ from capsnet_fused.triton.shared_kernels import (
     shared_logits_back_kernel,
     shared_softmax_kernel,
 )
+from capsnet_fused.reference import SQUASH_EPS
 
 # Elements of an [I, J] tile a softmax or logits_back program holds.
 _LOGIT_TILE = 4096
@@ -107,7 +107,7 @@ def choose_shared_config(
     batch: int, in_caps: int, out_caps: int, in_d: int, out_d: int, kind: str | None = None
 ) -> SharedConfig:
     """The tiles and warps the shared-logits launchers use for (B, I, J, N, M); kind as
-    routing.tile_kind()."""
+    launch.tile_kind()."""
     kind = tile_kind() if kind is None else kind
     base = choose_config(batch, in_caps, out_caps, in_d, out_d, kind)
     block_j, block_n, block_m = base.block_j, base.block_n, base.block_m
