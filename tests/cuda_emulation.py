@@ -46,5 +46,19 @@ def load() -> None:
     _LOADED = True
 
 
-routing = glue.make_routing(PREFIX)
-shared_routing = glue.make_shared_routing(PREFIX)
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::cuda_emulated_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        PREFIX, u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::cuda_emulated_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        PREFIX, u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip

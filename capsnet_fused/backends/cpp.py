@@ -125,5 +125,19 @@ if _LOAD_ERROR is None:
     glue.register("cpp", shared=True)
 
 
-routing = glue.make_routing("cpp")
-shared_routing = glue.make_shared_routing("cpp")
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::cpp_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        "cpp", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::cpp_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        "cpp", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip

@@ -195,5 +195,19 @@ glue.register("triton")
 glue.register("triton", shared=True)
 
 
-routing = glue.make_routing("triton")
-shared_routing = glue.make_shared_routing("triton")
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::triton_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        "triton", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::triton_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        "triton", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip
