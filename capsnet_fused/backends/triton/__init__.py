@@ -1,4 +1,9 @@
-"""Fused dynamic-routing kernels in Triton and their launchers (no torch op registration here)."""
+"""The Triton backend: op.py (its torch ops and the backend contract) calls the launchers,
+launch.py (per-sample routing logits) and shared_launch.py (logits shared by the batch), which
+launch the kernels of kernels.py and shared_kernels.py.
+
+This package re-exports the launchers' public names; it registers no torch op (op.py does, when
+capsnet_fused.ops imports it)."""
 
 from capsnet_fused.backends.triton.launch import (
     INTERPRETED,

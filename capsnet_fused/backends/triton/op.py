@@ -21,10 +21,8 @@ import torch
 import triton
 
 from capsnet_fused.backends import glue
-from capsnet_fused.backends.triton import (
-    INTERPRETED,
-    routing_backward,
-    routing_forward,
+from capsnet_fused.backends.triton.launch import INTERPRETED, routing_backward, routing_forward
+from capsnet_fused.backends.triton.shared_launch import (
     shared_routing_backward,
     shared_routing_forward,
 )
