@@ -51,7 +51,7 @@ from triton.language import standard as tl_standard  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 from capsnet_fused import dynamic_routing, reference_routing  # noqa: E402
-from capsnet_fused.triton import routing as launchers  # noqa: E402
+from capsnet_fused.backends.triton import launch as launchers  # noqa: E402
 
 US = 1e-6
 

@@ -1,26 +1,8 @@
 """Public routing op: argument checks, backend choice and dispatch.
 
-Each fused backend lives in its own module (capsnet_fused._triton_op, capsnet_fused._cpp_op)
-that registers its torch op and exposes two functions:
-
-    unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps)
-        -> v
-
-`routing` receives validated arguments of one floating dtype on one device (possibly
-non-contiguous, possibly B = 0; prior and bias may be None; squash_eps a float >= 0) and
-returns v [B, J, M] with autograd to u, weight, prior and bias.
-
-Routing logits shared by the batch (shared_logits="mean" or "sum", issue 18) is a second pair
-of functions, which a backend module has once it implements them:
-
-    shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None
-    shared_routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky,
-                   squash_eps, shared_logits) -> v
-
-with the arguments of `routing` and shared_logits "mean" or "sum". A backend without them (or
-whose reason is not None) makes dynamic_routing raise NotImplementedError: there is no silent
-fallback to another backend.
+The fused backends (capsnet_fused.backends.triton.op, capsnet_fused.backends.cpp) are modules
+with the functions of the backend contract in capsnet_fused/backends/__init__.py; the modules
+are listed in _BACKEND_MODULES and imported once by load_backends().
 """
 
 from __future__ import annotations
@@ -44,7 +26,10 @@ from capsnet_fused._checks import (  # noqa: F401
 from capsnet_fused.reference import reference_routing
 
 BACKEND_ENV = "CAPSNET_FUSED_BACKEND"
-_BACKEND_MODULES = {"triton": "capsnet_fused._triton_op", "cpp": "capsnet_fused._cpp_op"}
+_BACKEND_MODULES = {
+    "triton": "capsnet_fused.backends.triton.op",
+    "cpp": "capsnet_fused.backends.cpp",
+}
 # Fastest first; "auto" takes the first one available for the device.
 _AUTO_ORDER = {"cuda": ("triton", "cpp", "reference"), "cpu": ("cpp", "reference")}
 

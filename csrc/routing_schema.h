@@ -1,8 +1,8 @@
 // The arguments and results of the routing ops, shared by every op pair with this contract:
 // capsnet_fused::cpp_routing_fwd / _bwd (ops.cpp) and the test-only
 // capsnet_fused::cuda_emulated_routing_fwd / _bwd (routing_cuda.cpp, emulated build), so that
-// both are defined by one schema. The Triton pair (capsnet_fused/_triton_op.py) has the same
-// arguments.
+// both are defined by one schema. The Triton pair (capsnet_fused/backends/triton/op.py) has the
+// same arguments.
 #pragma once
 
 // u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None (added to s^t

@@ -7,15 +7,15 @@ TORCH_EXTENSIONS_DIR: a rebuild only when a source changes). The library registe
 for CPU tensors as the test-only ops capsnet_fused::cuda_emulated_routing_fwd / _bwd (and
 cuda_emulated_shared_routing_fwd / _bwd for routing logits shared by the batch), with the schemas
 of cpp_routing_fwd / _bwd (cpp_shared_routing_fwd / _bwd); load() adds the fakes and autograd of
-capsnet_fused._op_glue, so `routing` and `shared_routing` below are backend functions like
-capsnet_fused._cpp_op's.
+capsnet_fused.backends.glue, so `routing` and `shared_routing` below are backend functions like
+capsnet_fused.backends.cpp's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from capsnet_fused import _op_glue
+from capsnet_fused.backends import glue
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 PREFIX = "cuda_emulated"
@@ -41,10 +41,24 @@ def load() -> None:
         is_python_module=False,
         verbose=False,
     )
-    _op_glue.register(PREFIX)
-    _op_glue.register(PREFIX, shared=True)
+    glue.register(PREFIX)
+    glue.register(PREFIX, shared=True)
     _LOADED = True
 
 
-routing = _op_glue.make_routing(PREFIX)
-shared_routing = _op_glue.make_shared_routing(PREFIX)
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::cuda_emulated_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        PREFIX, u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::cuda_emulated_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        PREFIX, u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip

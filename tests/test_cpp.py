@@ -22,7 +22,7 @@ except ImportError as exc:
     )
 
 from capsnet_fused import FusedRouter, choose_backend, dynamic_routing, reference_routing
-from capsnet_fused import _cpp_op as cpp_op
+from capsnet_fused.backends import cpp as cpp_op
 from capsnet_fused.models import CapsNet
 from capsnet_fused.ops import available_backends
 from capsnet_fused.reference import SQUASH_EPS

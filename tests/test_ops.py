@@ -225,7 +225,7 @@ def test_no_backend_for_a_device_that_does_not_exist():
 
 
 def test_interpreted_triton_still_serves_cpu_tensors():
-    from capsnet_fused.triton import INTERPRETED
+    from capsnet_fused.backends.triton import INTERPRETED
 
     assert ("triton" in cf.available_backends("cpu")) == INTERPRETED
 

@@ -13,13 +13,13 @@ triton = pytest.importorskip("triton")
 
 from capsnet_fused import (  # noqa: E402
     FusedRouter,
-    _triton_op,  # noqa: E402
     choose_backend,
     dynamic_routing,
 )
+from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
+from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
 from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.reference import reference_routing  # noqa: E402
-from capsnet_fused.triton import routing as launcher  # noqa: E402
 from tests.helpers import (  # noqa: E402
     OPTION_CASES,
     SHAPES,
@@ -51,7 +51,7 @@ def require(device: str) -> None:
     """Skip unless the Triton kernels can run on `device` here."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    reason = _triton_op.unavailable_reason(torch.device(device), torch.float32)
+    reason = triton_op.unavailable_reason(torch.device(device), torch.float32)
     if reason is not None:
         pytest.skip(reason)
 
@@ -327,9 +327,9 @@ def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
 def test_public_entry_points_use_the_kernels(device, monkeypatch):
     require(device)
     calls = []
-    forward = _triton_op.routing_forward
+    forward = triton_op.routing_forward
     monkeypatch.setattr(
-        _triton_op, "routing_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+        triton_op, "routing_forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
     )
     router = FusedRouter(9, 4, 3, 5, 2, backend="triton", learn_prior=True).to(device)
     u = torch.randn(2, 9, 3, device=device)
@@ -344,11 +344,11 @@ def test_public_entry_points_use_the_kernels(device, monkeypatch):
 
 
 def test_unavailable_reason():
-    assert _triton_op.unavailable_reason(torch.device("meta"), torch.float32) is not None
-    assert _triton_op.unavailable_reason(torch.device("cpu"), torch.int32) is not None
-    cpu = _triton_op.unavailable_reason(torch.device("cpu"), torch.float32)
-    assert (cpu is None) == (launcher.INTERPRETED and _triton_op._INTERPRETER_PROBLEM is None)
-    assert _triton_op.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
+    assert triton_op.unavailable_reason(torch.device("meta"), torch.float32) is not None
+    assert triton_op.unavailable_reason(torch.device("cpu"), torch.int32) is not None
+    cpu = triton_op.unavailable_reason(torch.device("cpu"), torch.float32)
+    assert (cpu is None) == (launcher.INTERPRETED and triton_op._INTERPRETER_PROBLEM is None)
+    assert triton_op.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_old_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
@@ -360,13 +360,13 @@ def test_old_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
         refuses = False
     except TypeError:
         refuses = True
-    monkeypatch.setattr(_triton_op, "INTERPRETED", True)
-    monkeypatch.setattr(_triton_op.triton, "__version__", "3.6.0")
-    reason = _triton_op._interpreter_problem()
+    monkeypatch.setattr(triton_op, "INTERPRETED", True)
+    monkeypatch.setattr(triton_op.triton, "__version__", "3.6.0")
+    reason = triton_op._interpreter_problem()
     assert (reason is not None) == refuses
     assert reason is None or "numpy < 2.4" in reason
-    monkeypatch.setattr(_triton_op.triton, "__version__", "3.9.0")
-    assert _triton_op._interpreter_problem() is None
+    monkeypatch.setattr(triton_op.triton, "__version__", "3.9.0")
+    assert triton_op._interpreter_problem() is None
 
 
 @device_params
@@ -451,7 +451,7 @@ def test_tile_kind_env(monkeypatch):
 
 
 def test_grid_table():
-    """The grids in capsnet_fused/triton/routing.py's docstring are the ones chosen."""
+    """The grids in capsnet_fused/backends/triton/launch.py's docstring are the ones chosen."""
     table = {}
     for line in launcher.__doc__.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

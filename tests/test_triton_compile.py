@@ -82,8 +82,8 @@ def test_launcher_passes_the_register_cap_the_check_compiles_with():
     """KernelLaunch (what routing_forward/backward run) passes maxnreg; the check uses it too."""
     import torch
 
-    from capsnet_fused.triton import planned_launches
-    from capsnet_fused.triton.routing import max_registers
+    from capsnet_fused.backends.triton import planned_launches
+    from capsnet_fused.backends.triton.launch import max_registers
 
     assert [max_registers(w) for w in (1, 4, 8, 16)] == [255, 255, 255, 128]
     seen = []

@@ -11,11 +11,12 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from capsnet_fused import _triton_op, dynamic_routing, reference_routing  # noqa: E402
+from capsnet_fused import dynamic_routing, reference_routing  # noqa: E402
+from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
+from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
+from capsnet_fused.backends.triton import shared_launch as shared_launcher  # noqa: E402
 from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.ops import shared_logits_unavailable_reason  # noqa: E402
-from capsnet_fused.triton import routing as launcher  # noqa: E402
-from capsnet_fused.triton import shared_routing as shared_launcher  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ALL_OPTIONS,
     SHAPES,
@@ -41,7 +42,7 @@ def require(device: str) -> None:
     """Skip unless the Triton kernels can run on `device` here."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    reason = _triton_op.unavailable_reason(torch.device(device), torch.float32)
+    reason = triton_op.unavailable_reason(torch.device(device), torch.float32)
     if reason is not None:
         pytest.skip(reason)
 
@@ -411,7 +412,8 @@ def test_gpu_tiles_fit_tl_dot():
 
 
 def test_grid_table():
-    """The grids in capsnet_fused/triton/shared_routing.py's docstring are the ones chosen."""
+    """The grids in capsnet_fused/backends/triton/shared_launch.py's docstring are the ones
+    chosen."""
     table = {}
     for line in shared_launcher.__doc__.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -464,11 +466,13 @@ def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
     u_hat_numel = shape.B * shape.I * shape.J * shape.M
     saved, allocated = [], []
     new = shared_launcher._new
-    monkeypatch.setattr(
-        shared_launcher,
-        "_new",
-        lambda shp, *a: allocated.append(torch.Size(shp).numel()) or new(shp, *a),
-    )
+    # The gradients' buffers come from the per-sample launchers' helpers (launch.py).
+    for module in (shared_launcher, launcher):
+        monkeypatch.setattr(
+            module,
+            "_new",
+            lambda shp, *a: allocated.append(torch.Size(shp).numel()) or new(shp, *a),
+        )
     leaves = [t.requires_grad_() for t in (u, weight, prior)]
 
     def pack(t):
@@ -488,4 +492,4 @@ def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
 def test_the_backend_reports_shared_logits():
     require("cpu")
     assert shared_logits_unavailable_reason("triton", "cpu") is None
-    assert _triton_op.shared_logits_unavailable_reason(torch.device("cpu"), torch.int32)
+    assert triton_op.shared_logits_unavailable_reason(torch.device("cpu"), torch.int32)

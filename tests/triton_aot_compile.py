@@ -6,9 +6,10 @@ cubin, and cuobjdump (shipped in the triton wheel) reports its registers, shared
 and local memory. Prints one line per compiled kernel and exits with status 1 when any kernel
 uses local memory or stack (register spills), 2 when the kernels are interpreted.
 
-The launches come from capsnet_fused.triton.planned_launches, i.e. from the launchers' own code
-path (meta tensors), specialised the way the JIT specialises them at run time (ints equal to 1
-become constexprs, 16-divisible ints and 16-byte-aligned pointers get divisibility hints).
+The launches come from capsnet_fused.backends.triton.planned_launches, i.e. from the launchers'
+own code path (meta tensors), specialised the way the JIT specialises them at run time (ints
+equal to 1 become constexprs, 16-divisible ints and 16-byte-aligned pointers get divisibility
+hints).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from capsnet_fused.triton import (
+from capsnet_fused.backends.triton import (
     INTERPRETED,
     kernels,
     planned_launches,
@@ -76,7 +77,7 @@ HEAVY = {
         "NEED_DPRIOR": True,
         "DETACH_INNER": False,
     },
-    # Routing logits shared by the batch (capsnet_fused/triton/shared_kernels.py).
+    # Routing logits shared by the batch (capsnet_fused/backends/triton/shared_kernels.py).
     "shared_softmax_kernel": {
         "HAS_LOGITS": True,
         "HAS_A": True,

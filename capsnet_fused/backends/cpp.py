@@ -2,9 +2,10 @@
 
 The ops capsnet_fused::cpp_routing_fwd and cpp_routing_bwd (and cpp_shared_routing_fwd / _bwd
 for routing logits shared by the batch) are defined in csrc/ (TORCH_LIBRARY); this module loads
-them, registers their fakes and autograd (capsnet_fused._op_glue, shared with the Triton
-backend), and satisfies the backend contract of capsnet_fused.ops: unavailable_reason(device,
-dtype) and routing(...), shared_logits_unavailable_reason(device, dtype) and shared_routing(...).
+them, registers their fakes and autograd (capsnet_fused.backends.glue, shared with the Triton
+backend), and satisfies the backend contract (capsnet_fused/backends/__init__.py):
+unavailable_reason(device, dtype) and routing(...), shared_logits_unavailable_reason(device,
+dtype) and shared_routing(...).
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None -> v [B, J, M]; R iterations.
 The forward saves s and V [B, R, J, M] (and lse [B, R, J] for softmax over in_caps), never a
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from capsnet_fused import _op_glue
+from capsnet_fused.backends import glue
 
 JIT_ENV = "CAPSNET_FUSED_JIT"
 _BUILD_HINT = "run pip install --no-build-isolation -e . (or set CAPSNET_FUSED_JIT=1)"
@@ -36,7 +37,8 @@ def _jit_load() -> None:
     """Compile csrc/ with cpp_extension.load and load it, which registers the ops."""
     from torch.utils import cpp_extension
 
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    # capsnet_fused/backends/cpp.py -> the repository root, beside capsnet_fused/.
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
     sources = [csrc / "ops.cpp", csrc / "routing_cpu.cpp", csrc / "routing_cpu_shared.cpp"]
     cflags = ["-O3", "-fopenmp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -119,9 +121,23 @@ def shared_logits_unavailable_reason(device: torch.device, dtype: torch.dtype) -
 
 
 if _LOAD_ERROR is None:
-    _op_glue.register("cpp")
-    _op_glue.register("cpp", shared=True)
+    glue.register("cpp")
+    glue.register("cpp", shared=True)
 
 
-routing = _op_glue.make_routing("cpp")
-shared_routing = _op_glue.make_shared_routing("cpp")
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::cpp_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        "cpp", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::cpp_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        "cpp", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip

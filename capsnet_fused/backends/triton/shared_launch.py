@@ -1,11 +1,11 @@
 """Launchers for routing logits shared by the batch (issue 18): tensors in, tensors out.
 
 Shapes: u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None, v [B, J, M];
-R iterations. Saved for the backward (the op contract, capsnet_fused/_op_glue.py): s^k and
+R iterations. Saved for the backward (the op contract, capsnet_fused/backends/glue.py): s^k and
 v^k [B, R, J, M] and the couplings c^k [R, I, J], the same for every sample. Scratch: the
 logits and the agreements [I, J], the GEMM's partial sums [splits, B, J, M], in the backward
 D^k [R, I, J] and dW's float32 accumulator for half-precision weights. Nothing of size
-B x I x J x M. The kernels and the math: capsnet_fused/triton/shared_kernels.py,
+B x I x J x M. The kernels and the math: capsnet_fused/backends/triton/shared_kernels.py,
 docs/ROUTING-MATH.md.
 
 Launches (k is the 0-based iteration):
@@ -19,7 +19,7 @@ that is 4R - 1 forward and at most 4R + 1 backward. detach_inner without the pri
 bias's gradient needs only the last iteration: combine_back, agree_back (dW), du.
 
 Grids at the MNIST DigitCaps shape (I=1152, J=10, N=8, M=16) with the GPU tiles of
-choose_shared_config (programs per launch; the GEMM and the combines as in routing.py):
+choose_shared_config (programs per launch; the GEMM and the combines as in launch.py):
 
     | B   | softmax (j / i) | agree         | du      |
     |-----|-----------------|---------------|---------|
@@ -32,28 +32,28 @@ choose_shared_config (programs per launch; the GEMM and the combines as in routi
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from capsnet_fused._op_glue import state_dtype
-from capsnet_fused.reference import SQUASH_EPS
-from capsnet_fused.triton.kernels import first_sweep_kernel
-from capsnet_fused.triton.routing import (
+from capsnet_fused.backends.glue import state_dtype
+from capsnet_fused.backends.triton.launch import (
     KernelLaunch,
     RoutingConfig,
-    TorchLaunch,
-    _combine_block,
+    _bias_gradient_launch,
+    _combine_launch,
+    _contiguous,
+    _gemm_launch,
+    _gradient_buffers,
     _new,
+    _planned_cases,
     _run,
     _tl_acc,
-    _zeros_or_new,
     choose_config,
     tile_kind,
 )
-from capsnet_fused.triton.shared_kernels import (
+from capsnet_fused.backends.triton.shared_kernels import (
     shared_agree_kernel,
     shared_combine_back_kernel,
     shared_combine_kernel,
@@ -61,6 +61,7 @@ from capsnet_fused.triton.shared_kernels import (
     shared_logits_back_kernel,
     shared_softmax_kernel,
 )
+from capsnet_fused.reference import SQUASH_EPS
 
 # Elements of an [I, J] tile a softmax or logits_back program holds.
 _LOGIT_TILE = 4096
@@ -96,6 +97,12 @@ class SharedConfig:
             return (triton.cdiv(out_caps, self.softmax_in_block_j),)
         return (triton.cdiv(in_caps, self.softmax_block_i),)
 
+    def softmax_tile(self, softmax_in: bool) -> tuple[int, int]:
+        """(BLOCK_I, BLOCK_J) of the softmax and logits_back kernels."""
+        if softmax_in:
+            return self.softmax_in_block_i, self.softmax_in_block_j
+        return self.softmax_block_i, self.base.block_j
+
     def agree_grid(self, in_caps: int, out_caps: int):
         return (triton.cdiv(in_caps, self.agree_block_i), triton.cdiv(out_caps, self.agree_block_j))
 
@@ -107,7 +114,7 @@ def choose_shared_config(
     batch: int, in_caps: int, out_caps: int, in_d: int, out_d: int, kind: str | None = None
 ) -> SharedConfig:
     """The tiles and warps the shared-logits launchers use for (B, I, J, N, M); kind as
-    routing.tile_kind()."""
+    launch.tile_kind()."""
     kind = tile_kind() if kind is None else kind
     base = choose_config(batch, in_caps, out_caps, in_d, out_d, kind)
     block_j, block_n, block_m = base.block_j, base.block_n, base.block_m
@@ -175,9 +182,7 @@ def shared_routing_forward(
     of no sample is 0), else by their sum. With `record`, the launches are appended there
     instead of run (meta tensors work).
     """
-    u, weight = u.contiguous(), weight.contiguous()
-    prior = None if prior is None else prior.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    u, weight, prior, bias = _contiguous(u, weight, prior, bias)
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     acc = state_dtype(u.dtype)
@@ -196,8 +201,7 @@ def shared_routing_forward(
     agree = _new((in_caps, out_caps), acc, device) if batch > 0 and iterations > 1 else None
     gemm_grid = base.gemm_grid(batch, in_caps, in_d, out_caps, out_d)
     part_s = _new((gemm_grid[2], batch, out_caps, out_d), acc, device) if batch > 0 else None
-    softmax_block_i = cfg.softmax_in_block_i if softmax_in else cfg.softmax_block_i
-    softmax_block_j = cfg.softmax_in_block_j if softmax_in else base.block_j
+    softmax_block_i, softmax_block_j = cfg.softmax_tile(softmax_in)
 
     for k in range(iterations):
         # Without samples the logits never move: every iteration's couplings are the first.
@@ -235,71 +239,24 @@ def shared_routing_forward(
             continue
         _run(_gemm_launch(base, u, weight, c[k], part_s, acc_tl), record)
         _run(
-            KernelLaunch(
-                shared_combine_kernel,
-                base.combine_grid(batch, out_caps),
+            _combine_launch(
+                shared_combine_kernel, base, s, k, part_s.shape[0], squash_eps, acc_tl,
                 dict(
                     part_s_ptr=part_s,
                     bias_ptr=s if bias is None else bias,
-                    s_ptr=s,
                     viter_ptr=v_iter,
                     v_ptr=v,
-                    B=batch,
-                    J=out_caps,
-                    M=out_d,
-                    R=iterations,
-                    k=k,
-                    NPART=part_s.shape[0],
-                    eps=squash_eps,
                 ),
-                dict(
-                    ROWS=base.combine_rows,
-                    BLOCK_P=_combine_block(part_s.shape[0]),
-                    BLOCK_M=base.block_m,
-                    HAS_BIAS=bias is not None,
-                    LAST=k == iterations - 1,
-                    ACC=acc_tl,
-                ),
-                base.combine_warps,
+                dict(HAS_BIAS=bias is not None, LAST=k == iterations - 1),
             ),
             record,
-        )
+        )  # fmt: skip
         if k < iterations - 1:
             _run(
                 _agree_launch(cfg, u, weight, v_iter, k, kappa_div, acc_tl, e=agree, need_e=True),
                 record,
             )
     return v, s, v_iter, c
-
-
-def _gemm_launch(base: RoutingConfig, u, weight, coef, part, acc_tl) -> KernelLaunch:
-    """part[split] = u [B, I N] x (coef (.) W) [I N, J M] over the split's rows (i, n)."""
-    batch, in_caps, in_d = u.shape
-    _, out_caps, _, out_d = weight.shape
-    return KernelLaunch(
-        first_sweep_kernel,
-        base.gemm_grid(batch, in_caps, in_d, out_caps, out_d),
-        dict(
-            u_ptr=u,
-            w_ptr=weight,
-            c1_ptr=coef,
-            part_s_ptr=part,
-            B=batch,
-            I=in_caps,
-            J=out_caps,
-            M=out_d,
-            K_PER_SPLIT=base.gemm_k_per_split,
-        ),
-        dict(
-            N=in_d,
-            BLOCK_B=base.gemm_block_b,
-            BLOCK_C=base.gemm_block_c,
-            BLOCK_K=base.gemm_block_k,
-            HAS_C1=True,
-            ACC=acc_tl,
-        ),
-        base.gemm_warps,
-    )
 
 
 def _agree_launch(
@@ -395,31 +352,16 @@ def shared_routing_backward(
     the leak's share.
     """
     del leaky
-    u, weight, grad_v = u.contiguous(), weight.contiguous(), grad_v.contiguous()
-    s, v_iter, c = s.contiguous(), v_iter.contiguous(), c.contiguous()
-    prior = None if prior is None else prior.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    u, weight, grad_v, prior, bias = _contiguous(u, weight, grad_v, prior, bias)
+    s, v_iter, c = _contiguous(s, v_iter, c)
     need_dprior = need_dprior and prior is not None
     need_dbias = need_dbias and bias is not None
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     device = u.device
-    du = _new(u.shape if need_du else (0,), u.dtype, device)
-    # dW, dprior and dbias are sums over the batch: zero (not garbage) when B = 0.
-    if need_dweight:
-        dweight = _zeros_or_new(batch, weight.shape, weight.dtype, device)
-    else:
-        dweight = torch.empty(0, dtype=weight.dtype, device=device)
-    prior_dtype = u.dtype if prior is None else prior.dtype
-    if need_dprior:
-        dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
-    else:
-        dprior = torch.empty(0, dtype=prior_dtype, device=device)
-    bias_dtype = u.dtype if bias is None else bias.dtype
-    if need_dbias:
-        dbias = _zeros_or_new(batch, bias.shape, bias.dtype, device)
-    else:
-        dbias = torch.empty(0, dtype=bias_dtype, device=device)
+    du, dweight, dprior, dbias = _gradient_buffers(
+        u, weight, prior, bias, need_du, need_dweight, need_dprior, need_dbias
+    )
     if batch == 0 or not (need_du or need_dweight or need_dprior or need_dbias):
         return du, dweight, dprior, dbias
 
@@ -437,6 +379,7 @@ def shared_routing_backward(
     d_hist = _new((iterations, in_caps, out_caps), acc, device) if chain and last > 0 else None
     e = _new((in_caps, out_caps), acc, device) if chain else None
     gemm_grid = base.gemm_grid(batch, in_caps, in_d, out_caps, out_d)
+    softmax_block_i, softmax_block_j = cfg.softmax_tile(softmax_in)
     part = None
     if chain and last > 0:
         part = _new((gemm_grid[2], batch, out_caps, out_d), acc, device)
@@ -450,35 +393,18 @@ def shared_routing_backward(
         if k < last:
             _run(_gemm_launch(base, u, weight, d_hist[k + 1], part, acc_tl), record)
         _run(
-            KernelLaunch(
-                shared_combine_back_kernel,
-                base.combine_grid(batch, out_caps),
+            _combine_launch(
+                shared_combine_back_kernel, base, s, k, gemm_grid[2], squash_eps, acc_tl,
                 dict(
                     part_ptr=ds if part is None else part,
                     grad_v_ptr=grad_v,
-                    s_ptr=s,
                     ds_ptr=ds,
-                    B=batch,
-                    J=out_caps,
-                    M=out_d,
-                    R=iterations,
-                    k=k,
-                    NPART=gemm_grid[2],
                     KAPPA_DIV=kappa_div,
-                    eps=squash_eps,
                 ),
-                dict(
-                    ROWS=base.combine_rows,
-                    BLOCK_P=_combine_block(gemm_grid[2]),
-                    BLOCK_M=base.block_m,
-                    READ_PARTS=k < last,
-                    LAST=k == last,
-                    ACC=acc_tl,
-                ),
-                base.combine_warps,
+                dict(READ_PARTS=k < last, LAST=k == last),
             ),
             record,
-        )
+        )  # fmt: skip
         # e^0 feeds only dL/db^1 = dprior.
         need_e = chain and (k > 0 or need_dprior)
         need_dw = need_dweight and (not detach_inner or k == last)
@@ -522,8 +448,8 @@ def shared_routing_backward(
                         J=out_caps,
                     ),
                     dict(
-                        BLOCK_I=cfg.softmax_in_block_i if softmax_in else cfg.softmax_block_i,
-                        BLOCK_J=cfg.softmax_in_block_j if softmax_in else base.block_j,
+                        BLOCK_I=softmax_block_i,
+                        BLOCK_J=softmax_block_j,
                         HAS_D=k < last,
                         SOFTMAX_IN=softmax_in,
                         ACC=acc_tl,
@@ -564,14 +490,7 @@ def shared_routing_backward(
             record,
         )
     if need_dbias:
-        # dbias = sum over the batch and the iterations of dL/d(s^k + bias) (every ds^k was
-        # written: the bias's gradient runs the whole chain).
-        _run(
-            TorchLaunch(
-                "sum(ds)", lambda: dbias.copy_(ds.sum(dim=(0, 1))), reads=(ds,), writes=(dbias,)
-            ),
-            record,
-        )
+        _run(_bias_gradient_launch(ds, dbias), record)
     return du, dweight, dprior, dbias
 
 
@@ -582,27 +501,15 @@ def planned_shared_launches(
     `dtype`: every variant and every combination of needed gradients autograd can ask for,
     built on meta tensors (nothing runs). For the ahead-of-time compile check."""
     launches: list = []
-    for batch, in_caps, out_caps, in_d, out_d, iterations in shapes:
-        u = torch.empty(batch, in_caps, in_d, dtype=dtype, device="meta")
-        weight = torch.empty(in_caps, out_caps, in_d, out_d, dtype=dtype, device="meta")
-        grad_v = torch.empty(batch, out_caps, out_d, dtype=dtype, device="meta")
-        bias = torch.empty(out_caps, out_d, dtype=dtype, device="meta")
-        for softmax_in, with_prior, detach_inner, options, mean in itertools.product(
-            (False, True), repeat=5
-        ):
-            prior = (
-                torch.empty(in_caps, out_caps, dtype=dtype, device="meta") if with_prior else None
-            )
-            extra = dict(bias=bias, leaky=True, squash_eps=0.0) if options else {}
-            _, s, v_iter, c = shared_routing_forward(
-                u, weight, prior, iterations, softmax_in, mean, launches, **extra
-            )
-            for needs in itertools.product((False, True), repeat=4):
-                if not any(needs) or (needs[2] and not with_prior) or (needs[3] and not options):
-                    continue
-                shared_routing_backward(
-                    grad_v, u, weight, prior, s, v_iter, c, iterations, softmax_in,
-                    detach_inner, mean, *needs[:3], record=launches, need_dbias=needs[3],
-                    **extra,
-                )  # fmt: skip
+    for case in _planned_cases(shapes, dtype, batch_means=(False, True)):
+        u, weight, prior, extra = case.u, case.weight, case.prior, case.extra
+        _, s, v_iter, c = shared_routing_forward(
+            u, weight, prior, case.iterations, case.softmax_in, case.batch_mean, launches, **extra
+        )
+        for needs in case.needs:
+            shared_routing_backward(
+                case.grad_v, u, weight, prior, s, v_iter, c, case.iterations, case.softmax_in,
+                case.detach_inner, case.batch_mean, *needs[:3], record=launches,
+                need_dbias=needs[3], **extra,
+            )  # fmt: skip
     return [launch for launch in launches if isinstance(launch, KernelLaunch)]

@@ -8,7 +8,7 @@ or float64 for float64 inputs): the Triton interpreter does bfloat16 arithmetic 
 pattern, and a GPU should accumulate in float32 anyway.
 
 The work is split so that no program walks the whole problem alone and every weight block is
-loaded once per tile of samples (see capsnet_fused/triton/routing.py for the launch order):
+loaded once per tile of samples (see capsnet_fused/backends/triton/launch.py for the launch order):
 
     first_sweep_kernel   iteration 1: couplings do not depend on the sample, so s^1 is a GEMM
                          u [B, I*N] x (c1 * W) [I*N, J*M], split over K; writes partial s

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +41,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from capsnet_fused._op_glue import state_dtype
-from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
-from capsnet_fused.triton.kernels import (
+from capsnet_fused.backends.glue import state_dtype
+from capsnet_fused.backends.triton.kernels import (
     combine_back_kernel,
     combine_kernel,
     first_sweep_kernel,
@@ -52,6 +51,7 @@ from capsnet_fused.triton.kernels import (
     sweep_back_kernel,
     sweep_kernel,
 )
+from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
 
 # True when the kernels were decorated with TRITON_INTERPRET=1 (they then run on CPU tensors).
 INTERPRETED = isinstance(sweep_kernel, InterpretedFunction)
@@ -334,6 +334,160 @@ def _combine_block(parts: int) -> int:
     return triton.next_power_of_2(max(parts, 1))
 
 
+def _contiguous(*tensors: torch.Tensor | None) -> tuple:
+    """The tensors, made contiguous; None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _gradient_buffers(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    need_du: bool,
+    need_dweight: bool,
+    need_dprior: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dweight, dprior, dbias) for a backward to fill; a gradient that is not needed is an
+    empty tensor of shape [0] (need_dprior and need_dbias only with a prior and a bias)."""
+    batch = u.shape[0]
+    device = u.device
+    # Each gradient has its input's dtype, also when it is not needed and comes back empty.
+    du = _new(u.shape if need_du else (0,), u.dtype, device)
+    # dW, dprior and dbias are sums over the batch: zero (not garbage) when B = 0.
+    if need_dweight:
+        dweight = _zeros_or_new(batch, weight.shape, weight.dtype, device)
+    else:
+        dweight = torch.empty(0, dtype=weight.dtype, device=device)
+    prior_dtype = u.dtype if prior is None else prior.dtype
+    if need_dprior:
+        dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
+    else:
+        dprior = torch.empty(0, dtype=prior_dtype, device=device)
+    bias_dtype = u.dtype if bias is None else bias.dtype
+    if need_dbias:
+        dbias = _zeros_or_new(batch, bias.shape, bias.dtype, device)
+    else:
+        dbias = torch.empty(0, dtype=bias_dtype, device=device)
+    return du, dweight, dprior, dbias
+
+
+def _bias_gradient_launch(ds: torch.Tensor, dbias: torch.Tensor) -> TorchLaunch:
+    """dbias = sum over the batch and the iterations of ds^t = dL/d(s^t + bias); every ds^t must
+    have been written (the full chain runs when the bias's gradient is wanted)."""
+    return TorchLaunch(
+        "sum(ds)", lambda: dbias.copy_(ds.sum(dim=(0, 1))), reads=(ds,), writes=(dbias,)
+    )
+
+
+def _gemm_launch(
+    cfg: RoutingConfig, u, weight, coef: torch.Tensor | None, part, acc_tl
+) -> KernelLaunch:
+    """part[split] = u [B, I N] x (coef (.) W) [I N, J M] over the split's rows (i, n); without
+    coef [I, J] the couplings are uniform (their divisor is applied by the combine)."""
+    batch, in_caps, in_d = u.shape
+    _, out_caps, _, out_d = weight.shape
+    return KernelLaunch(
+        first_sweep_kernel,
+        cfg.gemm_grid(batch, in_caps, in_d, out_caps, out_d),
+        dict(
+            u_ptr=u,
+            w_ptr=weight,
+            # An unused pointer still needs a tensor; HAS_C1=False never reads it.
+            c1_ptr=weight if coef is None else coef,
+            part_s_ptr=part,
+            B=batch,
+            I=in_caps,
+            J=out_caps,
+            M=out_d,
+            K_PER_SPLIT=cfg.gemm_k_per_split,
+        ),
+        dict(
+            N=in_d,
+            BLOCK_B=cfg.gemm_block_b,
+            BLOCK_C=cfg.gemm_block_c,
+            BLOCK_K=cfg.gemm_block_k,
+            HAS_C1=coef is not None,
+            ACC=acc_tl,
+        ),
+        cfg.gemm_warps,
+    )
+
+
+def _combine_launch(
+    kernel, cfg: RoutingConfig, s, k: int, nparts: int, squash_eps: float, acc_tl, args, constexprs
+) -> KernelLaunch:
+    """A launch of a combine kernel (combine_kernel, combine_back_kernel and the shared-logits
+    pair): per (b, j) row of s [B, R, J, M] at iteration k, nparts partials added in block order.
+    `args` and `constexprs` are the kernel's own, beside those every combine takes."""
+    batch, iterations, out_caps, out_d = s.shape
+    return KernelLaunch(
+        kernel,
+        cfg.combine_grid(batch, out_caps),
+        dict(
+            s_ptr=s,
+            **args,
+            B=batch,
+            J=out_caps,
+            M=out_d,
+            R=iterations,
+            k=k,
+            NPART=nparts,
+            eps=squash_eps,
+        ),
+        dict(
+            ROWS=cfg.combine_rows,
+            BLOCK_P=_combine_block(nparts),
+            BLOCK_M=cfg.block_m,
+            **constexprs,
+            ACC=acc_tl,
+        ),
+        cfg.combine_warps,
+    )
+
+
+def _sweep_launch(
+    kernel, cfg: RoutingConfig, u, weight, prior, v_prev, k: int, softmax_in: bool, leaky: bool,
+    acc_tl, args, constexprs=None,
+) -> KernelLaunch:  # fmt: skip
+    """A launch of sweep_kernel or sweep_back_kernel at iteration k over the tiles of (samples x
+    capsules); `args` and `constexprs` are the kernel's own, beside those both sweeps take."""
+    batch, in_caps, in_d = u.shape
+    _, out_caps, _, out_d = weight.shape
+    return KernelLaunch(
+        kernel,
+        cfg.sweep_grid(batch, in_caps),
+        dict(
+            u_ptr=u,
+            w_ptr=weight,
+            prior_ptr=weight if prior is None else prior,
+            vprev_ptr=v_prev,
+            **args,
+            B=batch,
+            I=in_caps,
+            J=out_caps,
+            M=out_d,
+            R=v_prev.shape[1],
+            k=k,
+        ),
+        dict(
+            N=in_d,
+            BLOCK_B=cfg.sweep_block_b,
+            BLOCK_I=cfg.sweep_block_i,
+            BLOCK_IS=cfg.sweep_block_is,
+            BLOCK_J=cfg.block_j,
+            BLOCK_M=cfg.block_m,
+            HAS_PRIOR=prior is not None,
+            SOFTMAX_IN=softmax_in,
+            LEAKY=leaky,
+            **(constexprs or {}),
+            ACC=acc_tl,
+        ),
+        cfg.sweep_warps,
+    )
+
+
 def routing_forward(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -354,9 +508,7 @@ def routing_forward(
     softmax axis. With `record`, the launches are appended there instead of run (meta tensors
     work).
     """
-    u, weight = u.contiguous(), weight.contiguous()
-    prior = None if prior is None else prior.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    u, weight, prior, bias = _contiguous(u, weight, prior, bias)
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     acc = state_dtype(u.dtype)
@@ -381,111 +533,46 @@ def routing_forward(
     part_sum = _new(part_stat_shape, acc, device)
     acc_tl = _tl_acc(u.dtype)
 
-    _run(
-        KernelLaunch(
-            first_sweep_kernel,
-            gemm_grid,
-            dict(
-                u_ptr=u,
-                w_ptr=weight,
-                # An unused pointer still needs a tensor; HAS_C1=False never reads it.
-                c1_ptr=weight if first.c1 is None else first.c1,
-                part_s_ptr=part_first,
-                B=batch,
-                I=in_caps,
-                J=out_caps,
-                M=out_d,
-                K_PER_SPLIT=cfg.gemm_k_per_split,
-            ),
-            dict(
-                N=in_d,
-                BLOCK_B=cfg.gemm_block_b,
-                BLOCK_C=cfg.gemm_block_c,
-                BLOCK_K=cfg.gemm_block_k,
-                HAS_C1=first.c1 is not None,
-                ACC=acc_tl,
-            ),
-            cfg.gemm_warps,
-        ),
-        record,
-    )
+    _run(_gemm_launch(cfg, u, weight, first.c1, part_first, acc_tl), record)
     for k in range(iterations):
         if k > 0:
             _run(
-                KernelLaunch(
-                    sweep_kernel,
-                    sweep_grid,
+                _sweep_launch(
+                    sweep_kernel, cfg, u, weight, prior, v_prev, k, softmax_in, leaky, acc_tl,
                     dict(
-                        u_ptr=u,
-                        w_ptr=weight,
-                        prior_ptr=weight if prior is None else prior,
-                        vprev_ptr=v_prev,
                         part_s_ptr=part_s,
                         part_max_ptr=part_max if softmax_in else part_s,
                         part_sum_ptr=part_sum if softmax_in else part_s,
-                        B=batch,
-                        I=in_caps,
-                        J=out_caps,
-                        M=out_d,
-                        R=iterations,
-                        k=k,
                     ),
-                    dict(
-                        N=in_d,
-                        BLOCK_B=cfg.sweep_block_b,
-                        BLOCK_I=cfg.sweep_block_i,
-                        BLOCK_IS=cfg.sweep_block_is,
-                        BLOCK_J=cfg.block_j,
-                        BLOCK_M=cfg.block_m,
-                        HAS_PRIOR=prior is not None,
-                        SOFTMAX_IN=softmax_in,
-                        LEAKY=leaky,
-                        ACC=acc_tl,
-                    ),
-                    cfg.sweep_warps,
                 ),
                 record,
-            )
+            )  # fmt: skip
         parts = part_first if k == 0 else part_s
         _run(
-            KernelLaunch(
-                combine_kernel,
-                cfg.combine_grid(batch, out_caps),
+            _combine_launch(
+                combine_kernel, cfg, s, k, parts.shape[0], squash_eps, acc_tl,
                 dict(
                     part_s_ptr=parts,
                     part_max_ptr=part_max if softmax_in else parts,
                     part_sum_ptr=part_sum if softmax_in else parts,
                     lse1_ptr=s if first.lse1 is None else first.lse1,
                     bias_ptr=s if bias is None else bias,
-                    s_ptr=s,
                     vprev_ptr=v_prev,
                     lse_ptr=lse if softmax_in else s,
                     v_ptr=v,
-                    B=batch,
-                    J=out_caps,
-                    M=out_d,
-                    R=iterations,
-                    k=k,
-                    NPART=parts.shape[0],
                     DIVISOR=first.divisor if k == 0 else 1,
-                    eps=squash_eps,
                 ),
                 dict(
-                    ROWS=cfg.combine_rows,
-                    BLOCK_P=_combine_block(parts.shape[0]),
-                    BLOCK_M=cfg.block_m,
                     SOFTMAX_IN=softmax_in,
                     FIRST=k == 0,
                     HAS_LSE1=first.lse1 is not None,
                     HAS_BIAS=bias is not None,
                     LEAKY=leaky,
                     LAST=k == iterations - 1,
-                    ACC=acc_tl,
                 ),
-                cfg.combine_warps,
             ),
             record,
-        )
+        )  # fmt: skip
     return v, s, v_prev, lse
 
 
@@ -517,32 +604,16 @@ def routing_backward(
     routing_forward returned. Scratch: ds [B, R, J, M], the dL/dV carry [B, J, M], partial A
     [blocks, B, J, M] and the couplings and logit gradients [B, R, I, J].
     """
-    u, weight, grad_v = u.contiguous(), weight.contiguous(), grad_v.contiguous()
-    s, v_prev, lse = s.contiguous(), v_prev.contiguous(), lse.contiguous()
-    prior = None if prior is None else prior.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    u, weight, grad_v, prior, bias = _contiguous(u, weight, grad_v, prior, bias)
+    s, v_prev, lse = _contiguous(s, v_prev, lse)
     need_dprior = need_dprior and prior is not None
     need_dbias = need_dbias and bias is not None
     batch, in_caps, in_d = u.shape
     _, out_caps, _, out_d = weight.shape
     device = u.device
-    # Each gradient has its input's dtype, also when it is not needed and comes back empty.
-    prior_dtype = u.dtype if prior is None else prior.dtype
-    du = _new(u.shape if need_du else (0,), u.dtype, device)
-    # dW and dprior are sums over the batch: zero (not garbage) when B = 0.
-    if need_dweight:
-        dweight = _zeros_or_new(batch, weight.shape, weight.dtype, device)
-    else:
-        dweight = torch.empty(0, dtype=weight.dtype, device=device)
-    if need_dprior:
-        dprior = _zeros_or_new(batch, prior.shape, prior.dtype, device)
-    else:
-        dprior = torch.empty(0, dtype=prior_dtype, device=device)
-    bias_dtype = u.dtype if bias is None else bias.dtype
-    if need_dbias:
-        dbias = _zeros_or_new(batch, bias.shape, bias.dtype, device)
-    else:
-        dbias = torch.empty(0, dtype=bias_dtype, device=device)
+    du, dweight, dprior, dbias = _gradient_buffers(
+        u, weight, prior, bias, need_du, need_dweight, need_dprior, need_dbias
+    )
     if batch == 0 or not (need_du or need_dweight or need_dprior or need_dbias):
         return du, dweight, dprior, dbias
 
@@ -566,44 +637,20 @@ def routing_backward(
 
     def combine_back(k: int) -> KernelLaunch:
         chain = not short
-        return KernelLaunch(
-            combine_back_kernel,
-            cfg.combine_grid(batch, out_caps),
+        return _combine_launch(
+            combine_back_kernel, cfg, s, k, part_a.shape[0], squash_eps, acc_tl,
+            dict(part_a_ptr=part_a, carry_ptr=carry, grad_v_ptr=grad_v, ds_ptr=ds),
             dict(
-                part_a_ptr=part_a,
-                carry_ptr=carry,
-                grad_v_ptr=grad_v,
-                s_ptr=s,
-                ds_ptr=ds,
-                B=batch,
-                J=out_caps,
-                M=out_d,
-                R=iterations,
-                k=k,
-                NPART=part_a.shape[0],
-                eps=squash_eps,
-            ),
-            dict(
-                ROWS=cfg.combine_rows,
-                BLOCK_P=_combine_block(part_a.shape[0]),
-                BLOCK_M=cfg.block_m,
                 READ_A=chain and k < last,
                 READ_CARRY=chain and k < last - 1,
                 WRITE_CARRY=chain and 0 < k < last,
-                ACC=acc_tl,
             ),
-            cfg.combine_warps,
-        )
+        )  # fmt: skip
 
     def sweep_back(k: int) -> KernelLaunch:
-        return KernelLaunch(
-            sweep_back_kernel,
-            sweep_grid,
+        return _sweep_launch(
+            sweep_back_kernel, cfg, u, weight, prior, v_prev, k, softmax_in, leaky, acc_tl,
             dict(
-                u_ptr=u,
-                w_ptr=weight,
-                prior_ptr=weight if prior is None else prior,
-                vprev_ptr=v_prev,
                 s_ptr=s,
                 bias_ptr=s if bias is None else bias,
                 ds_ptr=ds,
@@ -611,33 +658,16 @@ def routing_backward(
                 alpha_ptr=alpha,
                 beta_ptr=beta,
                 part_a_ptr=part_a,
-                B=batch,
-                I=in_caps,
-                J=out_caps,
-                M=out_d,
-                R=iterations,
-                k=k,
             ),
             dict(
-                N=in_d,
-                BLOCK_B=cfg.sweep_block_b,
-                BLOCK_I=cfg.sweep_block_i,
-                BLOCK_IS=cfg.sweep_block_is,
-                BLOCK_J=cfg.block_j,
-                BLOCK_M=cfg.block_m,
-                HAS_PRIOR=prior is not None,
-                SOFTMAX_IN=softmax_in,
                 HAS_BIAS=bias is not None,
-                LEAKY=leaky,
                 FIRST=k == 0,
                 # k = 0 couplings are first.c1 (or uniform): grads_kernel takes them from there.
                 STORE_ALPHA=k > 0,
                 NEED_BETA=not short,
                 NEED_A=not short and k > 0,
-                ACC=acc_tl,
             ),
-            cfg.sweep_warps,
-        )
+        )  # fmt: skip
 
     if short and iterations > 1:
         _run(combine_back(last), record)
@@ -707,14 +737,7 @@ def routing_backward(
             record,
         )
     if need_dbias:
-        # dbias = sum over the batch and the iterations of dL/d(s^t + bias): every ds^t was
-        # written above (the full chain runs when the bias's gradient is wanted).
-        _run(
-            TorchLaunch(
-                "sum(ds)", lambda: dbias.copy_(ds.sum(dim=(0, 1))), reads=(ds,), writes=(dbias,)
-            ),
-            record,
-        )
+        _run(_bias_gradient_launch(ds, dbias), record)
     return du, dweight, dprior, dbias
 
 
@@ -728,28 +751,65 @@ def planned_launches(
     torch-op launches (TorchLaunch) are left out.
     """
     launches: list[KernelLaunch] = []
+    for case in _planned_cases(shapes, dtype):
+        u, weight, prior, extra = case.u, case.weight, case.prior, case.extra
+        _, s, v_prev, lse = routing_forward(
+            u, weight, prior, case.iterations, case.softmax_in, launches, **extra
+        )
+        s, v_prev, lse = (torch.empty_like(t, device="meta") for t in (s, v_prev, lse))
+        for needs in case.needs:
+            routing_backward(
+                case.grad_v, u, weight, prior, s, v_prev, lse, case.iterations, case.softmax_in,
+                case.detach_inner, *needs[:3], record=launches, need_dbias=needs[3], **extra,
+            )  # fmt: skip
+    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
+
+
+@dataclass
+class _PlannedCase:
+    """One routing variant of the launch plans, on meta tensors, and every combination of
+    needed gradients (du, dweight, dprior, dbias) that autograd can ask for with it."""
+
+    u: torch.Tensor
+    weight: torch.Tensor
+    grad_v: torch.Tensor
+    prior: torch.Tensor | None
+    iterations: int
+    softmax_in: bool
+    detach_inner: bool
+    # Routing logits shared by the batch: their mean (True) or sum (False); None per sample.
+    batch_mean: bool | None
+    # bias, leaky and squash_eps, as keyword arguments of the launchers
+    extra: dict[str, Any]
+    needs: list[tuple[bool, bool, bool, bool]]
+
+
+def _planned_cases(
+    shapes: list[tuple[int, int, int, int, int, int]],
+    dtype: torch.dtype,
+    batch_means: tuple[bool | None, ...] = (None,),
+) -> Iterator[_PlannedCase]:
+    """The cases of planned_launches (and of planned_shared_launches, with batch_means
+    (False, True)) for (B, I, J, N, M, R) shapes in `dtype`."""
     for batch, in_caps, out_caps, in_d, out_d, iterations in shapes:
         u = torch.empty(batch, in_caps, in_d, dtype=dtype, device="meta")
         weight = torch.empty(in_caps, out_caps, in_d, out_d, dtype=dtype, device="meta")
         grad_v = torch.empty(batch, out_caps, out_d, dtype=dtype, device="meta")
         bias = torch.empty(out_caps, out_d, dtype=dtype, device="meta")
-        flags = itertools.product((False, True), repeat=4)
-        for softmax_in, with_prior, detach_inner, options in flags:
+        flags = itertools.product(*[(False, True)] * 4, batch_means)
+        for softmax_in, with_prior, detach_inner, options, batch_mean in flags:
             prior = (
                 torch.empty(in_caps, out_caps, dtype=dtype, device="meta") if with_prior else None
             )
             # The options of the published implementations come together (bias, leaky, eps 0):
             # each only adds code, so one combination covers them for the compile check.
             extra = dict(bias=bias, leaky=True, squash_eps=0.0) if options else {}
-            _, s, v_prev, lse = routing_forward(
-                u, weight, prior, iterations, softmax_in, launches, **extra
-            )
-            s, v_prev, lse = (torch.empty_like(t, device="meta") for t in (s, v_prev, lse))
+            wanted = []
             for needs in itertools.product((False, True), repeat=4):
                 if not any(needs) or (needs[2] and not with_prior) or (needs[3] and not options):
                     continue
-                routing_backward(
-                    grad_v, u, weight, prior, s, v_prev, lse, iterations, softmax_in,
-                    detach_inner, *needs[:3], record=launches, need_dbias=needs[3], **extra,
-                )  # fmt: skip
-    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
+                wanted.append(needs)
+            yield _PlannedCase(
+                u, weight, grad_v, prior, iterations, softmax_in, detach_inner, batch_mean, extra,
+                wanted,
+            )  # fmt: skip

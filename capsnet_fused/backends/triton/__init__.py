@@ -1,6 +1,11 @@
-"""Fused dynamic-routing kernels in Triton and their launchers (no torch op registration here)."""
+"""The Triton backend: op.py (its torch ops and the backend contract) calls the launchers,
+launch.py (per-sample routing logits) and shared_launch.py (logits shared by the batch), which
+launch the kernels of kernels.py and shared_kernels.py.
 
-from capsnet_fused.triton.routing import (
+This package re-exports the launchers' public names; it registers no torch op (op.py does, when
+capsnet_fused.ops imports it)."""
+
+from capsnet_fused.backends.triton.launch import (
     INTERPRETED,
     KernelLaunch,
     RoutingConfig,
@@ -9,7 +14,7 @@ from capsnet_fused.triton.routing import (
     routing_backward,
     routing_forward,
 )
-from capsnet_fused.triton.shared_routing import (
+from capsnet_fused.backends.triton.shared_launch import (
     SharedConfig,
     choose_shared_config,
     planned_shared_launches,

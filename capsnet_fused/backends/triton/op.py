@@ -2,15 +2,16 @@
 triton_shared_routing_fwd / _bwd for routing logits shared by the batch (issue 18).
 
 Both ops are torch.library.custom_op; their fake (meta) implementations and the forward's
-autograd, which calls the backward op, are registered by capsnet_fused._op_glue (shared with the
-cpp backend), so opcheck passes and torch.compile (fullgraph=True) treats the routing as one
+autograd, which calls the backward op, are registered by capsnet_fused.backends.glue (shared with
+the cpp backend), so opcheck passes and torch.compile (fullgraph=True) treats the routing as one
 opaque node forward and one backward. (triton_op with wrap_triton would let Inductor see the
 kernels, but its fake path runs the interpreted kernel on fake tensors, so it cannot be checked
 on a CPU machine.)
 
-Contract with capsnet_fused.ops (see its docstring): unavailable_reason(device, dtype) and
-routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps) -> v;
-shared_logits_unavailable_reason(device, dtype) and shared_routing(..., shared_logits) -> v.
+Contract with capsnet_fused.ops (capsnet_fused/backends/__init__.py): unavailable_reason(device,
+dtype) and routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky,
+squash_eps) -> v; shared_logits_unavailable_reason(device, dtype) and shared_routing(...,
+shared_logits) -> v.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import numpy
 import torch
 import triton
 
-from capsnet_fused import _op_glue
-from capsnet_fused.triton import (
-    INTERPRETED,
-    routing_backward,
-    routing_forward,
+from capsnet_fused.backends import glue
+from capsnet_fused.backends.triton.launch import INTERPRETED, routing_backward, routing_forward
+from capsnet_fused.backends.triton.shared_launch import (
     shared_routing_backward,
     shared_routing_forward,
 )
@@ -190,9 +189,23 @@ def shared_routing_bwd(
     )  # fmt: skip
 
 
-_op_glue.register("triton")
-_op_glue.register("triton", shared=True)
+glue.register("triton")
+glue.register("triton", shared=True)
 
 
-routing = _op_glue.make_routing("triton")
-shared_routing = _op_glue.make_shared_routing("triton")
+def routing(u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps):
+    """v [B, J, M] by capsnet_fused::triton_routing_fwd (glue.call_routing)."""
+    return glue.call_routing(
+        "triton", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps
+    )
+
+
+def shared_routing(
+    u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps, shared_logits
+):
+    """v [B, J, M] with routing logits shared by the batch, by
+    capsnet_fused::triton_shared_routing_fwd (glue.call_shared_routing)."""
+    return glue.call_shared_routing(
+        "triton", u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky, squash_eps,
+        shared_logits,
+    )  # fmt: skip

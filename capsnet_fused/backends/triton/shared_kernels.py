@@ -34,7 +34,7 @@ capsules has one owner too. No float atomics: results are deterministic.
 import triton
 import triton.language as tl
 
-from capsnet_fused.triton.kernels import _squash, _squash_backward
+from capsnet_fused.backends.triton.kernels import _squash, _squash_backward
 
 
 @triton.jit

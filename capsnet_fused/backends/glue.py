@@ -1,4 +1,6 @@
-"""What the fused backends' torch ops share: their fake implementations and their autograd.
+"""What the fused backends' torch ops share: their fake implementations and their autograd, and
+the call of the forward op behind each backend's routing and shared_routing (call_routing,
+call_shared_routing).
 
 Each fused backend defines a pair of ops with the same signatures (the cpp pair in csrc/ops.cpp
 with routing_schema.h, the Triton pair as torch.library.custom_op):
@@ -164,68 +166,60 @@ def _refuse_function_transforms(prefix: str, tensors) -> None:
     )
 
 
-def make_routing(prefix: str):
-    """The backend's routing(u, weight, prior, bias, iterations, softmax_over, detach_inner,
-    leaky, squash_eps) -> v (the contract of capsnet_fused.ops), calling
-    capsnet_fused::<prefix>_routing_fwd."""
-
-    def routing(
-        u: torch.Tensor,
-        weight: torch.Tensor,
-        prior: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        iterations: int,
-        softmax_over: str,
-        detach_inner: bool,
-        leaky: bool,
-        squash_eps: float,
-    ) -> torch.Tensor:
-        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M]
-        or None (validated)."""
-        # Skipped while torch.compile traces, so that these checks of Python-level autograd
-        # state stay out of the graph.
-        if not torch.compiler.is_compiling():
-            tensors = [t for t in (u, weight, prior, bias) if t is not None]
-            _refuse_function_transforms(prefix, tensors)
-        forward = getattr(torch.ops.capsnet_fused, f"{prefix}_routing_fwd")
-        softmax_in = softmax_over == "in_caps"
-        v, _, _, _ = forward(
-            u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps
-        )
-        return v
-
-    return routing
+def _call_forward(prefix: str, op: str, u, weight, prior, bias, *args) -> torch.Tensor:
+    """v from capsnet_fused::<prefix>_<op>_fwd(u, weight, prior, bias, *args), after refusing
+    the function transforms the fused ops do not support."""
+    # Skipped while torch.compile traces, so that these checks of Python-level autograd
+    # state stay out of the graph.
+    if not torch.compiler.is_compiling():
+        tensors = [t for t in (u, weight, prior, bias) if t is not None]
+        _refuse_function_transforms(prefix, tensors)
+    forward = getattr(torch.ops.capsnet_fused, f"{prefix}_{op}_fwd")
+    v, _, _, _ = forward(u, weight, prior, bias, *args)
+    return v
 
 
-def make_shared_routing(prefix: str):
-    """The backend's shared_routing(u, weight, prior, bias, iterations, softmax_over,
-    detach_inner, leaky, squash_eps, shared_logits) -> v (the contract of capsnet_fused.ops,
-    shared_logits "mean" or "sum"), calling capsnet_fused::<prefix>_shared_routing_fwd."""
+def call_routing(
+    prefix: str,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    iterations: int,
+    softmax_over: str,
+    detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
+) -> torch.Tensor:
+    """A backend's routing (the contract in capsnet_fused/backends/__init__.py): v [B, J, M]
+    from u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M] or None
+    (validated), by capsnet_fused::<prefix>_routing_fwd."""
+    softmax_in = softmax_over == "in_caps"
+    return _call_forward(
+        prefix, "routing", u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky,
+        squash_eps,
+    )  # fmt: skip
 
-    def shared_routing(
-        u: torch.Tensor,
-        weight: torch.Tensor,
-        prior: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        iterations: int,
-        softmax_over: str,
-        detach_inner: bool,
-        leaky: bool,
-        squash_eps: float,
-        shared_logits: str,
-    ) -> torch.Tensor:
-        """v [B, J, M] from u [B, I, N], weight [I, J, N, M], prior [I, J] or None, bias [J, M]
-        or None (validated), routed with logits shared by the batch."""
-        if not torch.compiler.is_compiling():
-            tensors = [t for t in (u, weight, prior, bias) if t is not None]
-            _refuse_function_transforms(prefix, tensors)
-        forward = getattr(torch.ops.capsnet_fused, f"{prefix}_shared_routing_fwd")
-        softmax_in = softmax_over == "in_caps"
-        batch_mean = shared_logits == "mean"
-        v, _, _, _ = forward(
-            u, weight, prior, bias, iterations, softmax_in, detach_inner, leaky, squash_eps,
-            batch_mean,
-        )  # fmt: skip
-        return v
 
-    return shared_routing
+def call_shared_routing(
+    prefix: str,
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    prior: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    iterations: int,
+    softmax_over: str,
+    detach_inner: bool,
+    leaky: bool,
+    squash_eps: float,
+    shared_logits: str,
+) -> torch.Tensor:
+    """A backend's shared_routing (the contract in capsnet_fused/backends/__init__.py,
+    shared_logits "mean" or "sum"): v [B, J, M] as call_routing's, routed with logits shared by
+    the batch, by capsnet_fused::<prefix>_shared_routing_fwd."""
+    softmax_in = softmax_over == "in_caps"
+    batch_mean = shared_logits == "mean"
+    return _call_forward(
+        prefix, "shared_routing", u, weight, prior, bias, iterations, softmax_in, detach_inner,
+        leaky, squash_eps, batch_mean,
+    )  # fmt: skip
