@@ -13,7 +13,7 @@ from capsnet_fused.baseline import BaselineCNN, CrossEntropyCriterion
 from capsnet_fused.cli import main
 from capsnet_fused.models import CapsNet
 from capsnet_fused.train import load_checkpoint, model_from_checkpoint, train
-from tests.test_train import tiny_config, write_synthetic_dataset
+from tests.training_data import tiny_config, write_synthetic_dataset
 
 TINY_CNN = [
     "--model", "cnn", "--batch-size", "8", "--conv-channels", "6", "--kernel-size", "3",

@@ -19,7 +19,7 @@ import torch
 from capsnet_fused.cli import SUBCOMMANDS, build_parser, main
 from capsnet_fused.train import TrainConfig, load_checkpoint, model_from_checkpoint
 from capsnet_fused.visualize import PERTURBATIONS, perturbation_images, plot_training_curve
-from tests.test_train import write_synthetic_dataset
+from tests.training_data import write_synthetic_dataset
 
 TINY = [
     "--epochs", "1", "--batch-size", "16", "--conv-channels", "6", "--kernel-size", "3",

@@ -1,6 +1,6 @@
 """`capsnet-fused report`: a run folder turned into a documentation folder (issue 20).
 
-The figures come from a real tiny run (tests/test_train.py's synthetic data and CapsNet); the
+The figures come from a real tiny run (tests/training_data.py's synthetic data and CapsNet); the
 table's arithmetic is checked on hand-made records.
 """
 
@@ -13,7 +13,7 @@ import pytest
 
 from capsnet_fused.cli import main
 from capsnet_fused.report import BEGIN, END, _epoch_ranges, summarize, write_report
-from tests.test_train import write_synthetic_dataset
+from tests.training_data import write_synthetic_dataset
 
 TINY = [
     "--dataset", "fashion-mnist", "--batch-size", "16", "--conv-channels", "6",

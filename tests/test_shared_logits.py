@@ -35,7 +35,7 @@ from tests.helpers import (
     rel_error,
     run_with_grads,
 )
-from tests.test_train import tiny_config, write_synthetic_dataset
+from tests.training_data import tiny_config, write_synthetic_dataset
 
 
 def squash_backward(s, dv, eps):

@@ -1,7 +1,7 @@
 """The Fashion-MNIST recipe flags (issue 20): --hflip and --normalize in training, resume, eval
 and visualize, older checkpoints without them, and the training curve's reference line.
 
-Tiny synthetic dataset and CapsNet of tests/test_train.py: a second or two per run.
+Tiny synthetic dataset and CapsNet of tests/training_data.py: a second or two per run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from capsnet_fused.train import (
     train,
 )
 from capsnet_fused.visualize import draw_training_curve, visualize_checkpoint
-from tests.test_train import _assert_same_state, tiny_config, write_synthetic_dataset
+from tests.training_data import assert_same_state, tiny_config, write_synthetic_dataset
 
 LIMIT = 40  # of the 64 training images: the statistics must be those of the images used
 
@@ -112,7 +112,7 @@ def test_hflip_changes_the_trajectory_and_only_when_asked(dataset_dir, tmp_path)
         out = tmp_path / name
         train(tiny_config(dataset_dir, out, epochs=1, hflip=hflip), **_quiet())
         runs[name] = load_checkpoint(out)["model"]
-    _assert_same_state(runs["plain"], runs["again"], atol=0)
+    assert_same_state(runs["plain"], runs["again"], atol=0)
     assert not torch.allclose(runs["plain"]["conv1.0.weight"], runs["flip"]["conv1.0.weight"])
 
 
@@ -122,7 +122,7 @@ def test_resume_keeps_the_flags_and_the_checkpoints_statistics(
     half = tmp_path / "half"
     train(recipe_config(dataset_dir, half, epochs=1), **_quiet())
     train(recipe_config(dataset_dir, half), resume=half, given={"epochs": 2}, **_quiet())
-    _assert_same_state(load_checkpoint(recipe_run)["model"], load_checkpoint(half)["model"])
+    assert_same_state(load_checkpoint(recipe_run)["model"], load_checkpoint(half)["model"])
     for flag, value in (("hflip", False), ("normalize", False)):
         with pytest.raises(ValueError, match=f"--{flag} False differs from the checkpoint's True"):
             train(recipe_config(dataset_dir, half), resume=half, given={flag: value}, **_quiet())
@@ -280,7 +280,7 @@ def test_a_recipe_run_killed_hard_resumes_on_the_uninterrupted_trajectory(datase
     straight = tmp_path / "straight"
     argv = ["train", *args, "--epochs", str(epochs), "--out", str(straight)]
     assert main(argv) == 0
-    _assert_same_state(load_checkpoint(straight)["model"], load_checkpoint(out)["model"])
+    assert_same_state(load_checkpoint(straight)["model"], load_checkpoint(out)["model"])
     want = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in got] == list(range(1, epochs + 1))

@@ -18,6 +18,7 @@ from capsnet_fused import (  # noqa: E402
 )
 from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
 from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
+from capsnet_fused.backends.triton import tiles  # noqa: E402
 from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.reference import reference_routing  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -347,7 +348,7 @@ def test_unavailable_reason():
     assert triton_op.unavailable_reason(torch.device("meta"), torch.float32) is not None
     assert triton_op.unavailable_reason(torch.device("cpu"), torch.int32) is not None
     cpu = triton_op.unavailable_reason(torch.device("cpu"), torch.float32)
-    assert (cpu is None) == (launcher.INTERPRETED and triton_op._INTERPRETER_PROBLEM is None)
+    assert (cpu is None) == (tiles.INTERPRETED and triton_op._INTERPRETER_PROBLEM is None)
     assert triton_op.unavailable_reason(torch.device("cuda"), torch.bfloat16) is None
 
 
@@ -433,21 +434,21 @@ GPU_TILE_CASES = [
 )
 def test_gpu_tiles_match_reference(shape, variant, monkeypatch):
     require("cpu")
-    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
-    cfg = launcher.choose_config(shape.B, shape.I, shape.J, shape.N, shape.M)
+    monkeypatch.setenv(tiles.TILES_ENV, "gpu")
+    cfg = tiles.choose_config(shape.B, shape.I, shape.J, shape.N, shape.M)
     assert cfg.sweep_block_is == 1
     got, ref, _ = run_case(shape, variant, torch.float64, "cpu")
     assert_matches_reference(got, ref, tol=1e-12)
 
 
 def test_tile_kind_env(monkeypatch):
-    monkeypatch.setenv(launcher.TILES_ENV, "bogus")
-    with pytest.raises(ValueError, match=launcher.TILES_ENV):
-        launcher.tile_kind()
-    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
-    assert launcher.tile_kind() == "gpu"
-    monkeypatch.delenv(launcher.TILES_ENV)
-    assert launcher.tile_kind() == ("interpreter" if launcher.INTERPRETED else "gpu")
+    monkeypatch.setenv(tiles.TILES_ENV, "bogus")
+    with pytest.raises(ValueError, match=tiles.TILES_ENV):
+        tiles.tile_kind()
+    monkeypatch.setenv(tiles.TILES_ENV, "gpu")
+    assert tiles.tile_kind() == "gpu"
+    monkeypatch.delenv(tiles.TILES_ENV)
+    assert tiles.tile_kind() == ("interpreter" if tiles.INTERPRETED else "gpu")
 
 
 def test_grid_table():
@@ -459,7 +460,7 @@ def test_grid_table():
             table[int(cells[0])] = [int(c.split("=")[-1]) for c in cells[1:]]
     assert sorted(table) == [8, 128, 512]
     for batch, want in table.items():
-        cfg = launcher.choose_config(batch, 1152, 10, 8, 16, "gpu")
+        cfg = tiles.choose_config(batch, 1152, 10, 8, 16, "gpu")
         got = [
             math.prod(cfg.gemm_grid(batch, 1152, 8, 10, 16)),
             math.prod(cfg.sweep_grid(batch, 1152)),
@@ -485,7 +486,7 @@ def test_grid_table():
 )
 def test_launch_counts(variant, with_dprior, launches, monkeypatch):
     """At most 2R + 2 launches forward and 2R + 3 backward (MNIST shape, GPU tiles, R = 3)."""
-    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    monkeypatch.setenv(tiles.TILES_ENV, "gpu")
     softmax_over, with_prior, detach_inner = variant
     shape = Shape(128, 1152, 10, 8, 16, 3)
     u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")

@@ -15,6 +15,7 @@ from capsnet_fused import dynamic_routing, reference_routing  # noqa: E402
 from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
 from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
 from capsnet_fused.backends.triton import shared_launch as shared_launcher  # noqa: E402
+from capsnet_fused.backends.triton import tiles  # noqa: E402
 from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.ops import shared_logits_unavailable_reason  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -391,7 +392,7 @@ GPU_TILE_CASES = [
 )
 def test_gpu_tiles_match_reference(shape, variant, mode, options, monkeypatch):
     require("cpu")
-    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    monkeypatch.setenv(tiles.TILES_ENV, "gpu")
     cfg = shared_launcher.choose_shared_config(shape.B, shape.I, shape.J, shape.N, shape.M)
     assert cfg.agree_block_b >= 16 and cfg.du_block_b >= 16
     got, want, _ = run_case(shape, variant, mode, torch.float64, "cpu", options)
@@ -443,7 +444,7 @@ def test_grid_table():
     ids=["plain", "prior", "detach"],
 )
 def test_launch_counts(detach_inner, with_prior, launches, monkeypatch):
-    monkeypatch.setenv(launcher.TILES_ENV, "gpu")
+    monkeypatch.setenv(tiles.TILES_ENV, "gpu")
     shape = Shape(128, 1152, 10, 8, 16, 3)
     u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")
     record = []

@@ -30,16 +30,13 @@ choose_config (programs per launch; the combines take up to 8 (b, j) rows a prog
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from capsnet_fused.backends.glue import state_dtype
 from capsnet_fused.backends.triton.kernels import (
@@ -51,177 +48,15 @@ from capsnet_fused.backends.triton.kernels import (
     sweep_back_kernel,
     sweep_kernel,
 )
+from capsnet_fused.backends.triton.tiles import RoutingConfig, choose_config, max_registers
 from capsnet_fused.reference import SQUASH_EPS, coupling_softmax
-
-# True when the kernels were decorated with TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = isinstance(sweep_kernel, InterpretedFunction)
 
 # Tests set this to fill every buffer a kernel should write with NaN first, so that an element
 # the kernel forgets to write shows up as a NaN in the result.
 POISON_OUTPUTS = False
 
-# "gpu" or "interpreter": which tile sizes the launchers choose. Defaults to the kind of kernel
-# decorated here; CAPSNET_FUSED_TRITON_TILES=gpu makes interpreted launches use the GPU's tiles
-# (the traffic counter and some tests), "interpreter" the reverse.
-TILES_ENV = "CAPSNET_FUSED_TRITON_TILES"
-TILE_KINDS = ("gpu", "interpreter")
-
-# Programs per launch to aim for: two per SM of an H100/H200 (132 SMs). The sweep tiles use
-# well under half of an SM's registers, so every program of such a grid is resident at once.
-_GPU_TARGET_PROGRAMS = 264
-_GPU_MIN_PROGRAMS = 132
 # Elements per program of sum_partials_kernel.
 _SUM_BLOCK = 1024
-# 32-bit registers per SM on sm_80 and sm_90, and ptxas's per-thread maximum.
-_GPU_REGISTER_FILE = 65536
-_GPU_MAX_REGISTERS = 255
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """Tile sizes and warps for one problem size (J, N, M padded to powers of two)."""
-
-    block_j: int
-    block_n: int
-    block_m: int
-    # first_sweep_kernel: a [gemm_block_b, gemm_block_c] output tile, K in steps of gemm_block_k
-    gemm_block_b: int
-    gemm_block_c: int
-    gemm_block_k: int
-    gemm_k_per_split: int
-    gemm_warps: int
-    # sweep_kernel and sweep_back_kernel: sweep_block_b samples x sweep_block_i capsules,
-    # visited sweep_block_is capsules at a time
-    sweep_block_b: int
-    sweep_block_i: int
-    sweep_block_is: int
-    sweep_warps: int
-    # grads_kernel: grads_block_i capsules x grads_block_j output capsules per program
-    grads_block_i: int
-    grads_block_j: int
-    grads_warps: int
-    # combine kernels: combine_rows (b, j) pairs per program
-    combine_rows: int
-    combine_warps: int
-
-    def gemm_grid(self, batch: int, in_caps: int, in_d: int, out_caps: int, out_d: int):
-        splits = triton.cdiv(in_caps * in_d, self.gemm_k_per_split)
-        return (
-            triton.cdiv(batch, self.gemm_block_b),
-            triton.cdiv(out_caps * out_d, self.gemm_block_c),
-            splits,
-        )
-
-    def sweep_grid(self, batch: int, in_caps: int):
-        return (triton.cdiv(in_caps, self.sweep_block_i), triton.cdiv(batch, self.sweep_block_b))
-
-    def combine_grid(self, batch: int, out_caps: int):
-        return (triton.cdiv(batch * out_caps, self.combine_rows),)
-
-    def grads_grid(self, in_caps: int, out_caps: int):
-        return (triton.cdiv(in_caps, self.grads_block_i), triton.cdiv(out_caps, self.grads_block_j))
-
-
-def tile_kind() -> str:
-    """The tile sizes the launchers choose now: the environment's choice, else the default."""
-    kind = os.environ.get(TILES_ENV, "") or ("interpreter" if INTERPRETED else "gpu")
-    if kind not in TILE_KINDS:
-        raise ValueError(f"{TILES_ENV} must be one of {TILE_KINDS}, got {kind!r}")
-    return kind
-
-
-def max_registers(num_warps: int) -> int:
-    """Per-thread register cap (PTX .maxnreg) for a kernel launched with `num_warps` warps.
-
-    The cap is the CTA's share of the register file when one CTA has the SM to itself. Without
-    it, ptxas (triton 3.9 runs it with --regAllocOptLevel=2) may aim at a lower count to fit
-    more CTAs and put what does not fit on the stack; the ahead-of-time compile check uses the
-    same cap and asserts that nothing spills.
-    """
-    return min(_GPU_MAX_REGISTERS, _GPU_REGISTER_FILE // (32 * num_warps))
-
-
-def _split_k(batch_tiles: int, col_tiles: int, k_total: int, block_k: int) -> int:
-    """K per split so that the GEMM grid reaches _GPU_MIN_PROGRAMS (a multiple of block_k)."""
-    splits = max(1, triton.cdiv(_GPU_MIN_PROGRAMS, batch_tiles * col_tiles))
-    # Rounded down to a multiple of block_k, so that there are at least `splits` splits.
-    return max(block_k, k_total // splits // block_k * block_k)
-
-
-def choose_config(
-    batch: int, in_caps: int, out_caps: int, in_d: int, out_d: int, kind: str | None = None
-) -> RoutingConfig:
-    """The tiles and warps the launchers use for (B, I, J, N, M); kind as tile_kind()."""
-    kind = tile_kind() if kind is None else kind
-    block_j = triton.next_power_of_2(out_caps)
-    block_n = triton.next_power_of_2(in_d)
-    block_m = triton.next_power_of_2(out_d)
-    cols = out_caps * out_d
-    k_total = in_caps * in_d
-    if kind == "interpreter":
-        # The interpreter costs milliseconds per loop iteration whatever the tile size: few,
-        # large steps, but still several capsule blocks and splits so that the partial sums
-        # and their combine are exercised.
-        gemm_block_b = min(64, triton.next_power_of_2(max(batch, 1)))
-        gemm_block_c = min(256, triton.next_power_of_2(cols))
-        gemm_block_k = 64
-        k_per_split = max(gemm_block_k, triton.cdiv(triton.cdiv(k_total, 3), 64) * 64)
-        sweep_block_b = min(8, triton.next_power_of_2(max(batch, 1)))
-        # Output capsules split in two where there are several, as the GPU does at J = 10.
-        grads_block_j = max(1, block_j // 2)
-        return RoutingConfig(
-            block_j, block_n, block_m,
-            gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, 4,
-            sweep_block_b, 16, 16, 4,
-            16, grads_block_j, 4,
-            min(256, triton.next_power_of_2(max(batch * out_caps, 1))), 4,
-        )  # fmt: skip
-    # GPU tiles, each checked for spills by tests/test_triton_compile.py (sm_80, sm_90); the
-    # register counts quoted are sm_90, float32, triton 3.9, MNIST shape.
-    # first_sweep: tl.dot operands need every dimension >= 16 (K >= 16 on triton 3.6). u is
-    # read once per column tile and W once per row tile: [64 x 64] output tiles (three column
-    # tiles for J * M = 160), K steps of 32, 8 warps: 197 registers.
-    gemm_block_b = 64 if batch > 32 else max(16, triton.next_power_of_2(max(batch, 1)))
-    gemm_block_c = 64 if gemm_block_b == 64 else 32
-    gemm_block_k = 32
-    gemm_warps = 8 if gemm_block_b == 64 else 4
-    batch_tiles = triton.cdiv(batch, gemm_block_b)
-    k_per_split = _split_k(batch_tiles, triton.cdiv(cols, gemm_block_c), k_total, gemm_block_k)
-    # Sweeps: each W[i] serves sweep_block_b samples, so W is read B / sweep_block_b times a
-    # sweep. [32 samples, 1 capsule, 16, 16] at 8 warps: 233-243 registers (sweep and
-    # sweep_back), one CTA an SM, so one program per SM; 16 samples: 141-142, two CTAs an SM.
-    if batch <= 8:
-        sweep_block_b, sweep_warps, sweep_programs = triton.next_power_of_2(max(batch, 1)), 4, 264
-    elif batch <= 16:
-        sweep_block_b, sweep_warps, sweep_programs = 16, 8, 264
-    else:
-        sweep_block_b, sweep_warps, sweep_programs = 32, 8, _GPU_MIN_PROGRAMS
-    sweep_block_is = 1
-    batch_blocks = triton.cdiv(batch, sweep_block_b)
-    capsule_blocks = max(1, min(in_caps, triton.cdiv(sweep_programs, batch_blocks)))
-    sweep_block_i = triton.cdiv(in_caps, capsule_blocks)
-    # grads: W and the dW accumulator of its capsules stay in registers for the whole batch
-    # loop, and every program reads every sample's ds and V, so the fewer capsule blocks the
-    # less traffic: 8 capsules x 4 output capsules (three j blocks at J = 10) at 8 warps is
-    # 149-152 registers in float32/float16; 8 x 8 at 16 warps spills in float16 on sm_90.
-    grads_block_i = 8 if in_caps >= 8 * _GPU_MIN_PROGRAMS else 2 if in_caps >= 256 else 1
-    grads_block_j = min(block_j, max(1, 4096 // (grads_block_i * block_n * block_m)))
-    grads_warps = 8 if grads_block_i * grads_block_j * block_n * block_m >= 2048 else 4
-    # Combines: a few (b, j) rows per program, at least _GPU_MIN_PROGRAMS programs when B*J allows.
-    combine_rows = 1
-    while combine_rows < 8 and batch * out_caps >= 2 * combine_rows * _GPU_MIN_PROGRAMS:
-        combine_rows *= 2
-    # A [rows, partials, M] tile at up to 32 elements a thread.
-    parts = max(triton.cdiv(k_total, k_per_split), triton.cdiv(in_caps, sweep_block_i))
-    combine_elements = combine_rows * triton.next_power_of_2(parts) * block_m
-    combine_warps = max(1, min(8, combine_elements // (32 * 32)))
-    return RoutingConfig(
-        block_j, block_n, block_m,
-        gemm_block_b, gemm_block_c, gemm_block_k, k_per_split, gemm_warps,
-        sweep_block_b, sweep_block_i, sweep_block_is, sweep_warps,
-        grads_block_i, grads_block_j, grads_warps,
-        combine_rows, combine_warps,
-    )  # fmt: skip
 
 
 @dataclass
@@ -739,77 +574,3 @@ def routing_backward(
     if need_dbias:
         _run(_bias_gradient_launch(ds, dbias), record)
     return du, dweight, dprior, dbias
-
-
-def planned_launches(
-    shapes: list[tuple[int, int, int, int, int, int]], dtype: torch.dtype
-) -> list[KernelLaunch]:
-    """Every launch the launchers issue for (B, I, J, N, M, R) shapes in `dtype` on this build.
-
-    Covers every routing variant and every combination of needed gradients that autograd can
-    ask for; built on meta tensors, nothing runs. Used by the ahead-of-time compile check; the
-    torch-op launches (TorchLaunch) are left out.
-    """
-    launches: list[KernelLaunch] = []
-    for case in _planned_cases(shapes, dtype):
-        u, weight, prior, extra = case.u, case.weight, case.prior, case.extra
-        _, s, v_prev, lse = routing_forward(
-            u, weight, prior, case.iterations, case.softmax_in, launches, **extra
-        )
-        s, v_prev, lse = (torch.empty_like(t, device="meta") for t in (s, v_prev, lse))
-        for needs in case.needs:
-            routing_backward(
-                case.grad_v, u, weight, prior, s, v_prev, lse, case.iterations, case.softmax_in,
-                case.detach_inner, *needs[:3], record=launches, need_dbias=needs[3], **extra,
-            )  # fmt: skip
-    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
-
-
-@dataclass
-class _PlannedCase:
-    """One routing variant of the launch plans, on meta tensors, and every combination of
-    needed gradients (du, dweight, dprior, dbias) that autograd can ask for with it."""
-
-    u: torch.Tensor
-    weight: torch.Tensor
-    grad_v: torch.Tensor
-    prior: torch.Tensor | None
-    iterations: int
-    softmax_in: bool
-    detach_inner: bool
-    # Routing logits shared by the batch: their mean (True) or sum (False); None per sample.
-    batch_mean: bool | None
-    # bias, leaky and squash_eps, as keyword arguments of the launchers
-    extra: dict[str, Any]
-    needs: list[tuple[bool, bool, bool, bool]]
-
-
-def _planned_cases(
-    shapes: list[tuple[int, int, int, int, int, int]],
-    dtype: torch.dtype,
-    batch_means: tuple[bool | None, ...] = (None,),
-) -> Iterator[_PlannedCase]:
-    """The cases of planned_launches (and of planned_shared_launches, with batch_means
-    (False, True)) for (B, I, J, N, M, R) shapes in `dtype`."""
-    for batch, in_caps, out_caps, in_d, out_d, iterations in shapes:
-        u = torch.empty(batch, in_caps, in_d, dtype=dtype, device="meta")
-        weight = torch.empty(in_caps, out_caps, in_d, out_d, dtype=dtype, device="meta")
-        grad_v = torch.empty(batch, out_caps, out_d, dtype=dtype, device="meta")
-        bias = torch.empty(out_caps, out_d, dtype=dtype, device="meta")
-        flags = itertools.product(*[(False, True)] * 4, batch_means)
-        for softmax_in, with_prior, detach_inner, options, batch_mean in flags:
-            prior = (
-                torch.empty(in_caps, out_caps, dtype=dtype, device="meta") if with_prior else None
-            )
-            # The options of the published implementations come together (bias, leaky, eps 0):
-            # each only adds code, so one combination covers them for the compile check.
-            extra = dict(bias=bias, leaky=True, squash_eps=0.0) if options else {}
-            wanted = []
-            for needs in itertools.product((False, True), repeat=4):
-                if not any(needs) or (needs[2] and not with_prior) or (needs[3] and not options):
-                    continue
-                wanted.append(needs)
-            yield _PlannedCase(
-                u, weight, grad_v, prior, iterations, softmax_in, detach_inner, batch_mean, extra,
-                wanted,
-            )  # fmt: skip

@@ -21,11 +21,12 @@ import torch
 import triton
 
 from capsnet_fused.backends import glue
-from capsnet_fused.backends.triton.launch import INTERPRETED, routing_backward, routing_forward
+from capsnet_fused.backends.triton.launch import routing_backward, routing_forward
 from capsnet_fused.backends.triton.shared_launch import (
     shared_routing_backward,
     shared_routing_forward,
 )
+from capsnet_fused.backends.triton.tiles import INTERPRETED
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly: tests only).

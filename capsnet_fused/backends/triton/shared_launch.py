@@ -40,18 +40,14 @@ import triton
 from capsnet_fused.backends.glue import state_dtype
 from capsnet_fused.backends.triton.launch import (
     KernelLaunch,
-    RoutingConfig,
     _bias_gradient_launch,
     _combine_launch,
     _contiguous,
     _gemm_launch,
     _gradient_buffers,
     _new,
-    _planned_cases,
     _run,
     _tl_acc,
-    choose_config,
-    tile_kind,
 )
 from capsnet_fused.backends.triton.shared_kernels import (
     shared_agree_kernel,
@@ -61,6 +57,7 @@ from capsnet_fused.backends.triton.shared_kernels import (
     shared_logits_back_kernel,
     shared_softmax_kernel,
 )
+from capsnet_fused.backends.triton.tiles import RoutingConfig, choose_config, tile_kind
 from capsnet_fused.reference import SQUASH_EPS
 
 # Elements of an [I, J] tile a softmax or logits_back program holds.
@@ -114,7 +111,7 @@ def choose_shared_config(
     batch: int, in_caps: int, out_caps: int, in_d: int, out_d: int, kind: str | None = None
 ) -> SharedConfig:
     """The tiles and warps the shared-logits launchers use for (B, I, J, N, M); kind as
-    launch.tile_kind()."""
+    tiles.tile_kind()."""
     kind = tile_kind() if kind is None else kind
     base = choose_config(batch, in_caps, out_caps, in_d, out_d, kind)
     block_j, block_n, block_m = base.block_j, base.block_n, base.block_m
@@ -492,24 +489,3 @@ def shared_routing_backward(
     if need_dbias:
         _run(_bias_gradient_launch(ds, dbias), record)
     return du, dweight, dprior, dbias
-
-
-def planned_shared_launches(
-    shapes: list[tuple[int, int, int, int, int, int]], dtype: torch.dtype
-) -> list[KernelLaunch]:
-    """Every kernel launch of the shared-logits launchers for (B, I, J, N, M, R) shapes in
-    `dtype`: every variant and every combination of needed gradients autograd can ask for,
-    built on meta tensors (nothing runs). For the ahead-of-time compile check."""
-    launches: list = []
-    for case in _planned_cases(shapes, dtype, batch_means=(False, True)):
-        u, weight, prior, extra = case.u, case.weight, case.prior, case.extra
-        _, s, v_iter, c = shared_routing_forward(
-            u, weight, prior, case.iterations, case.softmax_in, case.batch_mean, launches, **extra
-        )
-        for needs in case.needs:
-            shared_routing_backward(
-                case.grad_v, u, weight, prior, s, v_iter, c, case.iterations, case.softmax_in,
-                case.detach_inner, case.batch_mean, *needs[:3], record=launches,
-                need_dbias=needs[3], **extra,
-            )  # fmt: skip
-    return [launch for launch in launches if isinstance(launch, KernelLaunch)]
