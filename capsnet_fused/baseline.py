@@ -28,13 +28,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capsnet_fused.models import conv_grid
+
 # The paper baseline's fully connected layers (Sabour et al. 2017, section 5) and its dropout.
 HIDDEN = (328, 192)
 DROPOUT = 0.5
-
-
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    return (size - kernel) // stride + 1
 
 
 class BaselineCNN(nn.Module):
@@ -57,14 +55,7 @@ class BaselineCNN(nn.Module):
         dropout: float = DROPOUT,
     ) -> None:
         super().__init__()
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        out_h = _conv_out(_conv_out(height, kernel_size, 1), kernel_size, 2)
-        out_w = _conv_out(_conv_out(width, kernel_size, 1), kernel_size, 2)
-        if out_h < 1 or out_w < 1:
-            raise ValueError(
-                f"image_size {(height, width)} is too small for two {kernel_size}x{kernel_size} "
-                f"convolutions (the second with stride 2)"
-            )
+        (height, width), (out_h, out_w) = conv_grid(image_size, kernel_size)
         self.image_shape = (in_channels, height, width)
         self.num_classes = num_classes
         self.features = nn.Sequential(

@@ -28,8 +28,21 @@ pytree._register_namedtuple(
 )
 
 
-def _conv_out(size: int, kernel: int, stride: int) -> int:
-    return (size - kernel) // stride + 1
+def conv_grid(
+    image_size: int | tuple[int, int], kernel_size: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width), (out_h, out_w)): the image and the grid after two kernel_size x
+    kernel_size convolutions, the second with stride 2 (CapsNet's conv1 and primary capsules,
+    and the CNN baseline's two convolutions); ValueError when nothing is left."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    conv1 = (height - kernel_size + 1, width - kernel_size + 1)
+    out_h, out_w = ((n - kernel_size) // 2 + 1 for n in conv1)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"image_size {(height, width)} is too small for two {kernel_size}x{kernel_size} "
+            f"convolutions (the second with stride 2)"
+        )
+    return (height, width), (out_h, out_w)
 
 
 class CapsNet(nn.Module):
@@ -73,14 +86,7 @@ class CapsNet(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        primary_h = _conv_out(_conv_out(height, kernel_size, 1), kernel_size, 2)
-        primary_w = _conv_out(_conv_out(width, kernel_size, 1), kernel_size, 2)
-        if primary_h < 1 or primary_w < 1:
-            raise ValueError(
-                f"image_size {(height, width)} is too small for two {kernel_size}x{kernel_size} "
-                f"convolutions (the second with stride 2)"
-            )
+        (height, width), (primary_h, primary_w) = conv_grid(image_size, kernel_size)
         self.image_shape = (in_channels, height, width)
         self.num_classes = num_classes
         self.channels_last = channels_last
