@@ -1,18 +1,20 @@
 """Shared test cases and comparisons for every routing backend.
 
 Each backend's tests run the same explicit shape and variant lists against the float64
-reference: forward and the gradients to u, weight, prior and bias.
+reference: forward and the gradients to u, weight, prior and bias. The routing variants are the
+benchmark's (capsnet_fused/benchmark/cases.py: Variant, ALL_VARIANTS), so that the tests and the
+benchmark name and run the same ones.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from capsnet_fused import reference_routing
+from capsnet_fused.benchmark.cases import ALL_VARIANTS, Variant  # noqa: F401 (re-exported)
 from capsnet_fused.reference import SQUASH_EPS
 from capsnet_fused.testing import random_routing_inputs, rel_error  # noqa: F401 (re-exported)
 
@@ -42,17 +44,12 @@ SHAPES = [
     Shape(2, 200, 10, 8, 16, 3),
 ]
 
-# (softmax_over, with_prior, detach_inner)
-VARIANTS = list(itertools.product(("out_caps", "in_caps"), (False, True), (False, True)))
-
-
-def variant_id(variant) -> str:
-    softmax_over, with_prior, detach_inner = variant
-    return f"{softmax_over}{'-prior' if with_prior else ''}{'-detach' if detach_inner else ''}"
+# The eight routing variants with logits per sample (softmax_over x prior x detach_inner).
+VARIANTS = list(ALL_VARIANTS)
 
 
 shape_params = pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
-variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ OPTION_CASES = [(variant, options) for variant in VARIANTS for options in ALL_OP
 
 def option_case_id(case) -> str:
     variant, options = case
-    return f"{variant_id(variant)}-{options.id}"
+    return f"{variant.id}-{options.id}"
 
 
 option_case_params = pytest.mark.parametrize(

@@ -39,7 +39,6 @@ from tests.helpers import (
     reference64,
     rel_error,
     run_with_grads,
-    variant_id,
     variant_params,
 )
 
@@ -57,13 +56,13 @@ def cpp_routing(u, weight, prior=None, **kwargs):
 
 
 def routing_kwargs(shape: Shape, variant, options: Options | None = None) -> dict:
-    softmax_over, _, detach_inner = variant
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
     kwargs = dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
     return kwargs if options is None else {**kwargs, **options.kwargs()}
 
 
 def check_options(shape, variant, options, dtype, tol, device="cpu"):
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype, device=device)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype, device=device)
     bias = make_bias(shape, options, dtype=dtype, device=device)
     kwargs = routing_kwargs(shape, variant, options)
     out = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -112,7 +111,7 @@ _REFERENCES: dict = {}
 def reference_case(shape: Shape, variant, dtype, options: Options | None = None):
     key = (shape, variant, dtype, options)
     if key not in _REFERENCES:
-        u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+        u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype)
         bias = None if options is None else make_bias(shape, options, dtype=dtype)
         kwargs = routing_kwargs(shape, variant, options)
         want = reference64(u, weight, prior, grad, bias=bias, **kwargs)
@@ -158,14 +157,14 @@ def test_options_match_reference(shape, variant, options, dtype, uhat_cache, isa
     assert_matches_reference(out, want, 1e-5 if dtype == torch.float32 else 1e-11)
 
 
-GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
+GRADCHECK_VARIANTS = [v for v in VARIANTS if not v.detach_inner]
 GRADCHECK_SHAPES = [Shape(2, 6, 3, 3, 4, 3), Shape(1, 4, 2, 2, 16, 2)]
 
 
-@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
+@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=[v.id for v in GRADCHECK_VARIANTS])
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=[s.id for s in GRADCHECK_SHAPES])
 def test_gradcheck(shape, variant):
-    u, weight, prior, _ = make_inputs(shape, variant[1])
+    u, weight, prior, _ = make_inputs(shape, variant.prior)
     inputs = [t.requires_grad_() for t in (u, weight)]
     if prior is not None:
         inputs.append(prior.requires_grad_())
@@ -178,10 +177,10 @@ def test_gradcheck(shape, variant):
 
 
 @pytest.mark.parametrize("squash_eps", [0.0, 0.05])
-@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
+@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=[v.id for v in GRADCHECK_VARIANTS])
 def test_gradcheck_options(variant, squash_eps):
     shape = GRADCHECK_SHAPES[0]
-    u, weight, prior, _ = make_inputs(shape, variant[1])
+    u, weight, prior, _ = make_inputs(shape, variant.prior)
     bias = make_bias(shape, Options(bias=True))
     inputs = [t.requires_grad_() for t in (u, weight, bias, prior) if t is not None]
     kwargs = routing_kwargs(shape, variant, Options(leaky=True, squash_eps=squash_eps))
@@ -207,7 +206,8 @@ def test_detach_inner_matches_reference_autograd(softmax_over, with_prior):
 
 def check_opcheck(variant, options: Options, device="cpu"):
     shape = Shape(2, 5, 3, 2, 4, 2)
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     u, weight, prior, grad = make_inputs(shape, with_prior, device=device)
     bias = make_bias(shape, options, device=device)
     detached = (u, weight, prior, bias)
@@ -220,12 +220,12 @@ def check_opcheck(variant, options: Options, device="cpu"):
     torch.library.opcheck(OPS.cpp_routing_bwd, (grad, *detached, s, V, lse, *flags, *needs))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=map(variant_id, VARIANTS))
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 def test_opcheck(variant):
     check_opcheck(variant, Options())
 
 
-@pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=[v.id for v in VARIANTS[::3]])
 def test_opcheck_options(variant):
     check_opcheck(variant, Options(bias=True, leaky=True, squash_eps=0.0))
 
@@ -249,10 +249,10 @@ def test_gradients_only_for_inputs_that_need_them():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=[v.id for v in VARIANTS[::3]])
 def test_half_precision_within_twice_reference_drift(dtype, variant):
     shape = Shape(2, 37, 10, 8, 16, 3)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     kwargs = routing_kwargs(shape, variant)
     exact = reference64(u, weight, prior, grad, **kwargs)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -281,10 +281,10 @@ def test_non_contiguous_inputs():
     assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-11)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[::2], ids=map(variant_id, VARIANTS[::2]))
+@pytest.mark.parametrize("variant", VARIANTS[::2], ids=[v.id for v in VARIANTS[::2]])
 def test_empty_batch(variant):
     shape = Shape(0, 7, 3, 2, 4, 2)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     out = run_with_grads(cpp_routing, u, weight, prior, grad, **routing_kwargs(shape, variant))
     assert out[0].shape == (0, 3, 4)
     assert out[1][0].shape == (0, 7, 2)
@@ -294,11 +294,11 @@ def test_empty_batch(variant):
         assert torch.equal(out[1][2], torch.zeros_like(prior))
 
 
-@pytest.mark.parametrize("variant", VARIANTS[::2], ids=map(variant_id, VARIANTS[::2]))
+@pytest.mark.parametrize("variant", VARIANTS[::2], ids=[v.id for v in VARIANTS[::2]])
 def test_empty_batch_with_bias(variant):
     shape = Shape(0, 7, 3, 2, 4, 2)
     options = Options(bias=True, leaky=True)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     kwargs = routing_kwargs(shape, variant, options)
     out = run_with_grads(cpp_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -427,7 +427,7 @@ def test_cuda_matches_reference():
         pytest.skip("capsnet_fused._C was built without CUDA kernels")
     for shape in [Shape(2, 37, 10, 8, 16, 3), Shape(3, 19, 3, 3, 5, 4)]:
         for variant in VARIANTS:
-            u, weight, prior, grad = make_inputs(shape, variant[1], device="cuda")
+            u, weight, prior, grad = make_inputs(shape, variant.prior, device="cuda")
             kwargs = routing_kwargs(shape, variant)
             out = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
             assert_matches_reference(out, reference64(u, weight, prior, grad, **kwargs), 1e-11)

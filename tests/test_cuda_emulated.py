@@ -24,6 +24,7 @@ from tests.helpers import (
     VARIANTS,
     Options,
     Shape,
+    Variant,
     assert_matches_reference,
     make_bias,
     make_inputs,
@@ -32,7 +33,6 @@ from tests.helpers import (
     reference64,
     rel_error,
     run_with_grads,
-    variant_id,
     variant_params,
 )
 
@@ -112,13 +112,13 @@ def emulated_routing(
 
 
 def routing_kwargs(shape: Shape, variant, options: Options | None = None) -> dict:
-    softmax_over, _, detach_inner = variant
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
     kwargs = dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
     return kwargs if options is None else {**kwargs, **options.kwargs()}
 
 
 def check_against_reference(shape, variant, dtype, tol, options: Options | None = None):
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype)
     bias = None if options is None else make_bias(shape, options, dtype=dtype)
     kwargs = routing_kwargs(shape, variant, options)
     out = run_with_grads(emulated_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -179,13 +179,13 @@ def test_options_tile_configurations(variant, options, config, tiles):
     check_against_reference(OPTION_TILE_SHAPE, variant, torch.float64, 1e-11, options)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=map(variant_id, VARIANTS[1::2]))
+@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=[v.id for v in VARIANTS[1::2]])
 def test_thread_order_and_os_threads_do_not_change_results(variant, tiles, monkeypatch):
     # Each output has one owner that sums in a fixed order, and every exchange between threads
     # is behind a barrier: the order in which the emulation runs threads between barriers, and
     # how many OS threads run the blocks, must not change a single bit.
     shape = Shape(9, 23, 5, 4, 7, 3)
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=torch.float32)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=torch.float32)
     kwargs = routing_kwargs(shape, variant)
     results = []
     for schedule, threads in [("forward", "1"), ("reverse", "2"), ("random:3", "2")]:
@@ -199,19 +199,19 @@ def test_thread_order_and_os_threads_do_not_change_results(variant, tiles, monke
             assert (a is None and b is None) or torch.equal(a, b)
 
 
-GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
+GRADCHECK_VARIANTS = [v for v in VARIANTS if not v.detach_inner]
 # gradcheck of the options: every non-detach variant with all options on, eps > 0 (at eps = 0
 # the squash is not differentiable at s = 0, which these inputs never reach, but keep the
 # finite-difference step away from it anyway).
 GRADCHECK_OPTION_CASES = [(v, Options(bias=True, leaky=True, squash_eps=0.05)) for v in VARIANTS]
-GRADCHECK_OPTION_CASES = [c for c in GRADCHECK_OPTION_CASES if not c[0][2]] + [
+GRADCHECK_OPTION_CASES = [c for c in GRADCHECK_OPTION_CASES if not c[0].detach_inner] + [
     (GRADCHECK_VARIANTS[0], Options(squash_eps=0.0)),
     (GRADCHECK_VARIANTS[3], Options(leaky=True, squash_eps=0.0)),
 ]
 
 
 def gradcheck_routing(shape, variant, options=None):
-    u, weight, prior, _ = make_inputs(shape, variant[1])
+    u, weight, prior, _ = make_inputs(shape, variant.prior)
     bias = None if options is None else make_bias(shape, options)
     inputs = [t.requires_grad_() for t in (u, weight, prior, bias) if t is not None]
     kwargs = routing_kwargs(shape, variant, options)
@@ -225,7 +225,7 @@ def gradcheck_routing(shape, variant, options=None):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=map(variant_id, GRADCHECK_VARIANTS))
+@pytest.mark.parametrize("variant", GRADCHECK_VARIANTS, ids=[v.id for v in GRADCHECK_VARIANTS])
 def test_gradcheck(variant, tiles):
     tiles("ragged")
     gradcheck_routing(Shape(2, 6, 3, 3, 4, 3), variant)
@@ -243,7 +243,8 @@ def test_gradcheck_options(variant, options, tiles):
 
 def op_args(shape, variant, options=None):
     """(forward args, backward args without the saved states) of the emulated ops."""
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     options = options or Options()
     u, weight, prior, grad = make_inputs(shape, with_prior)
     bias = make_bias(shape, options)
@@ -271,7 +272,7 @@ def test_opcheck(variant, options):
     fwd, bwd_inputs, flags = op_args(shape, variant, options)
     torch.library.opcheck(OPS.cuda_emulated_routing_fwd, fwd)
     _, s, V, lse = OPS.cuda_emulated_routing_fwd(*fwd)
-    needs = (True, True, variant[1], options.bias)
+    needs = (True, True, variant.prior, options.bias)
     torch.library.opcheck(OPS.cuda_emulated_routing_bwd, (*bwd_inputs, s, V, lse, *flags, *needs))
 
 
@@ -279,7 +280,7 @@ def test_opcheck(variant, options):
 def test_gradients_only_for_inputs_that_need_them(detach_inner):
     # With detach_inner, a bias's gradient alone still needs the whole dL/dV chain.
     shape = Shape(2, 9, 4, 3, 5, 3)
-    variant = ("in_caps", True, detach_inner)
+    variant = Variant("in_caps", True, detach_inner)
     options = Options(bias=True, leaky=True)
     fwd, (grad, u, weight, prior, bias), flags = op_args(shape, variant, options)
     kwargs = routing_kwargs(shape, variant, options)
@@ -308,7 +309,7 @@ HALF_CASES = [(v, Options()) for v in VARIANTS[::3]] + [
 )
 def test_half_precision_within_twice_reference_drift(dtype, variant, options):
     shape = Shape(2, 37, 10, 8, 16, 3)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     kwargs = routing_kwargs(shape, variant, options)
     exact = reference64(u, weight, prior, grad, bias=bias, **kwargs)
@@ -326,11 +327,11 @@ def test_half_precision_within_twice_reference_drift(dtype, variant, options):
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("variant", VARIANTS[::2], ids=map(variant_id, VARIANTS[::2]))
+@pytest.mark.parametrize("variant", VARIANTS[::2], ids=[v.id for v in VARIANTS[::2]])
 def test_empty_batch(variant, with_bias):
     shape = Shape(0, 7, 3, 2, 4, 2)
     options = Options(bias=with_bias, leaky=with_bias)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     kwargs = routing_kwargs(shape, variant, options)
     out = run_with_grads(emulated_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -427,7 +428,7 @@ def test_compile_fullgraph_with_options():
     options = Options(bias=True, leaky=True, squash_eps=0.05)
     u, weight, prior, grad = make_inputs(shape, True)
     bias = make_bias(shape, options)
-    kwargs = routing_kwargs(shape, ("in_caps", True, False), options)
+    kwargs = routing_kwargs(shape, Variant("in_caps", True, False), options)
 
     def fn(u, weight, prior, bias):
         return emulated_routing(u, weight, prior, bias, **kwargs)

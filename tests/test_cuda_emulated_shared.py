@@ -26,13 +26,13 @@ from tests.helpers import (
     VARIANTS,
     Options,
     Shape,
+    Variant,
     assert_matches_reference,
     make_bias,
     make_inputs,
     reference64,
     rel_error,
     run_with_grads,
-    variant_id,
 )
 
 OPS = torch.ops.capsnet_fused
@@ -114,7 +114,7 @@ def emulated_routing(
 
 
 def routing_kwargs(shape: Shape, variant, mode: str, options: Options) -> dict:
-    softmax_over, _, detach_inner = variant
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
     return dict(
         iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner,
         shared_logits=mode, **options.kwargs(),
@@ -122,7 +122,7 @@ def routing_kwargs(shape: Shape, variant, mode: str, options: Options) -> dict:
 
 
 def check_against_reference(shape, variant, mode, options, dtype, tol):
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype)
     bias = make_bias(shape, options, dtype=dtype)
     kwargs = routing_kwargs(shape, variant, mode, options)
     out = run_with_grads(emulated_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -132,7 +132,7 @@ def check_against_reference(shape, variant, mode, options, dtype, tol):
 
 
 def case_id(variant, mode, options) -> str:
-    return f"{variant_id(variant)}-{mode}-{options.id}"
+    return f"{variant.id}-{mode}-{options.id}"
 
 
 OPTION_SETS = [Options(), *ALL_OPTIONS]
@@ -154,7 +154,7 @@ def test_matches_reference_float64(shape, variant, mode, options, tiles):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
-@pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=[v.id for v in VARIANTS[::3]])
 def test_matches_reference_float32(shape, variant, tiles):
     check_against_reference(shape, variant, "mean", ALL_OPTIONS[0], torch.float32, 1e-5)
 
@@ -182,21 +182,21 @@ TILE_SHAPES = [Shape(9, 37, 10, 8, 16, 3), Shape(3, 19, 3, 3, 5, 4), Shape(5, 11
 
 @pytest.mark.parametrize("config", ["ragged", "wide"])
 @pytest.mark.parametrize("shape", TILE_SHAPES, ids=[s.id for s in TILE_SHAPES])
-@pytest.mark.parametrize("variant", VARIANTS, ids=map(variant_id, VARIANTS))
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 def test_tile_configurations(shape, variant, config, tiles):
     tiles(config)
     k = VARIANTS.index(variant)
     check_against_reference(shape, variant, MODES[k % 2], ALL_OPTIONS[k // 4], torch.float64, 1e-11)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=map(variant_id, VARIANTS[1::2]))
+@pytest.mark.parametrize("variant", VARIANTS[1::2], ids=[v.id for v in VARIANTS[1::2]])
 def test_thread_order_and_os_threads_do_not_change_results(variant, tiles, monkeypatch):
     # Every sum has one owner adding in a fixed order and every exchange between threads is
     # behind a barrier: neither the emulation's thread order between barriers nor the number of
     # OS threads running the blocks may change a bit.
     shape = Shape(9, 23, 5, 4, 7, 3)
     options = ALL_OPTIONS[0]
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=torch.float32)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=torch.float32)
     bias = make_bias(shape, options, dtype=torch.float32)
     kwargs = routing_kwargs(shape, variant, "mean", options)
     results = []
@@ -213,7 +213,7 @@ def test_thread_order_and_os_threads_do_not_change_results(variant, tiles, monke
 
 
 # detach_inner changes the gradients on purpose (they are not the derivative): not here.
-GRADCHECK_VARIANTS = [v for v in VARIANTS if not v[2]]
+GRADCHECK_VARIANTS = [v for v in VARIANTS if not v.detach_inner]
 GRADCHECK_CASES = [
     (variant, MODES[k % 2], Options(bias=True, leaky=True, squash_eps=0.05))
     for k, variant in enumerate(GRADCHECK_VARIANTS)
@@ -230,7 +230,7 @@ GRADCHECK_CASES = [
 def test_gradcheck(variant, mode, options, tiles):
     tiles("ragged")
     shape = Shape(3, 5, 3, 2, 3, 3)
-    u, weight, prior, _ = make_inputs(shape, variant[1])
+    u, weight, prior, _ = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     inputs = [t.requires_grad_() for t in (u, weight, prior, bias) if t is not None]
     kwargs = routing_kwargs(shape, variant, mode, options)
@@ -246,7 +246,8 @@ def test_gradcheck(variant, mode, options, tiles):
 
 def op_args(shape, variant, mode, options):
     """(forward args, (grad, detached inputs), flags) of the emulated ops."""
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     u, weight, prior, grad = make_inputs(shape, with_prior)
     bias = make_bias(shape, options)
     for t in (u, weight, prior, bias):
@@ -274,7 +275,7 @@ def test_opcheck(variant, mode, options):
     fwd, bwd_inputs, flags = op_args(shape, variant, mode, options)
     torch.library.opcheck(OPS.cuda_emulated_shared_routing_fwd, fwd)
     _, s, v_iter, c = OPS.cuda_emulated_shared_routing_fwd(*fwd)
-    needs = (True, True, variant[1], options.bias)
+    needs = (True, True, variant.prior, options.bias)
     bwd = (*bwd_inputs, s, v_iter, c, *flags, *needs)
     torch.library.opcheck(OPS.cuda_emulated_shared_routing_bwd, bwd)
 
@@ -284,7 +285,7 @@ def test_gradients_only_for_inputs_that_need_them(detach_inner):
     # With detach_inner, du and dW read the last iteration alone; dprior and dbias still need
     # the whole chain of the shared logits' gradient.
     shape = Shape(3, 9, 4, 3, 5, 3)
-    variant = ("in_caps", True, detach_inner)
+    variant = Variant("in_caps", True, detach_inner)
     options = Options(bias=True, leaky=True)
     fwd, (grad, u, weight, prior, bias), flags = op_args(shape, variant, "mean", options)
     kwargs = routing_kwargs(shape, variant, "mean", options)
@@ -306,7 +307,9 @@ def test_saved_states_are_the_contract():
     # couplings without the leaky logit's share.
     shape = Shape(3, 9, 4, 3, 5, 3)
     options = Options(bias=True, leaky=True)
-    fwd, (_, u, weight, prior, bias), _ = op_args(shape, ("in_caps", True, False), "sum", options)
+    fwd, (_, u, weight, prior, bias), _ = op_args(
+        shape, Variant("in_caps", True, False), "sum", options
+    )
     _, s, v_iter, c = OPS.cuda_emulated_shared_routing_fwd(*fwd)
     assert s.shape == v_iter.shape == (3, 3, 4, 5) and c.shape == (3, 9, 4)
     for k in range(3):
@@ -331,7 +334,7 @@ HALF_CASES = [
 )
 def test_half_precision_within_twice_reference_drift(dtype, variant, mode, options):
     shape = Shape(3, 37, 10, 8, 16, 3)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     kwargs = routing_kwargs(shape, variant, mode, options)
     exact = reference64(u, weight, prior, grad, bias=bias, **kwargs)
@@ -349,11 +352,11 @@ def test_half_precision_within_twice_reference_drift(dtype, variant, mode, optio
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", VARIANTS[::3], ids=map(variant_id, VARIANTS[::3]))
+@pytest.mark.parametrize("variant", VARIANTS[::3], ids=[v.id for v in VARIANTS[::3]])
 def test_empty_batch(variant, mode):
     shape = Shape(0, 7, 3, 2, 4, 2)
     options = Options(bias=True, leaky=True)
-    u, weight, prior, grad = make_inputs(shape, variant[1])
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     kwargs = routing_kwargs(shape, variant, mode, options)
     v, grads = run_with_grads(emulated_routing, u, weight, prior, grad, bias=bias, **kwargs)
@@ -441,7 +444,7 @@ def test_compile_fullgraph():
     options = Options(bias=True, leaky=True, squash_eps=0.05)
     u, weight, prior, grad = make_inputs(shape, True)
     bias = make_bias(shape, options)
-    kwargs = routing_kwargs(shape, ("in_caps", True, False), "mean", options)
+    kwargs = routing_kwargs(shape, Variant("in_caps", True, False), "mean", options)
 
     def fn(u, weight, prior, bias):
         return emulated_routing(u, weight, prior, bias, **kwargs)
@@ -476,7 +479,7 @@ def test_on_a_cuda_device(variant, mode, options, dtype):
     if reason is not None:
         pytest.skip(reason)
     shape = Shape(9, 37, 10, 8, 16, 3)
-    u, weight, prior, grad = make_inputs(shape, variant[1], dtype=dtype, device="cuda")
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype, device="cuda")
     bias = make_bias(shape, options, dtype=dtype, device="cuda")
     kwargs = routing_kwargs(shape, variant, mode, options)
 

@@ -26,6 +26,7 @@ from tests.helpers import (  # noqa: E402
     VARIANTS,
     Options,
     Shape,
+    Variant,
     assert_matches_reference,
     make_bias,
     make_inputs,
@@ -33,7 +34,6 @@ from tests.helpers import (  # noqa: E402
     reference64,
     rel_error,
     run_with_grads,
-    variant_id,
 )
 
 DEVICES = ["cpu", "cuda"]
@@ -42,8 +42,8 @@ device_params = pytest.mark.parametrize("device", DEVICES)
 # shape every variant.
 LARGEST = max(SHAPES, key=lambda s: s.B * s.I * s.J * s.M * s.R)
 CASES = [(s, v) for s in SHAPES for v in VARIANTS if s != LARGEST] + [
-    (LARGEST, ("out_caps", True, False)),
-    (LARGEST, ("in_caps", False, True)),
+    (LARGEST, Variant("out_caps", True, False)),
+    (LARGEST, Variant("in_caps", False, True)),
 ]
 
 
@@ -67,7 +67,8 @@ def triton_routing(u, weight, prior=None, **kwargs):
 
 
 def run_case(shape, variant, dtype, device, seed=0, options: Options | None = None):
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     u, weight, prior, grad = make_inputs(shape, with_prior, dtype=dtype, device=device, seed=seed)
     kwargs = dict(iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner)
     if options is None:
@@ -80,7 +81,7 @@ def run_case(shape, variant, dtype, device, seed=0, options: Options | None = No
 
 
 @device_params
-@pytest.mark.parametrize("shape, variant", CASES, ids=[f"{s.id}-{variant_id(v)}" for s, v in CASES])
+@pytest.mark.parametrize("shape, variant", CASES, ids=[f"{s.id}-{v.id}" for s, v in CASES])
 def test_matches_reference_float32(shape, variant, device):
     require(device)
     got, ref, _ = run_case(shape, variant, torch.float32, device)
@@ -88,7 +89,7 @@ def test_matches_reference_float32(shape, variant, device):
 
 
 @device_params
-@pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 def test_matches_reference_float64(variant, device):
     require(device)
     got, ref, _ = run_case(Shape(2, 19, 3, 3, 5, 4), variant, torch.float64, device)
@@ -107,7 +108,9 @@ def test_options_match_reference_float64(variant, options, device):
 
 # float32 on the shape with several capsule blocks, each option with both softmax axes.
 FLOAT32_OPTION_CASES = [
-    c for c in OPTION_CASES if not c[0][2] and c[0][1] == (c[0][0] == "in_caps")
+    c
+    for c in OPTION_CASES
+    if not c[0].detach_inner and c[0].prior == (c[0].softmax_over == "in_caps")
 ]
 
 
@@ -199,9 +202,9 @@ def test_opcheck_options(softmax_in, device):
 
 
 LOW_PRECISION_CASES = [
-    (SHAPES[0], ("out_caps", True, False)),
-    (SHAPES[2], ("in_caps", False, True)),
-    (SHAPES[3], ("in_caps", True, False)),
+    (SHAPES[0], Variant("out_caps", True, False)),
+    (SHAPES[2], Variant("in_caps", False, True)),
+    (SHAPES[3], Variant("in_caps", True, False)),
 ]
 
 
@@ -210,7 +213,7 @@ LOW_PRECISION_CASES = [
 @pytest.mark.parametrize(
     "shape, variant",
     LOW_PRECISION_CASES,
-    ids=[f"{s.id}-{variant_id(v)}" for s, v in LOW_PRECISION_CASES],
+    ids=[f"{s.id}-{v.id}" for s, v in LOW_PRECISION_CASES],
 )
 def test_low_precision_within_twice_reference_error(shape, variant, dtype, device):
     require(device)
@@ -273,7 +276,9 @@ def test_empty_batch(softmax_over, device):
 
 @device_params
 @pytest.mark.parametrize(
-    "variant", [("out_caps", True, False), ("in_caps", True, True)], ids=variant_id
+    "variant",
+    [Variant("out_caps", True, False), Variant("in_caps", True, True)],
+    ids=lambda v: v.id,
 )
 def test_ten_iterations(variant, device):
     require(device)
@@ -421,15 +426,15 @@ def test_compile_fullgraph_capsnet(device):
 # samples; run them under the interpreter on shapes where that makes several steps, blocks and
 # splits (B = 40: two sample tiles).
 GPU_TILE_CASES = [
-    (Shape(3, 37, 10, 8, 16, 3), ("out_caps", True, False)),
-    (Shape(3, 37, 10, 8, 16, 3), ("in_caps", True, False)),
-    (Shape(40, 9, 3, 3, 5, 2), ("in_caps", False, True)),
-    (Shape(2, 19, 3, 3, 5, 4), ("out_caps", False, False)),
+    (Shape(3, 37, 10, 8, 16, 3), Variant("out_caps", True, False)),
+    (Shape(3, 37, 10, 8, 16, 3), Variant("in_caps", True, False)),
+    (Shape(40, 9, 3, 3, 5, 2), Variant("in_caps", False, True)),
+    (Shape(2, 19, 3, 3, 5, 4), Variant("out_caps", False, False)),
 ]
 
 
 @pytest.mark.parametrize(
-    "shape, variant", GPU_TILE_CASES, ids=[f"{s.id}-{variant_id(v)}" for s, v in GPU_TILE_CASES]
+    "shape, variant", GPU_TILE_CASES, ids=[f"{s.id}-{v.id}" for s, v in GPU_TILE_CASES]
 )
 def test_gpu_tiles_match_reference(shape, variant, monkeypatch):
     require("cpu")
@@ -475,18 +480,19 @@ def test_grid_table():
     "variant, with_dprior, launches",
     [
         # forward 2R; backward: R combines, R - 1 sweeps, grads, the sum of its du partials
-        (("out_caps", False, False), False, (6, 7)),
+        (Variant("out_caps", False, False), False, (6, 7)),
         # + softmax(prior) each way, + the first iteration's backward sweep for dprior
-        (("in_caps", True, False), True, (7, 9)),
+        (Variant("in_caps", True, False), True, (7, 9)),
         # detach_inner without a prior gradient: the last iteration's couplings only
-        (("out_caps", False, True), False, (6, 4)),
+        (Variant("out_caps", False, True), False, (6, 4)),
     ],
     ids=["plain", "prior", "detach"],
 )
 def test_launch_counts(variant, with_dprior, launches, monkeypatch):
     """At most 2R + 2 launches forward and 2R + 3 backward (MNIST shape, GPU tiles, R = 3)."""
     monkeypatch.setenv(launcher.TILES_ENV, "gpu")
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     shape = Shape(128, 1152, 10, 8, 16, 3)
     u, weight, prior, grad = make_inputs(shape, with_prior, torch.float32, "meta")
     # The prior's softmax is a torch op, recorded as a TorchLaunch beside the kernels.

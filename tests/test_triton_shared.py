@@ -24,13 +24,13 @@ from tests.helpers import (  # noqa: E402
     VARIANTS,
     Options,
     Shape,
+    Variant,
     assert_matches_reference,
     make_bias,
     make_inputs,
     reference64,
     rel_error,
     run_with_grads,
-    variant_id,
 )
 
 DEVICES = ["cpu", "cuda"]
@@ -58,7 +58,8 @@ def triton_routing(u, weight, prior=None, **kwargs):
 
 def run_case(shape, variant, mode, dtype, device, options: Options | None = None, seed=0):
     """(Triton's (v, grads), the float64 reference's, the inputs and keywords)."""
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, with_prior = variant.softmax_over, variant.prior
+    detach_inner = variant.detach_inner
     options = options or Options()
     u, weight, prior, grad = make_inputs(shape, with_prior, dtype=dtype, device=device, seed=seed)
     bias = make_bias(shape, options, dtype=dtype, device=device)
@@ -72,7 +73,7 @@ def run_case(shape, variant, mode, dtype, device, options: Options | None = None
 
 
 def case_id(variant, mode, options) -> str:
-    return f"{variant_id(variant)}-{mode}-{options.id}"
+    return f"{variant.id}-{mode}-{options.id}"
 
 
 # Every variant without options and with all of them at both squash eps, each variant meeting
@@ -123,7 +124,7 @@ def test_ten_iterations(device):
     # R = 1 and 2 are among the float32 shapes.
     require(device)
     shape = Shape(3, 7, 3, 3, 4, 10)
-    variant = ("in_caps", True, False)
+    variant = Variant("in_caps", True, False)
     got, want, _ = run_case(shape, variant, "mean", torch.float64, device, ALL_OPTIONS[0])
     assert_matches_reference(got, want, tol=1e-12)
 
@@ -133,8 +134,8 @@ def test_ten_iterations(device):
 @pytest.mark.parametrize(
     "variant, mode, options",
     [
-        (("out_caps", True, False), "mean", Options()),
-        (("in_caps", False, True), "sum", ALL_OPTIONS[0]),
+        (Variant("out_caps", True, False), "mean", Options()),
+        (Variant("in_caps", False, True), "sum", ALL_OPTIONS[0]),
     ],
     ids=["out-prior-mean", "in-detach-sum-options"],
 )
@@ -230,7 +231,7 @@ def test_gradients_only_for_inputs_that_need_them(device):
     require(device)
     shape = Shape(3, 6, 3, 2, 4, 3)
     for detach_inner in (False, True):
-        variant = ("in_caps", True, detach_inner)
+        variant = Variant("in_caps", True, detach_inner)
         options = Options(bias=True, leaky=True)
         _, (_, grads_ref), (u, weight, prior, bias, grad, kwargs) = run_case(
             shape, variant, "mean", torch.float64, device, options
@@ -367,7 +368,7 @@ def test_deterministic():
     blocks, two batch tiles in the interpreter's tiles)."""
     require("cpu")
     shape = Shape(9, 20, 5, 4, 12, 3)
-    variant = ("in_caps", True, False)
+    variant = Variant("in_caps", True, False)
     first, _, _ = run_case(shape, variant, "mean", torch.float32, "cpu", ALL_OPTIONS[0])
     second, _, _ = run_case(shape, variant, "mean", torch.float32, "cpu", ALL_OPTIONS[0])
     for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
@@ -378,9 +379,9 @@ def test_deterministic():
 # tl.dot shapes of at least 16 (two batch tiles at B = 34), columns padded where J x M is small
 # (J = 1, M = 1). Small B x J: the GPU's combines take one (b, j) row a program.
 GPU_TILE_CASES = [
-    (Shape(3, 9, 10, 8, 16, 2), ("out_caps", True, False), "mean", ALL_OPTIONS[0]),
-    (Shape(34, 9, 1, 3, 5, 2), ("in_caps", False, True), "sum", ALL_OPTIONS[1]),
-    (Shape(2, 5, 1, 3, 1, 3), ("in_caps", True, False), "mean", Options()),
+    (Shape(3, 9, 10, 8, 16, 2), Variant("out_caps", True, False), "mean", ALL_OPTIONS[0]),
+    (Shape(34, 9, 1, 3, 5, 2), Variant("in_caps", False, True), "sum", ALL_OPTIONS[1]),
+    (Shape(2, 5, 1, 3, 1, 3), Variant("in_caps", True, False), "mean", Options()),
 ]
 
 
