@@ -93,9 +93,10 @@ MANY_ITERATIONS = [
     for mode in (None, "mean")
 ]
 
-# The Triton interpreter's: the odd shapes but I = 200 (two variants) in float32, one odd shape
-# in float64 with each option case, float32 options on several capsule blocks; shared logits in
-# float64 on J = 3 in two output-capsule blocks, the odd shapes in float32, four of the 192.
+# The Triton interpreter's cases (seconds each): the odd shapes in float32 (I = 200 with two
+# variants), one odd shape in float64 with every variant and option case, float32 options on
+# several capsule blocks; shared logits in float64 on J = 3 in two output-capsule blocks (every
+# variant, mode and option set), the odd shapes in float32, four of the 192 combinations.
 LARGEST = max(SHAPES, key=lambda s: s.B * s.I * s.J * s.M * s.R)
 INTERPRETER_FLOAT32_OPTIONS = [
     (v, o)
@@ -123,7 +124,7 @@ INTERPRETER_REFERENCE_CASES = (
             shared(VARIANTS[3 * k % 8], MODES[k % 2]),
             [Options(), ALL_OPTIONS[0]][k // 2 % 2],
             F32,
-        )  # fmt: skip
+        )
         for k, s in enumerate(SHAPES)
         if s != LARGEST
     ]
@@ -206,7 +207,7 @@ def test_gradcheck(impl, case):
 # detach_inner's gradient is by definition not the derivative, so gradcheck does not apply:
 # against autograd through the reference, which detaches the same way, in float64.
 DETACH_CASES = [
-    Case(Shape(3, 11, 4, 3, 5, 4), Variant(s, p, True)) for s in SOFTMAX for p in (0, 1)
+    Case(Shape(3, 11, 4, 3, 5, 4), Variant(s, p, True)) for s in SOFTMAX for p in (False, True)
 ]
 
 
@@ -282,9 +283,8 @@ def test_gradients_only_for_inputs_that_need_them(impl, case):
                 assert got.shape == (0,), k
     # No bias: no bias gradient, even when asked for.
     _, *states = fwd(u, weight, prior, None, *flags)
-    assert bwd(grad, u, weight, prior, None, *states, *flags, True, True, True, True)[3].shape == (
-        0,
-    )
+    *_, d_bias = bwd(grad, u, weight, prior, None, *states, *flags, True, True, True, True)
+    assert d_bias.shape == (0,)
     # Through autograd: the weight's gradient alone.
     w_leaf = weight.clone().requires_grad_()
     v = impl(u, w_leaf, prior, bias, **case.kwargs())
@@ -315,7 +315,7 @@ INTERPRETER_HALF_CASES = [
         (SHAPES[0], "out_caps-prior"),
         (SHAPES[2], "in_caps-detach"),
         (SHAPES[3], "in_caps-prior"),
-    ]  # fmt: skip
+    ]
     for d in (F16, BF16)
 ] + [
     Case(Shape(3, 20, 10, 8, 16, 3), shared(V[v], mode), o, d)
@@ -427,9 +427,10 @@ def test_zero_capsules_follow_the_reference(impl, case):
             torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
-# Logits in the thousands (a softmax without its max subtracted overflows to inf / NaN): u x 30
-# and the prior x 1000, or u and the weight x 40; with a bias, squash inputs of 1e25 (|s|^2
-# overflows float32).
+# Logits in the thousands (a softmax without its max subtracted overflows to inf / NaN): the
+# prior x 1000 and u x 30, or u and the weight x 40 (case, u's scale, the weight's); with a bias,
+# squash inputs of 1e25 (|s|^2 overflows float32).
+SUM_WITH_BIAS = shared(V["in_caps-prior"], "sum")
 LARGE_CASES = (
     [(Case(Shape(2, 30, 6, 4, 8, 3), Variant(s, True), dtype=F32), 30, 1) for s in SOFTMAX]
     + [(Case(SHAPES[0], Variant(s, True), dtype=F32), 40, 40) for s in SOFTMAX]
@@ -438,15 +439,7 @@ LARGE_CASES = (
         for s in SOFTMAX
         for mode in MODES
     ]
-    + [
-        (
-            Case(
-                Shape(3, 11, 4, 3, 5, 3), shared(V["in_caps-prior"], "sum"), Options(bias=True), F32
-            ),
-            30,
-            1,
-        )
-    ]  # fmt: skip
+    + [(Case(Shape(3, 11, 4, 3, 5, 3), SUM_WITH_BIAS, Options(bias=True), F32), 30, 1)]
 )
 
 
@@ -465,8 +458,9 @@ def test_large_inputs_stay_finite(impl, case):
     assert rel_error(v, v_ref) < 1e-4
 
 
-SQUASH_OVERFLOW_CASES = [Case(Shape(2, 9, 3, 4, 5, 1), Variant(shared_logits=m), dtype=F32)
-                         for m in (None, "mean")]  # fmt: skip
+SQUASH_OVERFLOW_CASES = [
+    Case(Shape(2, 9, 3, 4, 5, 1), Variant(shared_logits=m), dtype=F32) for m in (None, "mean")
+]
 
 
 @for_each(SQUASH_OVERFLOW_CASES)
@@ -499,10 +493,10 @@ def test_batch_dependence(impl, case):
     assert (whole[0] - impl(other, weight, prior, **kwargs)[0]).abs().max() > 1e-4
     alone = run_with_grads(impl, u[:1], weight, prior, grad[:1], **kwargs)
     assert (whole[0] - alone[0][0]).abs().max() > 1e-4
-    assert_matches_reference(alone, reference64(u[:1], weight, prior, grad[:1], **kwargs),
-                             impl.tol64)  # fmt: skip
-    per_sample = run_with_grads(impl, u[:1], weight, prior, grad[:1], **{**kwargs,
-                                "shared_logits": None})  # fmt: skip
+    want = reference64(u[:1], weight, prior, grad[:1], **kwargs)
+    assert_matches_reference(alone, want, impl.tol64)
+    per_sample_kwargs = {**kwargs, "shared_logits": None}
+    per_sample = run_with_grads(impl, u[:1], weight, prior, grad[:1], **per_sample_kwargs)
     assert_matches_reference(alone, per_sample, 1e-12)
 
 
@@ -518,13 +512,13 @@ def test_saved_states_are_the_contract(impl, case):
     # after k + 1 iterations; the couplings c^k shared by the batch, the first the coupling
     # softmax of the prior, without the leaky logit's share.
     u, weight, prior, bias, _ = case_inputs(case, impl.device)
-    v, s, v_iter, c = impl.op("fwd", case.variant.shared_logits)(u, weight, prior, bias,
-                                                                 *case.flags())  # fmt: skip
+    forward = impl.op("fwd", case.variant.shared_logits)
+    v, s, v_iter, c = forward(u, weight, prior, bias, *case.flags())
     assert s.shape == v_iter.shape == (3, 3, 4, 5) and c.shape == (3, 9, 4)
-    kwargs = {**case.kwargs(), "iterations": None}
+    kwargs = case.kwargs()
+    del kwargs["iterations"]
     for k in range(3):
-        want = reference_routing(u, weight, **{**kwargs, "iterations": k + 1}, prior=prior,
-                                 bias=bias)  # fmt: skip
+        want = reference_routing(u, weight, k + 1, prior=prior, bias=bias, **kwargs)
         torch.testing.assert_close(v_iter[:, k], want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(c[0], coupling_softmax(prior, 0, True), rtol=1e-14, atol=0)
     eps = case.options.squash_eps
@@ -535,8 +529,10 @@ def test_saved_states_are_the_contract(impl, case):
 
 # ------------------------------------------------------------------- compile, determinism
 
-COMPILE_CASES = [Case(Shape(3, 9, 4, 3, 5, 3), Variant("in_caps", True, False, m), ALL_OPTIONS[0])
-                 for m in (None, "mean")]  # fmt: skip
+COMPILE_CASES = [
+    Case(Shape(3, 9, 4, 3, 5, 3), Variant("in_caps", True, False, m), ALL_OPTIONS[0])
+    for m in (None, "mean")
+]
 
 
 @for_each(COMPILE_CASES)
@@ -549,17 +545,17 @@ def test_compile_fullgraph(impl, case):
         return impl(u, weight, prior, bias, **case.kwargs())
 
     compiled = torch.compile(fn, fullgraph=True, backend=impl.compile_backend)
-    got = run_with_grads(lambda u, w, prior, bias: compiled(u, w, prior, bias),
-                         u, weight, prior, grad, bias=bias)  # fmt: skip
+    got = run_with_grads(compiled, u, weight, prior, grad, bias=bias)
     want = run_with_grads(fn, u, weight, prior, grad, bias=bias)
     for a, b in zip([got[0], *got[1]], [want[0], *want[1]], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-DETERMINISM_CASES = [Case(Shape(3, 37, 5, 4, 12, 3), Variant(s, True), dtype=F32)
-                     for s in SOFTMAX] + [
+# Several capsule blocks (and two batch tiles in the interpreter's tiles for the shared logits).
+DETERMINISM_CASES = [Case(Shape(3, 37, 5, 4, 12, 3), Variant(s, True), dtype=F32) for s in SOFTMAX]
+DETERMINISM_CASES += [
     Case(Shape(9, 20, 5, 4, 12, 3), shared(V["in_caps-prior"], "mean"), ALL_OPTIONS[0], F32)
-]  # fmt: skip
+]
 
 
 @for_each(DETERMINISM_CASES)
