@@ -15,7 +15,6 @@ interpreter, which runs shorter case lists.
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,23 +55,13 @@ def setup_triton(device: str, monkeypatch) -> None:
 
 
 def setup_cuda_emulated(device: str, monkeypatch) -> None:
-    if shutil.which("ninja") is None and not _has_ninja_module():
-        pytest.skip("the emulated build needs ninja (pip install ninja)")
+    if not cuda_emulation.has_ninja():
+        pytest.skip(cuda_emulation.NO_NINJA)
     cuda_emulation.load()
     # The tiles the planner picks, threads in order between barriers.
     monkeypatch.delenv("CAPSNET_FUSED_CUDA_TILES", raising=False)
     monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)
     monkeypatch.setenv("CAPSNET_FUSED_POISON_OUTPUTS", "1")
-
-
-def _has_ninja_module() -> bool:
-    from torch.utils import cpp_extension
-
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        return False
-    return True
 
 
 def dispatched(backend, u, weight, prior, bias, iterations, softmax_over, detach_inner, leaky,

@@ -13,8 +13,6 @@ compiled by nvcc where there is a GPU ("cpp" on CUDA).
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -59,19 +57,9 @@ TILES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_ops():
-    if shutil.which("ninja") is None and not _has_ninja_module():
-        pytest.skip("the emulated build needs ninja (pip install ninja)")
+    if not cuda_emulation.has_ninja():
+        pytest.skip(cuda_emulation.NO_NINJA)
     cuda_emulation.load()
-
-
-def _has_ninja_module() -> bool:
-    from torch.utils import cpp_extension
-
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        return False
-    return True
 
 
 @pytest.fixture(autouse=True)
