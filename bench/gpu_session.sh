@@ -124,8 +124,8 @@ else
     --no-plot
   step bench_e2e 150 "$PY" -m capsnet_fused.cli bench --device cpu --end-to-end \
     --e2e-batch 2 --repeats 1 --backends reference,cpp --out-dir "$OUT" --name e2e
-  step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py \
-    -k "opcheck or deterministic" --junitxml="$LOGS/junit.xml"
+  step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py \
+    -k "triton and (opcheck or deterministic)" --junitxml="$LOGS/junit.xml"
 fi
 
 # 7. compute-sanitizer memcheck on one small case of each fused CUDA path, if present.

@@ -13,6 +13,7 @@ capsnet_fused.backends.cpp's.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from capsnet_fused.backends import glue
@@ -24,6 +25,20 @@ PREFIX = "cuda_emulated"
 SOURCES = [CSRC / "routing_cuda.cpp", CSRC / "routing_cuda_emulated.cpp"]
 
 _LOADED = False
+NO_NINJA = "the emulated build needs ninja (pip install ninja)"
+
+
+def has_ninja() -> bool:
+    """Whether load() can build here: ninja on the PATH, or the ninja Python package."""
+    if shutil.which("ninja") is not None:
+        return True
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return False
+    return True
 
 
 def load() -> None:

@@ -1,18 +1,20 @@
 """Shared test cases and comparisons for every routing backend.
 
 Each backend's tests run the same explicit shape and variant lists against the float64
-reference: forward and the gradients to u, weight, prior and bias.
+reference: forward and the gradients to u, weight, prior and bias. The routing variants are the
+benchmark's (capsnet_fused/benchmark/cases.py: Variant, ALL_VARIANTS), so that the tests and the
+benchmark name and run the same ones.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from capsnet_fused import reference_routing
+from capsnet_fused.benchmark.cases import ALL_VARIANTS, Variant
 from capsnet_fused.reference import SQUASH_EPS
 from capsnet_fused.testing import random_routing_inputs, rel_error  # noqa: F401 (re-exported)
 
@@ -41,18 +43,32 @@ SHAPES = [
     Shape(4, 33, 7, 2, 3, 5),
     Shape(2, 200, 10, 8, 16, 3),
 ]
+# Batches that fill several sample vectors (8 float32 / 4 float64 lanes of the cpp kernels),
+# groups of two vectors, several backward chunks (32 float32 / 16 float64 samples) and a ragged
+# last vector; pose sizes of one, two and four vectors and a size that is none of those; then
+# batches of several sample tiles (24) with a ragged last one, N = 1, and several column panels
+# with a ragged last one (J M = 40, 160).
+BATCH_SHAPES = [
+    Shape(77, 13, 5, 4, 16, 3),
+    Shape(45, 9, 3, 3, 8, 2),
+    Shape(33, 6, 4, 5, 32, 1),
+    Shape(20, 5, 2, 2, 7, 4),
+    Shape(30, 50, 3, 1, 12, 3),
+    Shape(26, 11, 1, 3, 40, 2),
+]
 
-# (softmax_over, with_prior, detach_inner)
-VARIANTS = list(itertools.product(("out_caps", "in_caps"), (False, True), (False, True)))
+# The eight routing variants with logits per sample (softmax_over x prior x detach_inner); a
+# variant with shared_logits="mean" or "sum" is Variant(..., shared_logits=mode).
+VARIANTS = list(ALL_VARIANTS)
 
 
-def variant_id(variant) -> str:
-    softmax_over, with_prior, detach_inner = variant
-    return f"{softmax_over}{'-prior' if with_prior else ''}{'-detach' if detach_inner else ''}"
+def shared(variant: Variant, mode: str) -> Variant:
+    """The variant with routing logits shared by the batch (mode "mean" or "sum")."""
+    return Variant(variant.softmax_over, variant.prior, variant.detach_inner, mode)
 
 
 shape_params = pytest.mark.parametrize("shape", SHAPES, ids=[s.id for s in SHAPES])
-variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[variant_id(v) for v in VARIANTS])
+variant_params = pytest.mark.parametrize("variant", VARIANTS, ids=[v.id for v in VARIANTS])
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ OPTION_CASES = [(variant, options) for variant in VARIANTS for options in ALL_OP
 
 def option_case_id(case) -> str:
     variant, options = case
-    return f"{variant_id(variant)}-{options.id}"
+    return f"{variant.id}-{options.id}"
 
 
 option_case_params = pytest.mark.parametrize(

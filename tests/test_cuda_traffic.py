@@ -12,7 +12,7 @@ import torch
 from bench import cuda_traffic
 from capsnet_fused.reference import SQUASH_EPS
 from tests import cuda_emulation
-from tests.helpers import VARIANTS, Options, Shape, make_bias, make_inputs, variant_id
+from tests.helpers import VARIANTS, Options, Shape, make_bias, make_inputs
 
 OPS = torch.ops.capsnet_fused
 
@@ -65,11 +65,12 @@ MATCH += [(c, v, True) for c in (1, 2) for v in VARIANTS[1::2]]
 @pytest.mark.parametrize(
     "case, variant, with_bias",
     MATCH,
-    ids=[f"{c}-{variant_id(v)}{'-bias' if b else ''}" for c, v, b in MATCH],
+    ids=[f"{c}-{v.id}{'-bias' if b else ''}" for c, v, b in MATCH],
 )
 def test_launches_match_the_kernels(case, variant, with_bias, monkeypatch, tmp_path):
     shape, tiles = CASES[case]
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
+    with_prior = variant.prior
     log = tmp_path / "launches.log"
     monkeypatch.setenv("CUDA_EMU_LOG", str(log))
     monkeypatch.setenv("CAPSNET_FUSED_CUDA_TILES", tiles)

@@ -69,8 +69,8 @@ LOOP_SHAPES = [Shape(2, 7, 3, 3, 4, 3), Shape(1, 5, 1, 2, 1, 1), Shape(3, 4, 5, 
 @pytest.mark.parametrize("shape", LOOP_SHAPES, ids=[s.id for s in LOOP_SHAPES])
 @variant_params
 def test_reference_matches_procedure1(shape, variant):
-    softmax_over, with_prior, detach_inner = variant
-    u, weight, prior, grad = make_inputs(shape, with_prior)
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     kwargs = dict(softmax_over=softmax_over, detach_inner=detach_inner)
     leaves = [t.clone().requires_grad_() for t in (u, weight)]
     prior_leaf = None if prior is None else prior.clone().requires_grad_()
@@ -91,8 +91,8 @@ def test_reference_matches_procedure1(shape, variant):
 @pytest.mark.parametrize("shape", LOOP_SHAPES[:2], ids=[s.id for s in LOOP_SHAPES[:2]])
 @option_case_params
 def test_reference_options_match_procedure1(shape, variant, options):
-    softmax_over, with_prior, detach_inner = variant
-    u, weight, prior, grad = make_inputs(shape, with_prior)
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
+    u, weight, prior, grad = make_inputs(shape, variant.prior)
     bias = make_bias(shape, options)
     wrt = [t.clone().requires_grad_() for t in (u, weight, prior, bias) if t is not None]
     loop_wrt = [t.clone().requires_grad_() for t in (u, weight, prior, bias) if t is not None]

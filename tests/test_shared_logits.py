@@ -1,11 +1,11 @@
 """Routing logits shared by the batch (issue 18): the reference, its documented backward, the
-op contract, and every backend against the float64 reference."""
+op contract, the modules, CLI and benchmark, and pyCapsNet's DigitCaps on every backend. The
+fused backends' kernels against the float64 reference: tests/test_backends.py."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 
 import pytest
@@ -16,7 +16,7 @@ from capsnet_fused import FusedRouter, dynamic_routing, reference_routing
 from capsnet_fused.checkpoint import load_checkpoint
 from capsnet_fused.models import CapsNet
 from capsnet_fused.ops import shared_logits_unavailable_reason, unavailable_reason
-from capsnet_fused.reference import SQUASH_EPS, coupling_softmax, squash
+from capsnet_fused.reference import coupling_softmax, squash
 from capsnet_fused.train import (
     TrainConfig,
     add_train_arguments,
@@ -25,16 +25,7 @@ from capsnet_fused.train import (
     config_from_checkpoint,
     train,
 )
-from tests.helpers import (
-    Options,
-    Shape,
-    assert_matches_reference,
-    make_bias,
-    make_inputs,
-    reference64,
-    rel_error,
-    run_with_grads,
-)
+from tests.helpers import Shape, make_inputs, rel_error
 from tests.training_data import tiny_config, write_synthetic_dataset
 
 
@@ -303,329 +294,19 @@ def test_benchmark_variants_accept_shared_logits():
         assert cpp and all(r["status"] == "ok" for r in cpp), cpp
 
 
-# ---------------------------------------------------------------- the cpp backend
-
-OPS = torch.ops.capsnet_fused
+# ---------------------------------------------------------------- the fused backends
+# Their kernels with shared logits against the float64 reference (every combination of the
+# options), gradcheck, opcheck, compile and the edge cases: tests/test_backends.py.
 
 
 def cpp_available() -> bool:
     return unavailable_reason("cpp", "cpu") is None
 
 
-needs_cpp = pytest.mark.skipif(not cpp_available(), reason="capsnet_fused._C is not built")
-
-
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels must write starts as NaN (read by csrc/routing_common.h)."""
     monkeypatch.setenv("CAPSNET_FUSED_POISON_OUTPUTS", "1")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A routing with shared logits: the variant, the options of issue 15 and the mode."""
-
-    softmax_over: str
-    prior: bool
-    detach_inner: bool
-    bias: bool
-    leaky: bool
-    squash_eps: float
-    mode: str
-
-    @property
-    def id(self) -> str:
-        flags = [self.softmax_over, self.mode]
-        flags += [
-            name for name in ("prior", "detach_inner", "bias", "leaky") if getattr(self, name)
-        ]
-        return "-".join(flags + [f"eps{self.squash_eps:g}"])
-
-    def kwargs(self) -> dict:
-        return dict(
-            softmax_over=self.softmax_over, detach_inner=self.detach_inner, leaky=self.leaky,
-            squash_eps=self.squash_eps, shared_logits=self.mode,
-        )  # fmt: skip
-
-
-ALL_CASES = [
-    Case(*flags)
-    for flags in itertools.product(
-        ("out_caps", "in_caps"),
-        (False, True),
-        (False, True),
-        (False, True),
-        (False, True),
-        (SQUASH_EPS, 0.0, 0.05),
-        ("mean", "sum"),
-    )  # fmt: skip
-]
-# Odd shapes (I = 37, J = 1, M = 1, 5, 12, B = 1), batches of several sample tiles (24) with a
-# ragged last one, N = 1, and several column panels with a ragged last one (J M = 40, 160).
-CPP_SHAPES = [
-    Shape(2, 37, 10, 8, 16, 3),
-    Shape(1, 5, 1, 3, 1, 1),
-    Shape(3, 37, 5, 4, 12, 2),
-    Shape(2, 19, 3, 3, 5, 4),
-    Shape(1, 64, 10, 8, 16, 1),
-    Shape(4, 33, 7, 2, 3, 5),
-    Shape(77, 13, 5, 4, 16, 3),
-    Shape(45, 9, 3, 3, 8, 2),
-    Shape(33, 6, 4, 5, 32, 1),
-    Shape(20, 5, 2, 2, 7, 4),
-    Shape(30, 50, 3, 1, 12, 3),
-    Shape(26, 11, 1, 3, 40, 2),
-]
-# Every combination of the options, each on one of the shapes (cycling): 192 cases per dtype.
-MATRIX = [(CPP_SHAPES[k % len(CPP_SHAPES)], case) for k, case in enumerate(ALL_CASES)]
-
-
-def case_inputs(shape: Shape, case: Case, dtype=torch.float64):
-    """u, weight, prior, bias, grad for a case. With the batch sum, u is scaled by 1/sqrt(B):
-    at unit scale the sum of B agreements saturates the softmax once B is about 13, and the
-    prior's gradient then loses 2-6% to cancellation in float32 even in the reference."""
-    u, weight, prior, grad = make_inputs(shape, case.prior, dtype=dtype)
-    if case.mode == "sum":
-        u = u * max(shape.B, 1) ** -0.5
-    bias = make_bias(shape, Options(bias=case.bias), dtype=dtype)
-    return u, weight, prior, bias, grad
-
-
-def run_backend(backend, u, weight, prior, bias, grad, iterations, **kwargs):
-    return run_with_grads(
-        dynamic_routing, u, weight, prior, grad, bias=bias, iterations=iterations,
-        backend=backend, **kwargs,
-    )  # fmt: skip
-
-
-def check_against_reference(backend, shape, case, dtype, device="cpu"):
-    """Output and every gradient of `backend` against the float64 reference: float64 within
-    1e-11, float32 within max(1e-5, twice the float32 reference's own error)."""
-    u, weight, prior, bias, grad = case_inputs(shape, case)
-    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    args = [to(t) for t in (u, weight, prior, bias, grad)]
-    out = run_backend(backend, *args, shape.R, **case.kwargs())
-    ref = reference64(u, weight, prior, grad, bias=bias, iterations=shape.R, **case.kwargs())
-    assert out[0].dtype == dtype
-    if dtype == torch.float64:
-        assert_matches_reference(out, ref, 1e-11)
-        return
-    drift = run_backend("reference", *args, shape.R, **case.kwargs())
-    for got, low, want in zip([out[0], *out[1]], [drift[0], *drift[1]], [ref[0], *ref[1]]):
-        if want is None:
-            assert got is None
-            continue
-        assert torch.isfinite(got).all()
-        assert rel_error(got, want) <= max(1e-5, 2 * rel_error(low, want))
-
-
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("shape, case", MATRIX, ids=[f"{s.id}-{c.id}" for s, c in MATRIX])
-def test_cpp_matches_reference(shape, case, dtype):
-    check_against_reference("cpp", shape, case, dtype)
-
-
-# The Triton and CUDA kernels have their own full suites (tests/test_triton_shared.py,
-# tests/test_cuda_emulated_shared.py); these few cases check them through the same helper.
-SOME_CASES = [MATRIX[k] for k in (0, 37, 101, 190)]
-
-
-@pytest.mark.parametrize("shape, case", SOME_CASES, ids=[f"{s.id}-{c.id}" for s, c in SOME_CASES])
-def test_triton_matches_reference(shape, case):
-    if unavailable_reason("triton", "cpu") is not None:
-        pytest.skip(f"the triton backend cannot run here: {unavailable_reason('triton', 'cpu')}")
-    check_against_reference("triton", shape, case, torch.float64)
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("shape, case", SOME_CASES, ids=[f"{s.id}-{c.id}" for s, c in SOME_CASES])
-def test_cuda_matches_reference(backend, shape, case):
-    if unavailable_reason(backend, "cuda") is not None:
-        pytest.skip(f"{backend} cannot run on CUDA here: {unavailable_reason(backend, 'cuda')}")
-    for dtype in (torch.float64, torch.float32):
-        check_against_reference(backend, shape, case, dtype, device="cuda")
-
-
-GRADCHECK_CASES = [
-    Case("out_caps", True, False, True, False, SQUASH_EPS, "mean"),
-    Case("in_caps", True, False, True, True, 0.0, "mean"),
-    Case("out_caps", False, False, True, True, 0.05, "sum"),
-    Case("in_caps", True, False, False, False, 0.05, "sum"),
-]
-
-
-@needs_cpp
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.id for c in GRADCHECK_CASES])
-def test_cpp_gradcheck(case):
-    shape = Shape(3, 6, 3, 3, 4, 3)
-    u, weight, prior, bias, _ = case_inputs(shape, case)
-    inputs = [t.requires_grad_() for t in (u, weight, prior, bias) if t is not None]
-
-    def fn(u, weight, *rest):
-        rest = list(rest)
-        p = rest.pop(0) if prior is not None else None
-        b = rest.pop(0) if bias is not None else None
-        return dynamic_routing(u, weight, 3, prior=p, bias=b, backend="cpp", **case.kwargs())
-
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@needs_cpp
-@pytest.mark.parametrize("case", ALL_CASES[::23], ids=[c.id for c in ALL_CASES[::23]])
-def test_cpp_opcheck(case):
-    shape = Shape(3, 5, 3, 2, 4, 2)
-    u, weight, prior, bias, grad = case_inputs(shape, case)
-    detached = (u, weight, prior, bias)
-    leaves = [None if t is None else t.clone().requires_grad_() for t in detached]
-    flags = (
-        shape.R, case.softmax_over == "in_caps", case.detach_inner, case.leaky, case.squash_eps,
-        case.mode == "mean",
-    )  # fmt: skip
-    # Called bare first: opcheck would wrap an exception of the op in its own.
-    _, s, v_iter, c = OPS.cpp_shared_routing_fwd(*detached, *flags)
-    torch.library.opcheck(OPS.cpp_shared_routing_fwd, (*leaves, *flags))
-    needs = (True, True, case.prior, case.bias)
-    torch.library.opcheck(
-        OPS.cpp_shared_routing_bwd, (grad, *detached, s, v_iter, c, *flags, *needs)
-    )
-
-
-@needs_cpp
-def test_cpp_saved_couplings_are_the_shared_softmax():
-    # The op's saved states: c [R, I, J] is the coupling softmax of the shared logits (the
-    # prior first), v_iter [B, R, J, M] the squash of s.
-    shape = Shape(4, 7, 3, 2, 5, 3)
-    u, weight, prior, _, _ = case_inputs(
-        shape, Case("in_caps", True, False, False, True, 0, "mean")
-    )
-    v, s, v_iter, c = OPS.cpp_shared_routing_fwd(u, weight, prior, None, 3, True, False, True,
-                                                 0.0, True)  # fmt: skip
-    torch.testing.assert_close(c[0], coupling_softmax(prior, 0, True), rtol=1e-14, atol=0)
-    torch.testing.assert_close(v_iter, squash(s, eps=0.0), rtol=1e-14, atol=1e-16)
-    assert torch.equal(v, v_iter[:, -1])
-
-
-@needs_cpp
-def test_cpp_torch_compile_fullgraph():
-    shape = Shape(5, 9, 3, 4, 6, 3)
-    case = Case("in_caps", True, False, True, True, SQUASH_EPS, "mean")
-    u, weight, prior, bias, grad = case_inputs(shape, case, dtype=torch.float32)
-
-    def fn(u, weight, prior, bias):
-        return dynamic_routing(u, weight, 3, prior=prior, bias=bias, backend="cpp", **case.kwargs())
-
-    compiled = torch.compile(fn, fullgraph=True)
-    results = []
-    for f in (compiled, fn):
-        leaves = leaves_of(u, weight, prior, bias)
-        v = f(*leaves)
-        results.append([v, *torch.autograd.grad(v, leaves, grad)])
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@needs_cpp
-def test_cpp_threads_do_not_change_results():
-    shape = Shape(70, 100, 5, 4, 16, 3)
-    case = Case("in_caps", True, False, True, True, SQUASH_EPS, "mean")
-    u, weight, prior, bias, grad = case_inputs(shape, case, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            v, grads = run_backend("cpp", u, weight, prior, bias, grad, 3, **case.kwargs())
-            runs.append([v, *grads])
-    finally:
-        torch.set_num_threads(threads)
-    # Each element has one owner that sums in a fixed order: bitwise equal.
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other, strict=True):
-            assert torch.equal(a, b)
-
-
-@needs_cpp
-@pytest.mark.parametrize("mode", ["mean", "sum"])
-def test_cpp_batch_dependence(mode):
-    # A sample's output changes with the rest of its batch; alone (B = 1) it is routed as
-    # without shared logits (the per-sample kernel, which has no bias yet), values and
-    # gradients.
-    case = Case("out_caps", True, False, False, False, SQUASH_EPS, mode)
-    u, weight, prior, bias, grad = case_inputs(Shape(6, 21, 4, 3, 8, 3), case)
-    kwargs = case.kwargs()
-    whole = dynamic_routing(u, weight, 3, prior=prior, bias=bias, backend="cpp", **kwargs)
-    other = u.clone()
-    other[1:] = 2 * other[1:].flip(0)
-    changed = dynamic_routing(other, weight, 3, prior=prior, bias=bias, backend="cpp", **kwargs)
-    assert (whole[0] - changed[0]).abs().max() > 1e-4
-    alone = run_backend("cpp", u[:1], weight, prior, bias, grad[:1], 3, **kwargs)
-    kwargs["shared_logits"] = None
-    per_sample = run_backend("cpp", u[:1], weight, prior, bias, grad[:1], 3, **kwargs)
-    assert_matches_reference(alone, per_sample, 1e-12)
-
-
-@needs_cpp
-@pytest.mark.parametrize("mode", ["mean", "sum"])
-def test_cpp_empty_batch(mode):
-    shape = Shape(0, 7, 3, 2, 4, 3)
-    case = Case("in_caps", True, False, True, True, SQUASH_EPS, mode)
-    u, weight, prior, bias, grad = case_inputs(shape, case)
-    v, (du, dweight, dprior, dbias) = run_backend("cpp", u, weight, prior, bias, grad, 3,
-                                                  **case.kwargs())  # fmt: skip
-    assert v.shape == (0, 3, 4) and du.shape == (0, 7, 2)
-    for got, like in ((dweight, weight), (dprior, prior), (dbias, bias)):
-        assert torch.equal(got, torch.zeros_like(like))
-
-
-@needs_cpp
-@pytest.mark.parametrize("squash_eps", [SQUASH_EPS, 0.0], ids=["eps1e-8", "eps0"])
-@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
-def test_cpp_zero_capsules(softmax_over, squash_eps):
-    # u = 0: s = 0 in every iteration, v = 0 and zero gradients for eps > 0, NaN (values and
-    # gradients) for the eps-free squash, as the reference defines.
-    case = Case(softmax_over, True, False, False, False, squash_eps, "mean")
-    u, weight, prior, bias, grad = case_inputs(Shape(9, 5, 3, 2, 4, 2), case)
-    u = torch.zeros_like(u)
-    out = run_backend("cpp", u, weight, prior, bias, grad, 2, **case.kwargs())
-    ref = reference64(u, weight, prior, grad, iterations=2, **case.kwargs())
-    for got, want in zip([out[0], *out[1]], [ref[0], *ref[1]]):
-        if want is None:
-            continue
-        if squash_eps == 0.0:
-            assert torch.isnan(want).all() and torch.isnan(got).all()
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
-
-
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_cpp_half_precision_within_twice_reference_drift(dtype):
-    shape = Shape(4, 37, 10, 8, 16, 3)
-    case = Case("in_caps", True, False, True, False, SQUASH_EPS, "mean")
-    u, weight, prior, bias, grad = case_inputs(shape, case)
-    exact = reference64(u, weight, prior, grad, bias=bias, iterations=3, **case.kwargs())
-    low = [None if t is None else t.to(dtype) for t in (u, weight, prior, bias)]
-    out = run_backend("cpp", *low, grad, 3, **case.kwargs())
-    drift = run_backend("reference", *low, grad, 3, **case.kwargs())
-    for got, ref_low, want in zip([out[0], *out[1]], [drift[0], *drift[1]], [exact[0], *exact[1]]):
-        assert got.dtype == dtype
-        budget = max(2 * rel_error(ref_low, want), 1e-2 if dtype == torch.bfloat16 else 2e-3)
-        assert rel_error(got, want) <= budget
-
-
-@needs_cpp
-def test_cpp_non_contiguous_inputs():
-    shape = Shape(3, 13, 4, 3, 6, 3)
-    case = Case("out_caps", True, False, False, False, SQUASH_EPS, "sum")
-    u, weight, prior, _, grad = case_inputs(shape, case)
-    u_nc = u.transpose(1, 2).contiguous().transpose(1, 2)
-    w_nc = weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-    p_nc = prior.t().contiguous().t()
-    assert not (u_nc.is_contiguous() or w_nc.is_contiguous() or p_nc.is_contiguous())
-    out = run_backend("cpp", u_nc, w_nc, p_nc, None, grad, 3, **case.kwargs())
-    ref = reference64(u, weight, prior, grad, iterations=3, **case.kwargs())
-    assert_matches_reference(out, ref, 1e-11)
 
 
 # ---------------------------------------------------------------- pyCapsNet

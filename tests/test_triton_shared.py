@@ -1,6 +1,8 @@
-"""The Triton kernels for routing logits shared by the batch (issue 18) against the float64
-reference: the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), CUDA where there
-is a GPU. Every buffer a kernel must write starts as NaN (POISON_OUTPUTS)."""
+"""What is particular to the Triton kernels for routing logits shared by the batch (issue 18):
+the GPU tiles under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) against the
+float64 reference, the tiles' fit for tl.dot, the grid table, launch counts, what they save and
+allocate. Every buffer a kernel must write starts as NaN (POISON_OUTPUTS). The checks every
+fused implementation passes run these kernels in tests/test_backends.py."""
 
 from __future__ import annotations
 
@@ -11,32 +13,26 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from capsnet_fused import dynamic_routing, reference_routing  # noqa: E402
+from capsnet_fused import dynamic_routing  # noqa: E402
 from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
 from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
 from capsnet_fused.backends.triton import shared_launch as shared_launcher  # noqa: E402
 from capsnet_fused.backends.triton import tiles  # noqa: E402
-from capsnet_fused.models import CapsNet  # noqa: E402
 from capsnet_fused.ops import shared_logits_unavailable_reason  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ALL_OPTIONS,
-    SHAPES,
-    SINGLE_OPTIONS,
-    VARIANTS,
     Options,
     Shape,
+    Variant,
     assert_matches_reference,
     make_bias,
     make_inputs,
     reference64,
-    rel_error,
     run_with_grads,
-    variant_id,
 )
 
 DEVICES = ["cpu", "cuda"]
 device_params = pytest.mark.parametrize("device", DEVICES)
-MODES = ["mean", "sum"]
 
 
 def require(device: str) -> None:
@@ -57,11 +53,11 @@ def triton_routing(u, weight, prior=None, **kwargs):
     return dynamic_routing(u, weight, prior=prior, backend="triton", **kwargs)
 
 
-def run_case(shape, variant, mode, dtype, device, options: Options | None = None, seed=0):
+def run_case(shape, variant, mode, dtype, device, options: Options | None = None):
     """(Triton's (v, grads), the float64 reference's, the inputs and keywords)."""
-    softmax_over, with_prior, detach_inner = variant
+    softmax_over, detach_inner = variant.softmax_over, variant.detach_inner
     options = options or Options()
-    u, weight, prior, grad = make_inputs(shape, with_prior, dtype=dtype, device=device, seed=seed)
+    u, weight, prior, grad = make_inputs(shape, variant.prior, dtype=dtype, device=device)
     bias = make_bias(shape, options, dtype=dtype, device=device)
     kwargs = dict(
         iterations=shape.R, softmax_over=softmax_over, detach_inner=detach_inner,
@@ -73,315 +69,16 @@ def run_case(shape, variant, mode, dtype, device, options: Options | None = None
 
 
 def case_id(variant, mode, options) -> str:
-    return f"{variant_id(variant)}-{mode}-{options.id}"
-
-
-# Every variant without options and with all of them at both squash eps, each variant meeting
-# both modes; each single option once, the modes and softmax axes alternating.
-FLOAT64_CASES = [
-    (variant, MODES[(k + n) % 2], options)
-    for k, variant in enumerate(VARIANTS)
-    for n, options in enumerate([Options(), *ALL_OPTIONS])
-] + [(VARIANTS[3 * k % len(VARIANTS)], MODES[k % 2], o) for k, o in enumerate(SINGLE_OPTIONS)]
-
-
-@device_params
-@pytest.mark.parametrize(
-    "variant, mode, options", FLOAT64_CASES, ids=[case_id(*c) for c in FLOAT64_CASES]
-)
-def test_matches_reference_float64(variant, mode, options, device):
-    # J = 3 in two output-capsule blocks (interpreter tiles); several capsule blocks and batch
-    # tiles are in the float32 shapes below.
-    require(device)
-    got, want, _ = run_case(Shape(3, 11, 3, 3, 4, 3), variant, mode, torch.float64, device, options)
-    assert_matches_reference(got, want, tol=1e-12)
-
-
-# The odd shapes of tests/helpers.py (J = 1, M = 1, R = 1, ...) in float32, one variant each,
-# alternating the mode and the options; not I = 200 (seconds in the interpreter; I = 37 already
-# makes three capsule blocks).
-FLOAT32_CASES = [
-    (shape, VARIANTS[3 * k % len(VARIANTS)], MODES[k % 2], [Options(), ALL_OPTIONS[0]][k // 2 % 2])
-    for k, shape in enumerate(SHAPES)
-    if shape.I < 200
-]
-
-
-@device_params
-@pytest.mark.parametrize(
-    "shape, variant, mode, options",
-    FLOAT32_CASES,
-    ids=[f"{c[0].id}-{case_id(*c[1:])}" for c in FLOAT32_CASES],
-)
-def test_matches_reference_float32(shape, variant, mode, options, device):
-    require(device)
-    got, want, _ = run_case(shape, variant, mode, torch.float32, device, options)
-    assert_matches_reference(got, want, tol=1e-5)
-
-
-@device_params
-def test_ten_iterations(device):
-    # R = 1 and 2 are among the float32 shapes.
-    require(device)
-    shape = Shape(3, 7, 3, 3, 4, 10)
-    variant = ("in_caps", True, False)
-    got, want, _ = run_case(shape, variant, "mean", torch.float64, device, ALL_OPTIONS[0])
-    assert_matches_reference(got, want, tol=1e-12)
-
-
-@device_params
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize(
-    "variant, mode, options",
-    [
-        (("out_caps", True, False), "mean", Options()),
-        (("in_caps", False, True), "sum", ALL_OPTIONS[0]),
-    ],
-    ids=["out-prior-mean", "in-detach-sum-options"],
-)
-def test_low_precision_within_twice_reference_drift(dtype, variant, mode, options, device):
-    require(device)
-    (v, grads), (v_ref, grads_ref), (u, weight, prior, bias, grad, kwargs) = run_case(
-        Shape(3, 20, 10, 8, 16, 3), variant, mode, dtype, device, options
-    )
-    # How far the reference itself drifts when run in this dtype.
-    v_low, grads_low = run_with_grads(reference_routing, u, weight, prior, grad, bias=bias,
-                                      **kwargs)  # fmt: skip
-    for name, got, low, want in zip(
-        ("v", "du", "dW", "dprior", "dbias"), [v, *grads], [v_low, *grads_low], [v_ref, *grads_ref]
-    ):
-        if want is None:
-            continue
-        assert got.dtype == dtype and torch.isfinite(got).all(), name
-        err, ref_err = rel_error(got, want), rel_error(low, want)
-        assert err <= 2 * ref_err + 1e-3, (
-            f"{name}: {err:.3g}, the reference in {dtype}: {ref_err:.3g}"
-        )
-
-
-@device_params
-@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
-def test_gradcheck_float64(softmax_over, device):
-    require(device)
-    shape = Shape(3, 5, 3, 2, 3, 3)
-    u, weight, prior, _ = make_inputs(shape, True, device=device)
-    bias = make_bias(shape, Options(bias=True), device=device)
-    inputs = [t.requires_grad_() for t in (u, weight, prior, bias)]
-
-    def fn(u, weight, prior, bias):
-        return triton_routing(
-            u, weight, prior, bias=bias, iterations=3, softmax_over=softmax_over, leaky=True,
-            squash_eps=0.05, shared_logits="mean",
-        )  # fmt: skip
-
-    # fast_mode: random projections of the Jacobian, a few interpreted launches per input.
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
-
-
-def op_args(shape, softmax_in: bool, options: Options, mean: bool, device: str):
-    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
-    bias = make_bias(shape, options, torch.float32, device)
-    flags = (shape.R, softmax_in, False, options.leaky, options.squash_eps, mean)
-    return (u, weight, prior, bias), grad, flags
-
-
-@device_params
-@pytest.mark.parametrize(
-    "softmax_in, options, mean",
-    [(False, Options(), True), (True, Options(bias=True, leaky=True, squash_eps=0.0), False)],
-    ids=["out-mean", "in-options-sum"],
-)
-def test_opcheck(softmax_in, options, mean, device):
-    require(device)
-    inputs, grad, flags = op_args(Shape(2, 6, 3, 3, 4, 2), softmax_in, options, mean, device)
-    ops = torch.ops.capsnet_fused
-    leaves = [t.requires_grad_() if t is not None else None for t in inputs]
-    # Called bare first: opcheck would wrap an exception of the op in its own.
-    _, s, v_iter, c = ops.triton_shared_routing_fwd(*inputs, *flags)
-    torch.library.opcheck(ops.triton_shared_routing_fwd.default, (*leaves, *flags))
-    needs = (True, True, True, inputs[3] is not None)
-    detached = [t.detach() if t is not None else None for t in inputs]
-    bwd_args = (grad, *detached, s, v_iter, c, *flags, *needs)
-    torch.library.opcheck(ops.triton_shared_routing_bwd.default, bwd_args)
-
-
-@device_params
-def test_saved_states_are_the_contract(device):
-    # s^k, v^k per sample and the couplings c^k, as the reference computes them.
-    require(device)
-    shape = Shape(3, 9, 4, 3, 5, 3)
-    (u, weight, prior, bias), _, flags = op_args(
-        shape, True, Options(bias=True, leaky=True), True, device
-    )
-    _, s, v_iter, c = torch.ops.capsnet_fused.triton_shared_routing_fwd(u, weight, prior, bias,
-                                                                        *flags)  # fmt: skip
-    assert s.shape == v_iter.shape == (3, 3, 4, 5) and c.shape == (3, 9, 4)
-    for k in range(3):
-        want = reference_routing(
-            u.double(), weight.double(), k + 1, prior=prior.double(), bias=bias.double(),
-            softmax_over="in_caps", leaky=True, shared_logits="mean",
-        )  # fmt: skip
-        torch.testing.assert_close(v_iter[:, k].double(), want, rtol=1e-5, atol=1e-6)
-    # The couplings normalise over the input capsules, less the leaky logit's share.
-    assert ((c.sum(1) < 1) & (c.sum(1) > 0)).all()
-
-
-@device_params
-def test_gradients_only_for_inputs_that_need_them(device):
-    require(device)
-    shape = Shape(3, 6, 3, 2, 4, 3)
-    for detach_inner in (False, True):
-        variant = ("in_caps", True, detach_inner)
-        options = Options(bias=True, leaky=True)
-        _, (_, grads_ref), (u, weight, prior, bias, grad, kwargs) = run_case(
-            shape, variant, "mean", torch.float64, device, options
-        )
-        flags = (3, True, detach_inner, True, options.squash_eps, True)
-        ops = torch.ops.capsnet_fused
-        _, s, v_iter, c = ops.triton_shared_routing_fwd(u, weight, prior, bias, *flags)
-        for k in range(4):
-            needs = tuple(k == n for n in range(4))
-            got_all = ops.triton_shared_routing_bwd(grad, u, weight, prior, bias, s, v_iter, c,
-                                                    *flags, *needs)  # fmt: skip
-            for need, got, want in zip(needs, got_all, grads_ref, strict=True):
-                if need:
-                    assert rel_error(got, want) < 1e-12, (detach_inner, k)
-                else:
-                    assert got.shape == (0,)
-
-
-@device_params
-@pytest.mark.parametrize("mode", MODES)
-def test_empty_batch(mode, device):
-    require(device)
-    shape = Shape(0, 7, 3, 4, 5, 3)
-    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
-    bias = make_bias(shape, Options(bias=True), torch.float32, device)
-    leaves = [t.requires_grad_() for t in (u, weight, prior, bias)]
-    v = triton_routing(*leaves[:3], bias=leaves[3], iterations=3, shared_logits=mode)
-    assert v.shape == (0, 3, 5)
-    du, dweight, dprior, dbias = torch.autograd.grad(v, leaves, grad)
-    assert du.shape == u.shape
-    for g, t in ((dweight, weight), (dprior, prior), (dbias, bias)):
-        assert torch.equal(g, torch.zeros_like(t))
-    # The saved couplings of an empty batch: the prior's softmax in every iteration.
-    _, _, _, c = torch.ops.capsnet_fused.triton_shared_routing_fwd(
-        u, weight, prior, None, 3, False, False, False, 1e-8, mode == "mean"
-    )
-    torch.testing.assert_close(c, torch.softmax(prior, 1).expand(3, -1, -1))
-
-
-@device_params
-def test_non_contiguous_inputs(device):
-    require(device)
-    shape = Shape(3, 13, 5, 3, 6, 3)
-    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
-    bias = make_bias(shape, Options(bias=True), torch.float32, device)
-    u_t = u.transpose(1, 2).contiguous().transpose(1, 2)
-    w_t = weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-    p_t = prior.t().contiguous().t()
-    b_t = bias.t().contiguous().t()
-    g_t = grad.transpose(1, 2).contiguous().transpose(1, 2)
-    assert not any(t.is_contiguous() for t in (u_t, w_t, p_t, b_t, g_t))
-    kwargs = dict(iterations=3, softmax_over="in_caps", shared_logits="sum")
-    got = run_with_grads(triton_routing, u_t, w_t, p_t, g_t, bias=b_t, **kwargs)
-    assert_matches_reference(got, reference64(u, weight, prior, grad, bias=bias, **kwargs), 1e-5)
-
-
-@device_params
-@pytest.mark.parametrize("softmax_over", ["out_caps", "in_caps"])
-def test_zero_inputs_with_squash_eps_zero_are_nan(softmax_over, device):
-    # u = 0 gives s = 0: the eps-free squash is NaN there, value and gradients, as the reference.
-    require(device)
-    u, weight, prior, grad = make_inputs(Shape(2, 5, 3, 2, 4, 2), True, device=device)
-    kwargs = dict(iterations=2, softmax_over=softmax_over, squash_eps=0.0, shared_logits="mean")
-    v, grads = run_with_grads(triton_routing, torch.zeros_like(u), weight, prior, grad, **kwargs)
-    assert torch.isnan(v).all() and all(torch.isnan(g).all() for g in grads)
-
-
-@device_params
-def test_large_magnitudes_stay_finite(device):
-    # Logits in the thousands (a softmax without its max subtracted overflows) and squash inputs
-    # of 1e25 (|s|^2 overflows float32): finite, and the reference's values.
-    require(device)
-    shape = Shape(3, 11, 4, 3, 5, 3)
-    u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
-    bias = torch.full((shape.J, shape.M), 1e25, device=device)
-    bias[0] = 0.0
-    u, prior = 30 * u, 1000 * prior
-    kwargs = dict(iterations=3, softmax_over="in_caps", shared_logits="sum")
-    v, grads = run_with_grads(triton_routing, u, weight, prior, grad, bias=bias, **kwargs)
-    assert torch.isfinite(v).all() and all(torch.isfinite(g).all() for g in grads)
-    v_ref, _ = reference64(u, weight, prior, grad, bias=bias, **kwargs)
-    assert rel_error(v, v_ref) < 1e-4
-
-
-@device_params
-def test_batch_dependence_matches_the_reference(device):
-    # A sample's output depends on the rest of its batch, in the kernels as in the reference.
-    require(device)
-    u, weight, _, _ = make_inputs(Shape(4, 9, 4, 3, 5, 3), False, device=device)
-    whole = triton_routing(u, weight, iterations=3, shared_logits="mean")
-    alone = triton_routing(u[:1], weight, iterations=3, shared_logits="mean")
-    assert (whole[0] - alone[0]).abs().max() > 1e-4
-    torch.testing.assert_close(alone, reference_routing(u[:1], weight, 3, shared_logits="mean"))
-
-
-@device_params
-def test_compile_fullgraph_capsnet(device):
-    require(device)
-    torch.manual_seed(0)
-    model = CapsNet(
-        1, 20, 4, conv_channels=8, primary_caps=2, decoder_hidden=(16, 32), learn_prior=True,
-        backend="triton",
-    ).to(device)  # fmt: skip
-    images = torch.rand(3, 1, 20, 20, device=device)
-    labels = torch.tensor([1, 3, 0], device=device)
-    router = model.digit
-
-    def forward(images, labels):
-        primary = model.primary(model.conv1(images))
-        return triton_routing(
-            primary, router.weight, router.prior, iterations=3, softmax_over="in_caps",
-            shared_logits="mean",
-        )  # fmt: skip
-
-    def loss_and_grads(fn):
-        caps = fn(images, labels)
-        loss = caps.square().sum()
-        return caps.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-
-    # aot_eager: Dynamo (no graph break allowed) and AOTAutograd through the fake and autograd
-    # registrations, without Inductor's C++ build (slow on 2 CPU cores).
-    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
-    caps, grads = loss_and_grads(compiled)
-    caps_eager, grads_eager = loss_and_grads(forward)
-    torch.testing.assert_close(caps, caps_eager, rtol=1e-5, atol=1e-6)
-    for g, g_eager in zip(grads, grads_eager, strict=True):
-        assert (g is None) == (g_eager is None)
-        if g is not None:
-            torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-6)
-
-
-def test_deterministic():
-    """No float atomics: two runs give bitwise identical outputs and gradients (two capsule
-    blocks, two batch tiles in the interpreter's tiles)."""
-    require("cpu")
-    shape = Shape(9, 20, 5, 4, 12, 3)
-    variant = ("in_caps", True, False)
-    first, _, _ = run_case(shape, variant, "mean", torch.float32, "cpu", ALL_OPTIONS[0])
-    second, _, _ = run_case(shape, variant, "mean", torch.float32, "cpu", ALL_OPTIONS[0])
-    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
-        assert torch.equal(a, b)
+    return f"{variant.id}-{mode}-{options.id}"
 
 
 # The GPU's tiles under the interpreter: agree and du walk batches of 16-32 samples with
 # tl.dot shapes of at least 16 (two batch tiles at B = 34), columns padded where J x M is small
 # (J = 1, M = 1). Small B x J: the GPU's combines take one (b, j) row a program.
 GPU_TILE_CASES = [
-    (Shape(3, 9, 10, 8, 16, 2), ("out_caps", True, False), "mean", ALL_OPTIONS[0]),
-    (Shape(34, 9, 1, 3, 5, 2), ("in_caps", False, True), "sum", ALL_OPTIONS[1]),
-    (Shape(2, 5, 1, 3, 1, 3), ("in_caps", True, False), "mean", Options()),
+    (Shape(3, 9, 10, 8, 16, 2), Variant("out_caps", True, False), "mean", ALL_OPTIONS[0]),
+    (Shape(34, 9, 1, 3, 5, 2), Variant("in_caps", False, True), "sum", ALL_OPTIONS[1]),
+    (Shape(2, 5, 1, 3, 1, 3), Variant("in_caps", True, False), "mean", Options()),
 ]
 
 
