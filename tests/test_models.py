@@ -149,3 +149,33 @@ def test_export_save_load_round_trip_with_the_cpp_op(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "loaded ok" in done.stdout
+
+
+@pytest.mark.parametrize("shared_logits", [None, "mean"], ids=["per_sample", "shared_mean"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_capsnet_compiles_fullgraph_with_a_fused_backend(backend, shared_logits):
+    """A whole CapsNet through torch.compile(fullgraph=True): no graph break around the fused op
+    (Dynamo through its fake and autograd registrations), the same outputs and gradients of every
+    parameter as eager. tests/test_backends.py compiles the routing call alone."""
+    if backend not in capsnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run on this CPU")
+    torch.manual_seed(0)
+    model = CapsNet(
+        1, 20, 4, conv_channels=8, primary_caps=2, decoder_hidden=(16, 32), learn_prior=True,
+        learn_bias=True, softmax_over="in_caps", shared_logits=shared_logits, backend=backend,
+    )  # fmt: skip
+    images = torch.rand(3, 1, 20, 20)
+    labels = torch.tensor([1, 3, 0])
+
+    def loss_and_grads(fn):
+        out = fn(images, labels)
+        loss = out.lengths.sum() + out.reconstructions.square().sum()
+        return out.caps.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    # aot_eager: Dynamo and AOTAutograd without Inductor's C++ build (slow on 2 CPU cores).
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    caps, grads = loss_and_grads(compiled)
+    caps_eager, grads_eager = loss_and_grads(model)
+    torch.testing.assert_close(caps, caps_eager, rtol=1e-5, atol=1e-6)
+    for g, g_eager in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-6)
