@@ -41,6 +41,15 @@ def has_ninja() -> bool:
     return True
 
 
+def load_or_skip() -> None:
+    """load(), or skip the calling test when the build cannot run here (no ninja)."""
+    import pytest
+
+    if not has_ninja():
+        pytest.skip(NO_NINJA)
+    load()
+
+
 def load() -> None:
     """Build (first call in a fresh cache: about a minute) and register the emulated ops."""
     global _LOADED

@@ -47,17 +47,25 @@ def setup_cpp(device: str, monkeypatch) -> None:
     monkeypatch.setenv("CAPSNET_FUSED_POISON_OUTPUTS", "1")
 
 
-def setup_triton(device: str, monkeypatch) -> None:
+def require_triton(device: str) -> None:
+    """Skip unless the Triton kernels can run on `device` here (CUDA, or the interpreter)."""
     skip_if(unavailable_reason("triton", device))
+
+
+def triton_routing(u, weight, prior=None, **kwargs):
+    """dynamic_routing with backend="triton"."""
+    return dynamic_routing(u, weight, prior=prior, backend="triton", **kwargs)
+
+
+def setup_triton(device: str, monkeypatch) -> None:
+    require_triton(device)
     from capsnet_fused.backends.triton import launch
 
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def setup_cuda_emulated(device: str, monkeypatch) -> None:
-    if not cuda_emulation.has_ninja():
-        pytest.skip(cuda_emulation.NO_NINJA)
-    cuda_emulation.load()
+    cuda_emulation.load_or_skip()
     # The tiles the planner picks, threads in order between barriers.
     monkeypatch.delenv("CAPSNET_FUSED_CUDA_TILES", raising=False)
     monkeypatch.delenv("CUDA_EMU_SCHEDULE", raising=False)

@@ -56,9 +56,7 @@ TILES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_ops():
-    if not cuda_emulation.has_ninja():
-        pytest.skip(cuda_emulation.NO_NINJA)
-    cuda_emulation.load()
+    cuda_emulation.load_or_skip()
 
 
 @pytest.fixture(autouse=True)

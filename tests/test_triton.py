@@ -35,28 +35,16 @@ from tests.helpers import (  # noqa: E402
     rel_error,
     run_with_grads,
 )
+from tests.implementations import require_triton, triton_routing  # noqa: E402
 
 DEVICES = ["cpu", "cuda"]
 device_params = pytest.mark.parametrize("device", DEVICES)
-
-
-def require(device: str) -> None:
-    """Skip unless the Triton kernels can run on `device` here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA is not available")
-    reason = triton_op.unavailable_reason(torch.device(device), torch.float32)
-    if reason is not None:
-        pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer a kernel must fill starts as NaN, so an unwritten element fails a test."""
     monkeypatch.setattr(launcher, "POISON_OUTPUTS", True)
-
-
-def triton_routing(u, weight, prior=None, **kwargs):
-    return dynamic_routing(u, weight, prior=prior, backend="triton", **kwargs)
 
 
 def run_case(shape, variant, dtype, device):
@@ -69,7 +57,7 @@ def run_case(shape, variant, dtype, device):
 
 @device_params
 def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
-    require(device)
+    require_triton(device)
     # B > N, so that u_hat [B, I, J, M] is larger than dW [I, J, N, M].
     shape = Shape(6, 40, 6, 4, 8, 3)
     u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
@@ -97,7 +85,7 @@ def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
 
 @device_params
 def test_public_entry_points_use_the_kernels(device, monkeypatch):
-    require(device)
+    require_triton(device)
     calls = []
     forward = triton_op.routing_forward
     monkeypatch.setattr(
@@ -143,7 +131,7 @@ def test_old_triton_interpreter_needs_numpy_below_2_4(monkeypatch):
 
 @device_params
 def test_autocast_bfloat16(device):
-    require(device)
+    require_triton(device)
     shape = SHAPES[0]
     u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
     leaves = [t.requires_grad_() for t in (u, weight, prior)]
@@ -172,7 +160,7 @@ GPU_TILE_CASES = [
     "shape, variant", GPU_TILE_CASES, ids=[f"{s.id}-{v.id}" for s, v in GPU_TILE_CASES]
 )
 def test_gpu_tiles_match_reference(shape, variant, monkeypatch):
-    require("cpu")
+    require_triton("cpu")
     monkeypatch.setenv(tiles.TILES_ENV, "gpu")
     cfg = tiles.choose_config(shape.B, shape.I, shape.J, shape.N, shape.M)
     assert cfg.sweep_block_is == 1

@@ -13,7 +13,6 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from capsnet_fused import dynamic_routing  # noqa: E402
 from capsnet_fused.backends.triton import launch as launcher  # noqa: E402
 from capsnet_fused.backends.triton import op as triton_op  # noqa: E402
 from capsnet_fused.backends.triton import shared_launch as shared_launcher  # noqa: E402
@@ -30,27 +29,15 @@ from tests.helpers import (  # noqa: E402
     reference64,
     run_with_grads,
 )
+from tests.implementations import require_triton, triton_routing  # noqa: E402
 
 DEVICES = ["cpu", "cuda"]
 device_params = pytest.mark.parametrize("device", DEVICES)
 
 
-def require(device: str) -> None:
-    """Skip unless the Triton kernels can run on `device` here."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA is not available")
-    reason = triton_op.unavailable_reason(torch.device(device), torch.float32)
-    if reason is not None:
-        pytest.skip(reason)
-
-
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(launcher, "POISON_OUTPUTS", True)
-
-
-def triton_routing(u, weight, prior=None, **kwargs):
-    return dynamic_routing(u, weight, prior=prior, backend="triton", **kwargs)
 
 
 def run_case(shape, variant, mode, dtype, device, options: Options | None = None):
@@ -88,7 +75,7 @@ GPU_TILE_CASES = [
     ids=[f"{c[0].id}-{case_id(*c[1:])}" for c in GPU_TILE_CASES],
 )
 def test_gpu_tiles_match_reference(shape, variant, mode, options, monkeypatch):
-    require("cpu")
+    require_triton("cpu")
     monkeypatch.setenv(tiles.TILES_ENV, "gpu")
     cfg = shared_launcher.choose_shared_config(shape.B, shape.I, shape.J, shape.N, shape.M)
     assert cfg.agree_block_b >= 16 and cfg.du_block_b >= 16
@@ -157,7 +144,7 @@ def test_launch_counts(detach_inner, with_prior, launches, monkeypatch):
 
 @device_params
 def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
-    require(device)
+    require_triton(device)
     # B > N, so that u_hat [B, I, J, M] is larger than dW [I, J, N, M].
     shape = Shape(6, 40, 6, 4, 8, 3)
     u, weight, prior, grad = make_inputs(shape, True, torch.float32, device)
@@ -188,6 +175,6 @@ def test_saves_and_allocates_no_u_hat_sized_tensor(device, monkeypatch):
 
 
 def test_the_backend_reports_shared_logits():
-    require("cpu")
+    require_triton("cpu")
     assert shared_logits_unavailable_reason("triton", "cpu") is None
     assert triton_op.shared_logits_unavailable_reason(torch.device("cpu"), torch.int32)
