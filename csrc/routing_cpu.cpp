@@ -483,15 +483,18 @@ struct Routing {
 };
 
 // ut[(i * nv + v) * N + n][k] = u[b0 + v L + k, i, n] for the nv vectors of samples from b0
-// (lanes past the batch are zero: their u_hat is 0 and every state stays finite).
+// and the input capsules [i_begin, i_end) (lanes past the batch are zero: their u_hat is 0 and
+// every state stays finite).
 template <typename T, typename V>
-void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut) {
+void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut, int64_t i_begin = 0,
+                    int64_t i_end = -1) {
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t I = a.sz.I, N = a.sz.N;
+  if (i_end < 0) i_end = I;
   const int64_t nb = std::min(nv * L, a.sz.B - b0);
-  if (nb < nv * L) std::fill(ut, ut + I * nv * N, V{});
+  if (nb < nv * L) std::fill(ut + i_begin * nv * N, ut + i_end * nv * N, V{});
   // Input capsule by input capsule, so that the writes stay within one [nv, N] block.
-  for (int64_t i = 0; i < I; ++i) {
+  for (int64_t i = i_begin; i < i_end; ++i) {
     for (int64_t g = 0; g < nb; ++g) {
       const T* ub = a.u + ((b0 + g) * I + i) * N;
       V* dst = ut + (i * nv + g / L) * N;
@@ -614,48 +617,83 @@ struct BackwardPlan {
   // D = dL/dV is carried backwards (ds^t for t < R-1 is needed: by du_hat without
   // detach_inner, by dprior through beta^t, by dbias = sum_t ds^t).
   bool carry() const { return !detach_inner || need_dp || need_db; }
-  // Sweep t (recomputing u_hat) runs: with D carried, t >= 1 always and t = 0 for dprior
-  // (beta^0); with detach_inner and neither dprior nor dbias only alpha^{R-1} is needed.
-  bool sweep(int64_t t, int64_t R) const {
-    if (carry()) return t >= 1 || need_dp;
-    return t == R - 1;
-  }
-  // alpha^t enters du_hat.
+  // Phase 1 runs sweep t (t = R-1 .. 1) to carry D from ds^t to ds^{t-1}.
+  bool carries(int64_t t) const { return t >= 1 && carry(); }
+  // alpha^t = c^t enters du_hat: every t, or with detach_inner only the last.
   bool alpha_used(int64_t t, int64_t R) const {
     return need_uhat_grad && (!detach_inner || t == R - 1);
   }
+  // beta^t V^{t-1} enters du_hat (not with detach_inner; V^{-1} = 0 at t = 0).
+  bool beta_in_uhat(int64_t t, int64_t R) const {
+    return alpha_used(t, R) && !detach_inner && t > 0;
+  }
+  // beta^t = dL/dl^t is needed in phase 2: by du_hat or by dprior (every t).
+  bool beta_used(int64_t t, int64_t R) const { return need_dp || beta_in_uhat(t, R); }
 };
 
-// Per-chunk state of the backward, in sample vectors of SB bytes (index v < VC).
+// The backward's state of the whole batch, in sample vectors of SB bytes (index v < VB).
 template <typename T, int SB>
-struct BackwardChunk {
+struct BackwardState {
   using V = typename Lanes<T, SB>::V;
   static constexpr int64_t L = Lanes<T, SB>::L;
-  int64_t b0, VC;
-  Buffer<V> ut;           // [I, VC, N] the chunk's u
-  Buffer<V> S, Vp;        // [R, VC, J, M] s^t and V^{t-1}
-  Buffer<V> lse;          // [R, VC, J] (in_caps)
-  Buffer<V> DS;           // [R, VC, J, M] ds^t
-  Buffer<V> dss;          // [R, VC, J] ds^t . s^t
-  Buffer<V> alpha, beta;  // [R, I, J, VC]: c^t and dl^t per sample
+  int64_t VB;
+  Buffer<V> ut;     // [I, VB, N] u
+  Buffer<V> S, Vp;  // [R, VB, J, M] s^t and V^{t-1}
+  Buffer<V> lse;    // [R, VB, J] (in_caps)
+  Buffer<V> DS;     // [R, VB, J, M] ds^t
+  Buffer<V> dss;    // [R, VB, J] ds^t . (s^t - bias)
+  int64_t state(int64_t t, int64_t v, int64_t JM) const { return (t * VB + v) * JM; }
+  int64_t scalars(int64_t t, int64_t v, int64_t J) const { return (t * VB + v) * J; }
 };
 
-// Backward phase 1 for the chunk's vectors [v_begin, v_end): ds^t for every t, alpha and beta
-// for the sweeps the plan runs. cached: the first sweep keeps u_hat of the vectors for the
-// later ones ((v_end - v_begin) I J M vectors, allocated here).
+// Routing coefficients of one input capsule and sample vector for iteration t, from its
+// logits l [J] (in place): c^t = softmax over j, or (in_caps) exp(l - lse^t) with the
+// log-sum-exp over i that the forward saved.
 template <typename T, int SB>
-CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c,
+CAPSNET_INLINE void couplings(const Routing<T>& a, const BackwardState<T, SB>& st, int64_t t,
+                              int64_t v, typename Lanes<T, SB>::V* l) {
+  const int64_t J = a.sz.J;
+  if (a.in_caps) {
+    const auto* lse = &st.lse[st.scalars(t, v, J)];
+    for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - lse[j]);
+  } else {
+    softmax<T>(l, J, a.leaky);
+  }
+}
+
+// e_j = ds^t_j . u_hat_ij = dL/dc^t_ij in, beta^t_j = dL/dl^t_ij out (in place), from the
+// softmax's Jacobian: c_j (e_j - sum_j' c_j' e_j') over j; over i, sum_i c_ij e_ij is
+// ds^t_j . (s^t_j - bias_j) = dss^t_j.
+template <typename T, int SB>
+CAPSNET_INLINE void logit_gradients(const Routing<T>& a, const BackwardState<T, SB>& st,
+                                    int64_t t, int64_t v, const typename Lanes<T, SB>::V* c,
+                                    typename Lanes<T, SB>::V* e) {
+  using V = typename Lanes<T, SB>::V;
+  const int64_t J = a.sz.J;
+  if (a.in_caps) {
+    const V* dss = &st.dss[st.scalars(t, v, J)];
+    for (int64_t j = 0; j < J; ++j) e[j] = c[j] * (e[j] - dss[j]);
+  } else {
+    V ce{};
+    for (int64_t j = 0; j < J; ++j) ce += c[j] * e[j];
+    for (int64_t j = 0; j < J; ++j) e[j] = c[j] * (e[j] - ce);
+  }
+}
+
+// Backward phase 1 for the batch's vectors [v_begin, v_end): ds^t for every t, by the sweeps
+// t = R-1 .. 1 that carry D = dL/dV^{t-1} backwards. cached: the first sweep keeps u_hat of
+// the vectors for the later ones ((v_end - v_begin) I J M vectors, allocated here).
+template <typename T, int SB>
+CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& st,
                                     const T* g_out, const BackwardPlan& plan, bool cached,
                                     int64_t v_begin, int64_t v_end) {
   using V = typename Lanes<T, SB>::V;
   constexpr int64_t L = Lanes<T, SB>::L;
   const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, R = a.sz.R;
-  const int64_t JM = J * M, JNM = J * N * M, VC = c.VC;
+  const int64_t JM = J * M, JNM = J * N * M, VB = st.VB;
   const int64_t nv = v_end - v_begin;
-  Buffer<V> uh(cached ? nv * I * JM : nv * kCapsBlock * JM), l(J), eb(nv * kCapsBlock * J),
+  Buffer<V> uh(cached ? nv * I * JM : nv * kCapsBlock * JM), eb(nv * kCapsBlock * J),
       dots(nv * 2 * J), D(nv * JM), A(nv * JM), g(JM);
-  auto state = [&](int64_t t, int64_t v) CAPSNET_INLINE_LAMBDA { return (t * VC + v) * JM; };
-  auto scalars = [&](int64_t t, int64_t v) CAPSNET_INLINE_LAMBDA { return (t * VC + v) * J; };
   // u_hat of input capsule i0 + ib for vector v - v_begin, laid out as in forward_groups.
   auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
     return &uh[cached ? (v * I + i0 + ib) * JM : (v * kCapsBlock + ib) * JM];
@@ -663,92 +701,51 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
   // The lanes of samples only: padded lanes keep ds^t = 0 (their s is 0, which the eps-free
   // squash would turn into NaN).
   auto squash_backward_vector = [&](int64_t t, int64_t v, const V* dv) CAPSNET_INLINE_LAMBDA {
-    const int lanes = static_cast<int>(std::min<int64_t>(L, B - c.b0 - v * L));
+    const int lanes = static_cast<int>(std::min<int64_t>(L, B - v * L));
     for (int k = 0; k < lanes; ++k) {
       for (int64_t j = 0; j < J; ++j) {
-        c.dss[scalars(t, v) + j][k] = squash_backward_lane<T>(
-            &c.S[state(t, v) + j * M], dv + j * M, &c.DS[state(t, v) + j * M], k, M, a.eps,
-            a.bias != nullptr ? a.bias + j * M : nullptr);
+        st.dss[st.scalars(t, v, J) + j][k] = squash_backward_lane<T>(
+            &st.S[st.state(t, v, JM) + j * M], dv + j * M, &st.DS[st.state(t, v, JM) + j * M],
+            k, M, a.eps, a.bias != nullptr ? a.bias + j * M : nullptr);
       }
     }
   };
   for (int64_t v = v_begin; v < v_end; ++v) {
     g.assign(JM, V{});
-    for (int64_t k = 0; k < L && c.b0 + v * L + k < B; ++k) {
-      for (int64_t q = 0; q < JM; ++q) g[q][k] = g_out[(c.b0 + v * L + k) * JM + q];
+    for (int64_t k = 0; k < L && v * L + k < B; ++k) {
+      for (int64_t q = 0; q < JM; ++q) g[q][k] = g_out[(v * L + k) * JM + q];
     }
     squash_backward_vector(R - 1, v, g.data());
   }
   std::fill(D.begin(), D.end(), V{});
-  // With the cache: whether an earlier sweep has filled it.
-  bool filled = false;
-  for (int64_t t = R - 1; t >= 0; --t) {
-    const bool sweep = plan.sweep(t, R);
-    const bool from_cache = cached && filled;
-    filled = filled || sweep;
-    const bool need_A = t >= 1 && plan.carry();
-    if (!sweep && !plan.alpha_used(t, R)) continue;
+  for (int64_t t = R - 1; plan.carries(t); --t) {
+    // The first sweep fills the cache, the later ones read it.
+    const bool from_cache = cached && t < R - 1;
     std::fill(A.begin(), A.end(), V{});
     for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
       const int64_t nb = std::min(kCapsBlock, I - i0);
       for (int64_t ib = 0; ib < nb; ++ib) {
         const int64_t i = i0 + ib;
-        const T* prior_i = a.prior ? a.prior + i * J : nullptr;
-        if (sweep) {
-          // t > 0: dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t;
-          // t = 0: dots [0, J) = u_hat . ds^t.
-          for (int64_t v = 0; v < nv; ++v) {
-            const V* ds = &c.DS[state(t, v_begin + v)];
-            const PredictArgs<V> args{&c.ut[(i * VC + v_begin + v) * N], uh_at(v, i0, ib),
-                                      {t > 0 ? &c.Vp[state(t, v_begin + v)] : ds, ds},
-                                      &dots[v * 2 * J]};
-            if (t > 0) {
-              predict_or_agree<2>(from_cache, a.w + i * JNM, args, J, N, M);
-            } else {
-              predict_or_agree<1>(from_cache, a.w + i * JNM, args, J, N, M);
-            }
-          }
-        }
         for (int64_t v = v_begin; v < v_end; ++v) {
-          const V* dots_v = &dots[(v - v_begin) * 2 * J];
-          V* e = &eb[((v - v_begin) * kCapsBlock + ib) * J];
-          if (sweep) {
-            logits<T, V>(prior_i, t > 0 ? dots_v : nullptr, l.data(), J);
-            std::copy(dots_v + (t > 0 ? J : 0), dots_v + (t > 0 ? 2 * J : J), e);
-          } else {
-            // alpha^0 alone: the first logits are the prior, u_hat is not needed.
-            logits<T, V>(prior_i, nullptr, l.data(), J);
-          }
-          if (a.in_caps) {
-            for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - c.lse[scalars(t, v) + j]);
-          } else {
-            softmax<T>(l.data(), J, a.leaky);
-          }
-          V* alpha = &c.alpha[((t * I + i) * J) * VC + v];
-          for (int64_t j = 0; j < J; ++j) alpha[j * VC] = l[j];
-          if (!sweep) continue;
-          // e_j = ds^t_j . u_hat_ij = dL/dc^t_ij; beta = dl^t from the softmax's Jacobian.
-          if (a.in_caps) {
-            // Softmax over i: sum_i c_ij e_ij = ds^t_j . (s^t_j - bias_j).
-            for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - c.dss[scalars(t, v) + j]);
-          } else {
-            V ce{};
-            for (int64_t j = 0; j < J; ++j) ce += l[j] * e[j];
-            for (int64_t j = 0; j < J; ++j) e[j] = l[j] * (e[j] - ce);
-          }
-          V* beta = &c.beta[((t * I + i) * J) * VC + v];
-          for (int64_t j = 0; j < J; ++j) beta[j * VC] = e[j];
+          // dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t = e.
+          V* dots_v = &dots[(v - v_begin) * 2 * J];
+          const V* ds = &st.DS[st.state(t, v, JM)];
+          const PredictArgs<V> args{&st.ut[(i * VB + v) * N], uh_at(v - v_begin, i0, ib),
+                                    {&st.Vp[st.state(t, v, JM)], ds}, dots_v};
+          predict_or_agree<2>(from_cache, a.w + i * JNM, args, J, N, M);
+          // dots_v [0, J) becomes c^t, [J, 2J) beta^t = dl^t.
+          logits<T, V>(a.prior ? a.prior + i * J : nullptr, dots_v, dots_v, J);
+          couplings<T, SB>(a, st, t, v, dots_v);
+          logit_gradients<T, SB>(a, st, t, v, dots_v, dots_v + J);
+          std::copy(dots_v + J, dots_v + 2 * J, &eb[((v - v_begin) * kCapsBlock + ib) * J]);
         }
       }
-      if (need_A) {
-        // A_j += sum_i dl^t_ij u_hat_ij over the block.
-        for (int64_t v = 0; v < nv; ++v) {
-          accumulate_block<V>(&A[v * JM], nullptr, uh_at(v, i0, 0), &eb[v * kCapsBlock * J], nb,
-                              J, M);
-        }
+      // A_j += sum_i dl^t_ij u_hat_ij over the block.
+      for (int64_t v = 0; v < nv; ++v) {
+        accumulate_block<V>(&A[v * JM], nullptr, uh_at(v, i0, 0), &eb[v * kCapsBlock * J], nb,
+                            J, M);
       }
     }
-    if (!need_A) continue;
     // dL/dv^{t-1} = D, the sum of A over the later sweeps (V^{t-1} feeds every later one).
     for (int64_t v = v_begin; v < v_end; ++v) {
       V* Dv = &D[(v - v_begin) * JM];
@@ -758,12 +755,33 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c
   }
 }
 
-// Unaligned loads and stores of a vector of PB bytes of pose values, for the phase-2 loops
-// that are vectorised over the pose dimension (m) rather than over samples.
-template <typename T, int PB>
-struct Unaligned {
-  typedef T V __attribute__((vector_size(PB), aligned(alignof(T)), may_alias));
-};
+// Lane k of the result: the sum of x[k]'s lanes, for the L vectors x (overwritten). log2(L)
+// rounds; a round pairs vector q with vector q + n/2 of the n left and adds the low half of
+// each group of lanes to its high half, so that a vector's groups then hold the partial sums
+// of twice as many inputs in half the lanes. L - 1 pairs of two shuffles and one add, instead
+// of L horizontal sums of log2(L) steps each.
+template <typename T, typename V>
+CAPSNET_INLINE V transpose_sum(V* x) {
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index IV __attribute__((vector_size(sizeof(V))));
+#pragma GCC unroll 8
+  for (int n = L; n > 1; n /= 2) {
+    // Groups of n lanes: the low half of group p comes from the first vector of the pair,
+    // the high half from the second.
+    const int h = n / 2;
+    IV lo, hi;
+    for (int k = 0; k < L; ++k) {
+      lo[k] = (k % n) < h ? k : L + k - h;
+      hi[k] = lo[k] + h;
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < h; ++q) {
+      x[q] = __builtin_shuffle(x[q], x[q + h], lo) + __builtin_shuffle(x[q], x[q + h], hi);
+    }
+  }
+  return x[0];
+}
 
 template <typename T, typename V>
 CAPSNET_INLINE T hsum(V x) {
@@ -772,211 +790,168 @@ CAPSNET_INLINE T hsum(V x) {
   return sum;
 }
 
-// du[b, i, n0 .. n0 + NB) = sum_j W[i, j, n, :] . du_hat_j, MV vectors of PB bytes per
-// capsule, NB x MV accumulators in registers.
-template <int NB, int MV, int PB, typename T>
-CAPSNET_INLINE void du_block(const T* w_i, const T* d, T* du_bi, int64_t n0, int64_t J,
-                             int64_t N) {
-  using U = typename Unaligned<T, PB>::V;
-  constexpr int64_t L = Lanes<T, PB>::L, M = MV * L;
-  typename Lanes<T, PB>::V acc[NB][MV] = {};
-  for (int64_t j = 0; j < J; ++j) {
-    const U* dj = reinterpret_cast<const U*>(d + j * M);
-#pragma GCC unroll 8
-    for (int nb = 0; nb < NB; ++nb) {
-      const U* w = reinterpret_cast<const U*>(w_i + (j * N + n0 + nb) * M);
-#pragma GCC unroll 4
-      for (int q = 0; q < MV; ++q) acc[nb][q] += w[q] * dj[q];
-    }
-  }
-#pragma GCC unroll 8
-  for (int nb = 0; nb < NB; ++nb) {
-    typename Lanes<T, PB>::V x = acc[nb][0];
-    for (int q = 1; q < MV; ++q) x += acc[nb][q];
-    du_bi[n0 + nb] = hsum<T>(x);
-  }
-}
+// Sample vectors whose du_hat phase 2 keeps for dW at once (dW[i] is added to between
+// blocks): 80 KB at the MNIST shape with 64-byte vectors.
+constexpr int64_t kWeightBlockVectors = 8;
 
-// dW[i, j, n0 .. n0 + NB, :] (+)= sum over the chunk's samples g of u[g, i, n] du_hat[g, j, :].
-template <int NB, int MV, int PB, typename T>
-CAPSNET_INLINE void dw_block(const T* u_i, int64_t u_stride, const T* duh_j, int64_t duh_stride,
-                             int64_t nb_samples, T* out, int64_t n0, bool first) {
-  using U = typename Unaligned<T, PB>::V;
-  constexpr int64_t L = Lanes<T, PB>::L, M = MV * L;
-  typename Lanes<T, PB>::V acc[NB][MV] = {};
-  for (int64_t g = 0; g < nb_samples; ++g) {
-    const U* dj = reinterpret_cast<const U*>(duh_j + g * duh_stride);
-    const T* ug = u_i + g * u_stride + n0;
-#pragma GCC unroll 8
-    for (int nb = 0; nb < NB; ++nb) {
-#pragma GCC unroll 4
-      for (int q = 0; q < MV; ++q) acc[nb][q] += ug[nb] * dj[q];
-    }
-  }
-#pragma GCC unroll 8
-  for (int nb = 0; nb < NB; ++nb) {
-    U* o = reinterpret_cast<U*>(out + (n0 + nb) * M);
-#pragma GCC unroll 4
-    for (int q = 0; q < MV; ++q) o[q] = first ? acc[nb][q] : o[q] + acc[nb][q];
-  }
-}
-
-// What phase 2 reads of a chunk: its first sample b0, its CS sample slots and, per
-// (t, i, j, slot), alpha and beta [R, I, J, CS] (the phase-1 vectors seen as scalars).
-template <typename T>
-struct ChunkCoefficients {
-  int64_t b0, CS;
-  const T* alpha;
-  const T* beta;
-};
-
-// Backward phase 2 for input capsules [i_begin, i_end) and the chunk's samples: du rows, and
-// dW[i] and dprior[i] accumulated over the chunks in order (first chunk: written).
-// MV > 0: M = MV x (PB / sizeof(T)), so the loops over m are whole vectors of PB bytes with
-// register accumulators; MV = 0: any M, plain loops.
-template <typename T, int MV, int PB>
-CAPSNET_INLINE void backward_inputs(const Routing<T>& a, const ChunkCoefficients<T>& c,
-                                    const BackwardPlan& plan, const T* ds, T* du, T* dw,
-                                    T* dprior, bool first_chunk, int64_t i_begin,
-                                    int64_t i_end) {
-  // Registers for about 8 accumulators.
-  constexpr int NB = MV >= 8 ? 1 : (MV > 0 ? 8 / MV : 1);
-  const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, R = a.sz.R, M = a.sz.M;
-  const int64_t JM = J * M, JNM = J * N * M, CS = c.CS;
-  const int64_t nb = std::min(CS, B - c.b0);
-  const T* alpha = c.alpha;
-  const T* beta = c.beta;
-  std::vector<T> duh(nb * JM), acc(N * M), dp(J);
-  // The coefficients of du_hat_bij for iteration t: alpha^t and beta^t (0 with detach_inner,
-  // and at t = 0, where V^{-1} = 0), for sample g of the chunk.
-  auto coefficients = [&](int64_t t, int64_t i, int64_t j, int64_t g) CAPSNET_INLINE_LAMBDA {
-    const int64_t at = ((t * I + i) * J + j) * CS + g;
-    return std::pair<T, T>(alpha[at], !plan.detach_inner && t > 0 ? beta[at] : T(0));
-  };
-  for (int64_t i = i_begin; i < i_end; ++i) {
-    const T* w_i = a.w + i * JNM;
-    for (int64_t j = 0; j < J; ++j) dp[j] = T(0);
-    for (int64_t g = 0; g < nb; ++g) {
-      const int64_t b = c.b0 + g;
-      if (plan.need_dp) {
-        for (int64_t t = 0; t < R; ++t) {
-          if (!plan.sweep(t, R)) continue;
-          for (int64_t j = 0; j < J; ++j) dp[j] += beta[((t * I + i) * J + j) * CS + g];
-        }
-      }
-      if (!plan.need_uhat_grad) continue;
-      // du_hat_bij = sum_t alpha^t_bij ds^t_bj + beta^t_bij V^{t-1}_bj.
-      T* d = &duh[g * JM];
-      for (int64_t j = 0; j < J; ++j) {
-        if constexpr (MV > 0) {
-          using U = typename Unaligned<T, PB>::V;
-          typename Lanes<T, PB>::V dj[MV] = {};
-          for (int64_t t = 0; t < R; ++t) {
-            if (!plan.alpha_used(t, R)) continue;
-            const auto [al, be] = coefficients(t, i, j, g);
-            const U* dsj = reinterpret_cast<const U*>(ds + ((b * R + t) * J + j) * M);
-            const U* Vj = reinterpret_cast<const U*>(a.V + ((b * R + t) * J + j) * M);
-#pragma GCC unroll 4
-            for (int q = 0; q < MV; ++q) dj[q] += al * dsj[q] + be * Vj[q];
-          }
-#pragma GCC unroll 4
-          for (int q = 0; q < MV; ++q) reinterpret_cast<U*>(d + j * M)[q] = dj[q];
-        } else {
-          T* dj = d + j * M;
-          std::fill(dj, dj + M, T(0));
-          for (int64_t t = 0; t < R; ++t) {
-            if (!plan.alpha_used(t, R)) continue;
-            const auto [al, be] = coefficients(t, i, j, g);
-            const T* dsj = ds + ((b * R + t) * J + j) * M;
-            const T* Vj = a.V + ((b * R + t) * J + j) * M;
-            for (int64_t m = 0; m < M; ++m) dj[m] += al * dsj[m] + be * Vj[m];
-          }
-        }
-      }
-      if (du == nullptr) continue;
-      T* du_bi = du + (b * I + i) * N;
-      if constexpr (MV > 0) {
-        int64_t n0 = 0;
-        for (; n0 + NB <= N; n0 += NB) du_block<NB, MV, PB>(w_i, d, du_bi, n0, J, N);
-        for (; n0 < N; ++n0) du_block<1, MV, PB>(w_i, d, du_bi, n0, J, N);
+// du_hat_i of one sample vector: d [J, M] = sum_t alpha^t ds^t + beta^t V^{t-1}, with u_hat_i
+// (uh) and the routing of every iteration recomputed from it; dp [J] += beta^t over t
+// (dprior). coef: 2 R J vectors of scratch: alpha^t and beta^t as they enter du_hat (0 where
+// they do not), so that d is written in one pass (2 R loads and FMAs per value, one store).
+template <typename T, int SB>
+CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB>& st,
+                                  const BackwardPlan& plan, int64_t i, int64_t v,
+                                  typename Lanes<T, SB>::V* uh, typename Lanes<T, SB>::V* coef,
+                                  typename Lanes<T, SB>::V* d, typename Lanes<T, SB>::V* dp) {
+  using V = typename Lanes<T, SB>::V;
+  const int64_t J = a.sz.J, M = a.sz.M, R = a.sz.R, JM = J * M;
+  for (int64_t t = 0; t < R; ++t) {
+    // [0, J): u_hat . V^{t-1}, then c^t; [J, 2J): u_hat . ds^t, then beta^t.
+    V* c = coef + 2 * t * J;
+    V* e = c + J;
+    const bool alpha = plan.alpha_used(t, R), beta = plan.beta_used(t, R);
+    if (alpha || beta) {
+      const V* ds = &st.DS[st.state(t, v, JM)];
+      if (t > 0) {
+        agree<2>(PredictArgs<V>{nullptr, uh, {&st.Vp[st.state(t, v, JM)], ds}, c}, J, M);
       } else {
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t j = 0; j < J; ++j) {
-          for (int64_t n = 0; n < N; ++n) {
-            const T* w = w_i + (j * N + n) * M;
-            for (int64_t m = 0; m < M; ++m) acc[n * M + m] += w[m] * d[j * M + m];
-          }
-        }
-        for (int64_t n = 0; n < N; ++n) {
-          T sum = 0;
-          for (int64_t m = 0; m < M; ++m) sum += acc[n * M + m];
-          du_bi[n] = sum;
-        }
+        agree<1>(PredictArgs<V>{nullptr, uh, {ds, nullptr}, e}, J, M);
+      }
+      logits<T, V>(a.prior ? a.prior + i * J : nullptr, t > 0 ? c : nullptr, c, J);
+      couplings<T, SB>(a, st, t, v, c);
+    }
+    if (beta) {
+      logit_gradients<T, SB>(a, st, t, v, c, e);
+      for (int64_t j = 0; j < J; ++j) dp[j] += e[j];
+    }
+    if (!alpha) std::fill(c, c + J, V{});
+    if (!plan.beta_in_uhat(t, R)) std::fill(e, e + J, V{});
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    for (int64_t m = 0; m < M; ++m) {
+      V x{};
+      for (int64_t t = 0; t < R; ++t) {
+        const int64_t q = st.state(t, v, JM) + j * M + m;
+        x += coef[2 * t * J + j] * st.DS[q];
+        if (t > 0) x += coef[(2 * t + 1) * J + j] * st.Vp[q];
+      }
+      d[j * M + m] = x;
+    }
+  }
+}
+
+// du[b, i, n] = sum_{j, m} W[i, j, n, m] du_hat_bijm for the samples of vector v (d: [J, M]),
+// kInputRows rows n at a time in registers, each weight broadcast.
+constexpr int64_t kInputRows = 8;
+template <int NB, typename T, typename V>
+CAPSNET_INLINE void input_rows(const T* w_i, const V* d, int64_t n0, int64_t J, int64_t N,
+                               int64_t M, V (&acc)[kInputRows]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < NB; ++r) acc[r] = V{};
+  for (int64_t j = 0; j < J; ++j) {
+    const T* w = w_i + (j * N + n0) * M;
+    for (int64_t m = 0; m < M; ++m) {
+      const V x = d[j * M + m];
+#pragma GCC unroll 8
+      for (int r = 0; r < NB; ++r) acc[r] += w[r * M + m] * x;
+    }
+  }
+}
+
+template <typename T, int SB>
+CAPSNET_INLINE void input_gradient(const Routing<T>& a, int64_t i, int64_t v,
+                                   const typename Lanes<T, SB>::V* d, T* du) {
+  using V = typename Lanes<T, SB>::V;
+  constexpr int64_t L = Lanes<T, SB>::L;
+  const int64_t B = a.sz.B, I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M;
+  const T* w_i = a.w + i * J * N * M;
+  const int64_t lanes = std::min(L, B - v * L);
+  V acc[kInputRows];
+  for (int64_t n0 = 0; n0 < N; n0 += kInputRows) {
+    const int64_t rows = std::min(kInputRows, N - n0);
+    if (rows == kInputRows) {
+      input_rows<kInputRows, T>(w_i, d, n0, J, N, M, acc);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        V one[kInputRows];
+        input_rows<1, T>(w_i, d, n0 + r, J, N, M, one);
+        acc[r] = one[0];
       }
     }
-    if (dw != nullptr) {
-      T* dw_i = dw + i * JNM;
-      const T* u_i = a.u + (c.b0 * I + i) * N;
-      for (int64_t j = 0; j < J; ++j) {
-        T* out = dw_i + j * N * M;
-        if constexpr (MV > 0) {
-          int64_t n0 = 0;
-          for (; n0 + NB <= N; n0 += NB) {
-            dw_block<NB, MV, PB>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
-          }
-          for (; n0 < N; ++n0) {
-            dw_block<1, MV, PB>(u_i, I * N, &duh[j * M], JM, nb, out, n0, first_chunk);
-          }
-        } else {
-          for (int64_t n = 0; n < N; ++n) {
-            for (int64_t m = 0; m < M; ++m) {
-              T sum = 0;
-              for (int64_t g = 0; g < nb; ++g) sum += u_i[g * I * N + n] * duh[g * JM + j * M + m];
-              out[n * M + m] = first_chunk ? sum : out[n * M + m] + sum;
-            }
-          }
+    for (int64_t k = 0; k < lanes; ++k) {
+      T* du_bi = du + ((v * L + k) * I + i) * N + n0;
+      for (int64_t r = 0; r < rows; ++r) du_bi[r] = acc[r][k];
+    }
+  }
+}
+
+// dW[i, j, n, :] (first: =, else +=) sum over the samples of vectors [v0, v0 + nv) of
+// u[b, i, n] du_hat_bij (duh: [nv, J, M]); L values of m at a time, summed over the lanes
+// by transpose_sum.
+template <typename T, int SB>
+CAPSNET_INLINE void weight_gradient(const Routing<T>& a, const BackwardState<T, SB>& st,
+                                    int64_t i, int64_t v0, int64_t nv,
+                                    const typename Lanes<T, SB>::V* duh, T* dw_i, bool first) {
+  using V = typename Lanes<T, SB>::V;
+  constexpr int64_t L = Lanes<T, SB>::L;
+  const int64_t J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M, VB = st.VB;
+  const V* u_i = &st.ut[(i * VB + v0) * N];
+  for (int64_t j = 0; j < J; ++j) {
+    for (int64_t n = 0; n < N; ++n) {
+      T* out = dw_i + (j * N + n) * M;
+      int64_t m0 = 0;
+      for (; m0 + L <= M; m0 += L) {
+        V acc[L] = {};
+        for (int64_t v = 0; v < nv; ++v) {
+          const V un = u_i[v * N + n];
+          const V* x = duh + v * JM + j * M + m0;
+#pragma GCC unroll 16
+          for (int64_t k = 0; k < L; ++k) acc[k] += un * x[k];
         }
+        const V sum = transpose_sum<T>(acc);
+        for (int64_t k = 0; k < L; ++k) out[m0 + k] = first ? sum[k] : out[m0 + k] + sum[k];
+      }
+      for (; m0 < M; ++m0) {
+        V acc{};
+        for (int64_t v = 0; v < nv; ++v) acc += u_i[v * N + n] * duh[v * JM + j * M + m0];
+        const T sum = hsum<T>(acc);
+        out[m0] = first ? sum : out[m0] + sum;
+      }
+    }
+  }
+}
+
+// Backward phase 2 for input capsules [i_begin, i_end), over the whole batch: u_hat_i is
+// recomputed per sample vector and, with it, every iteration's c^t and beta^t (no per-(t, i)
+// state is kept between the phases); du_hat_i gives du rows, dW[i] (summed over the batch in
+// blocks of kWeightBlockVectors vectors) and dprior[i].
+template <typename T, int SB>
+CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T, SB>& st,
+                                      const BackwardPlan& plan, T* du, T* dw, T* dprior,
+                                      int64_t i_begin, int64_t i_end) {
+  using V = typename Lanes<T, SB>::V;
+  const int64_t J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M, JNM = J * N * M, VB = st.VB;
+  const int64_t block = std::min(VB, kWeightBlockVectors);
+  Buffer<V> uh(JM), duh(block * JM), dp(J), coef(2 * a.sz.R * J);
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    dp.assign(J, V{});
+    for (int64_t v0 = 0; v0 < VB; v0 += block) {
+      const int64_t nv = std::min(block, VB - v0);
+      for (int64_t v = v0; v < v0 + nv; ++v) {
+        const PredictArgs<V> args{&st.ut[(i * VB + v) * N], uh.data(), {nullptr, nullptr},
+                                  coef.data()};
+        predict<0>(a.w + i * JNM, args, J, N, M);
+        V* d = &duh[(v - v0) * JM];
+        uhat_gradient<T, SB>(a, st, plan, i, v, uh.data(), coef.data(), d, dp.data());
+        if (du != nullptr) input_gradient<T, SB>(a, i, v, d, du);
+      }
+      if (dw != nullptr) {
+        weight_gradient<T, SB>(a, st, i, v0, nv, duh.data(), dw + i * JNM, v0 == 0);
       }
     }
     if (dprior != nullptr) {
-      for (int64_t j = 0; j < J; ++j) {
-        dprior[i * J + j] = (first_chunk ? T(0) : dprior[i * J + j]) + dp[j];
-      }
+      for (int64_t j = 0; j < J; ++j) dprior[i * J + j] = hsum<T>(dp[j]);
     }
-  }
-}
-
-// Phase 2 with the widest pose vectors that divide M into 1, 2 or 4 vectors (16 float32: the
-// paper's digit capsules), among the clone's widest (WB bytes) and 32 bytes; plain loops for
-// any other M.
-template <typename T, int WB>
-CAPSNET_INLINE void backward_inputs_any(const Routing<T>& a, const ChunkCoefficients<T>& c,
-                                        const BackwardPlan& plan, const T* ds, T* du, T* dw,
-                                        T* dprior, bool first_chunk, int64_t i_begin,
-                                        int64_t i_end) {
-  const int64_t M = a.sz.M;
-  if constexpr (WB == 64) {
-    constexpr int64_t L = Lanes<T, 64>::L;
-    if (M == L || M == 2 * L || M == 4 * L) {
-      if (M == L) {
-        backward_inputs<T, 1, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-      } else if (M == 2 * L) {
-        backward_inputs<T, 2, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-      } else {
-        backward_inputs<T, 4, 64>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-      }
-      return;
-    }
-  }
-  constexpr int64_t L = Lanes<T, 32>::L;
-  if (M == L) {
-    backward_inputs<T, 1, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-  } else if (M == 2 * L) {
-    backward_inputs<T, 2, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-  } else if (M == 4 * L) {
-    backward_inputs<T, 4, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
-  } else {
-    backward_inputs<T, 0, 32>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, i_end);
   }
 }
 
@@ -991,17 +966,16 @@ CAPSNET_INLINE void backward_inputs_any(const Routing<T>& a, const ChunkCoeffici
       forward_groups<T, SB>(a, v_out, KV, cached, grp_begin, grp_end);                         \
     }                                                                                          \
     template <typename T, int SB>                                                              \
-    TARGET static void sweeps(const Routing<T>& a, BackwardChunk<T, SB>& c, const T* g_out,    \
+    TARGET static void sweeps(const Routing<T>& a, BackwardState<T, SB>& st, const T* g_out,   \
                               const BackwardPlan& plan, bool cached, int64_t v_begin,          \
                               int64_t v_end) {                                                 \
-      backward_sweeps<T, SB>(a, c, g_out, plan, cached, v_begin, v_end);                       \
+      backward_sweeps<T, SB>(a, st, g_out, plan, cached, v_begin, v_end);                      \
     }                                                                                          \
-    template <typename T>                                                                      \
-    TARGET static void inputs(const Routing<T>& a, const ChunkCoefficients<T>& c,              \
-                              const BackwardPlan& plan, const T* ds, T* du, T* dw, T* dprior,  \
-                              bool first_chunk, int64_t i_begin, int64_t i_end) {              \
-      backward_inputs_any<T, WIDE_BYTES>(a, c, plan, ds, du, dw, dprior, first_chunk, i_begin, \
-                                         i_end);                                               \
+    template <typename T, int SB>                                                              \
+    TARGET static void capsules(const Routing<T>& a, const BackwardState<T, SB>& st,           \
+                                const BackwardPlan& plan, T* du, T* dw, T* dprior,             \
+                                int64_t i_begin, int64_t i_end) {                              \
+      backward_capsules<T, SB>(a, st, plan, du, dw, dprior, i_begin, i_end);                   \
     }                                                                                          \
   };
 
@@ -1202,60 +1176,52 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
     if (dprior != nullptr) std::fill(dprior, dprior + I * J, T(0));
     return;
   }
-  const int64_t chunk = chunk_vectors(SB);
-  BackwardChunk<T, SB> c;
-  for (int64_t v0 = 0; v0 < vectors; v0 += chunk) {
-    c.b0 = v0 * L;
-    c.VC = std::min(chunk, vectors - v0);
-    const int64_t VC = c.VC;
-    c.ut.resize(I * VC * N);
-    gather_samples(a, c.b0, VC, c.ut.data());
-    c.S.assign(R * VC * JM, V{});
-    c.Vp.assign(R * VC * JM, V{});
-    c.lse.assign(R * VC * J, V{});
-    c.DS.assign(R * VC * JM, V{});
-    c.dss.assign(R * VC * J, V{});
-    c.alpha.resize(R * I * J * VC);
-    c.beta.resize(R * I * J * VC);
-    for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
-      const int64_t b = c.b0 + g, v = g / L, k = g % L;
-      for (int64_t t = 0; t < R; ++t) {
-        for (int64_t q = 0; q < JM; ++q) {
-          c.S[(t * VC + v) * JM + q][k] = a.s[(b * R + t) * JM + q];
-          c.Vp[(t * VC + v) * JM + q][k] = a.V[(b * R + t) * JM + q];
-        }
-        if (a.in_caps) {
-          for (int64_t j = 0; j < J; ++j) {
-            c.lse[(t * VC + v) * J + j][k] = a.lse[(b * R + t) * J + j];
-          }
-        }
+  BackwardState<T, SB> st;
+  st.VB = vectors;
+  st.ut.resize(I * vectors * N);
+  at::parallel_for(0, I, 64, [&](int64_t begin, int64_t end) {
+    gather_samples(a, 0, vectors, st.ut.data(), begin, end);
+  });
+  st.S.assign(R * vectors * JM, V{});
+  st.Vp.assign(R * vectors * JM, V{});
+  // Padded lanes get lse = +inf, so that their in_caps couplings exp(l - lse) are 0 (with 0
+  // an overflowing exp(l) would make them inf and their zero gradients NaN).
+  st.lse.assign(R * vectors * J, splat<V>(std::numeric_limits<T>::infinity()));
+  st.DS.assign(R * vectors * JM, V{});
+  st.dss.assign(R * vectors * J, V{});
+  for (int64_t b = 0; b < sz.B; ++b) {
+    const int64_t v = b / L, k = b % L;
+    for (int64_t t = 0; t < R; ++t) {
+      for (int64_t q = 0; q < JM; ++q) {
+        st.S[st.state(t, v, JM) + q][k] = a.s[(b * R + t) * JM + q];
+        st.Vp[st.state(t, v, JM) + q][k] = a.V[(b * R + t) * JM + q];
+      }
+      for (int64_t j = 0; j < J; ++j) {
+        st.lse[st.scalars(t, v, J) + j][k] = a.in_caps ? a.lse[(b * R + t) * J + j] : T(0);
       }
     }
-    const int64_t KV = cached ? 1 : group_vectors(VC);
-    at::parallel_for(0, (VC + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz;
-      Kernels::template sweeps<T, SB>(a, c, g, plan, cached, begin * KV,
-                                      std::min(VC, end * KV));
-    });
-    // ds^t per sample, as phase 2 reads it.
-    for (int64_t g = 0; g < VC * L && c.b0 + g < sz.B; ++g) {
-      const int64_t b = c.b0 + g, v = g / L, k = g % L;
-      for (int64_t t = 0; t < R; ++t) {
-        for (int64_t q = 0; q < JM; ++q) {
-          ds_out[(b * R + t) * JM + q] = c.DS[(t * VC + v) * JM + q][k];
-        }
-      }
-    }
-    const bool first = v0 == 0;
-    const ChunkCoefficients<T> coefficients{c.b0, VC * L,
-                                            reinterpret_cast<const T*>(c.alpha.data()),
-                                            reinterpret_cast<const T*>(c.beta.data())};
-    at::parallel_for(0, I, 8, [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz;
-      Kernels::template inputs<T>(a, coefficients, plan, ds_out, du, dw, dprior, first, begin,
-                                  end);
-    });
   }
+  // Phase 1, parallel over groups of sample vectors: ds^t for every t.
+  const int64_t KV = cached ? 1 : group_vectors(vectors);
+  at::parallel_for(0, (vectors + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    Kernels::template sweeps<T, SB>(a, st, g, plan, cached, begin * KV,
+                                    std::min(vectors, end * KV));
+  });
+  for (int64_t b = 0; b < sz.B; ++b) {
+    const int64_t v = b / L, k = b % L;
+    for (int64_t t = 0; t < R; ++t) {
+      for (int64_t q = 0; q < JM; ++q) {
+        ds_out[(b * R + t) * JM + q] = st.DS[st.state(t, v, JM) + q][k];
+      }
+    }
+  }
+  // Phase 2, parallel over input capsules: du, dW and dprior.
+  if (!plan.need_uhat_grad && !plan.need_dp) return;
+  at::parallel_for(0, I, 8, [&](int64_t begin, int64_t end) {
+    const FlushDenormals ftz;
+    Kernels::template capsules<T, SB>(a, st, plan, du, dw, dprior, begin, end);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_fwd_cpu(
