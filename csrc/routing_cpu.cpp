@@ -337,42 +337,73 @@ CAPSNET_INLINE void add_dots(const V (&acc)[K], const V* const (&with)[2], int64
   }
 }
 
-// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for one sample vector. The K outputs
-// are accumulated in registers (K independent FMA chains; each u_i[n] vector is loaded once
-// per block and each weight broadcast). While the block is in registers, its dot products with
-// the `with` arrays are added to dj[d]. (Broadcasting each weight once for two sample vectors,
-// 4 x 2 accumulators, ran 30% slower on the 2-core Zen 1 (AVX2, 512 KB L2 per core) this was
-// tuned on.)
-template <int K, int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>& args, int64_t jm,
-                                  int64_t N, int64_t M, V (&dj)[2]) {
-  V acc[K];
+// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for P sample vectors (args[p]). The K
+// outputs are accumulated in registers (P K independent FMA chains; each u_i[n] vector is
+// loaded once per block and each weight broadcast once for the P vectors). While the block is
+// in registers, its dot products with the `with` arrays are added to dj[p][d]. P = 2 only
+// with 64-byte vectors, whose 32 registers hold 2 x 8 accumulators (with 32-byte vectors, 16
+// registers, 4 x 2 accumulators ran 30% slower on the 2-core Zen 1 this was first tuned on).
+template <int P, int K, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* args, int64_t jm,
+                                  int64_t N, int64_t M, V (&dj)[P][2]) {
+  V acc[P][K];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) acc[k] = V{};
-  for (int64_t n = 0; n < N; ++n) {
-    const V un = args.ur[n];
-    const T* wn = w + n * M;
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) acc[k] += wn[k] * un;
+    for (int k = 0; k < K; ++k) acc[p][k] = V{};
   }
+  for (int64_t n = 0; n < N; ++n) {
+    const T* wn = w + n * M;
+    if constexpr (P == 1) {
+      const V un = args[0].ur[n];
 #pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) args.uh[jm + k] = acc[k];
-  add_dots<K, NDOT>(acc, args.with, jm, dj);
+      for (int k = 0; k < K; ++k) acc[0][k] += wn[k] * un;
+    } else {
+      V un[P];
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) un[p] = args[p].ur[n];
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) acc[p][k] += wn[k] * un[p];
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) args[p].uh[jm + k] = acc[p][k];
+    add_dots<K, NDOT>(acc[p], args[p].with, jm, dj[p]);
+  }
 }
 
-// u_hat_i [J, M] and its NDOT dot products per j for one sample vector; w_i = W[i] [J, N, M].
-template <int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>& args, int64_t J,
-                            int64_t N, int64_t M) {
+// u_hat_i [J, M] and its NDOT dot products per j for P sample vectors; w_i = W[i] [J, N, M].
+template <int NDOT, int P, typename T, typename V>
+CAPSNET_INLINE void predict_vectors(const T* __restrict w_i, const PredictArgs<V>* args,
+                                    int64_t J, int64_t N, int64_t M) {
   for (int64_t j = 0; j < J; ++j) {
     const T* w = w_i + j * N * M;
-    V dj[2] = {};
+    V dj[P][2] = {};
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) predict_block<8, NDOT>(w + m, args, j * M + m, N, M, dj);
-    for (; m + 4 <= M; m += 4) predict_block<4, NDOT>(w + m, args, j * M + m, N, M, dj);
-    for (; m < M; ++m) predict_block<1, NDOT>(w + m, args, j * M + m, N, M, dj);
-    for (int d = 0; d < NDOT; ++d) args.dots[d * J + j] = dj[d];
+    for (; m + 8 <= M; m += 8) predict_block<P, 8, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (; m + 4 <= M; m += 4) predict_block<P, 4, NDOT>(w + m, args, j * M + m, N, M, dj);
+    for (; m < M; ++m) predict_block<P, 1, NDOT>(w + m, args, j * M + m, N, M, dj);
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      for (int d = 0; d < NDOT; ++d) args[p].dots[d * J + j] = dj[p][d];
+    }
   }
+}
+
+// predict_vectors for `count` sample vectors: in pairs with 64-byte vectors, else one by one.
+template <int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict(const T* __restrict w_i, const PredictArgs<V>* args, int64_t count,
+                            int64_t J, int64_t N, int64_t M) {
+  int64_t p = 0;
+  if constexpr (sizeof(V) == 64) {
+    for (; p + 2 <= count; p += 2) predict_vectors<NDOT, 2>(w_i, args + p, J, N, M);
+  }
+  for (; p < count; ++p) predict_vectors<NDOT, 1>(w_i, args + p, J, N, M);
 }
 
 // The dot products of predict for a u_hat_i [J, M] already in memory (args.uh, the cache),
@@ -397,16 +428,17 @@ CAPSNET_INLINE void agree(const PredictArgs<V>& args, int64_t J, int64_t M) {
   }
 }
 
-// u_hat_i and its dot products: computed from W (into args.uh) in the sweep that fills the
-// cache or when nothing is cached, read from args.uh in the later sweeps of the cached path.
+// u_hat_i and its dot products for `count` sample vectors: computed from W (into args[p].uh)
+// in the sweep that fills the cache or when nothing is cached, read from args[p].uh in the
+// later sweeps of the cached path.
 template <int NDOT, typename T, typename V>
 CAPSNET_INLINE void predict_or_agree(bool from_cache, const T* __restrict w_i,
-                                     const PredictArgs<V>& args, int64_t J, int64_t N,
-                                     int64_t M) {
+                                     const PredictArgs<V>* args, int64_t count, int64_t J,
+                                     int64_t N, int64_t M) {
   if (from_cache) {
-    agree<NDOT>(args, J, M);
+    for (int64_t p = 0; p < count; ++p) agree<NDOT>(args[p], J, M);
   } else {
-    predict<NDOT>(w_i, args, J, N, M);
+    predict<NDOT>(w_i, args, count, J, N, M);
   }
 }
 
@@ -537,15 +569,17 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
         // u_hat and logits of the block's input capsules, for every vector of the group.
         for (int64_t ib = 0; ib < nb; ++ib) {
           const int64_t i = i0 + ib;
+          PredictArgs<V> args[kGroupVectors];
           for (int64_t v = 0; v < nv; ++v) {
-            // W[i] comes from L1 for every vector after the first.
-            const PredictArgs<V> args{&ut[(i * nv + v) * N], uh_at(v, i0, ib),
-                                      {&Vs[v * JM], nullptr}, &dots[v * J]};
-            if (t == 0) {
-              predict<0>(a.w + i * JNM, args, J, N, M);
-            } else {
-              predict_or_agree<1>(cached, a.w + i * JNM, args, J, N, M);
-            }
+            args[v] = {&ut[(i * nv + v) * N], uh_at(v, i0, ib), {&Vs[v * JM], nullptr},
+                       &dots[v * J]};
+          }
+          if (t == 0) {
+            predict<0>(a.w + i * JNM, args, nv, J, N, M);
+          } else {
+            predict_or_agree<1>(cached, a.w + i * JNM, args, nv, J, N, M);
+          }
+          for (int64_t v = 0; v < nv; ++v) {
             V* l_i = &l[(v * kCapsBlock + ib) * J];
             logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
                          l_i, J);
@@ -680,9 +714,10 @@ CAPSNET_INLINE void logit_gradients(const Routing<T>& a, const BackwardState<T, 
   }
 }
 
-// Backward phase 1 for the batch's vectors [v_begin, v_end): ds^t for every t, by the sweeps
-// t = R-1 .. 1 that carry D = dL/dV^{t-1} backwards. cached: the first sweep keeps u_hat of
-// the vectors for the later ones ((v_end - v_begin) I J M vectors, allocated here).
+// Backward phase 1 for one group of sample vectors [v_begin, v_end) (at most kGroupVectors):
+// ds^t for every t, by the sweeps t = R-1 .. 1 that carry D = dL/dV^{t-1} backwards. cached:
+// the first sweep keeps u_hat of the vectors for the later ones ((v_end - v_begin) I J M
+// vectors, allocated here).
 template <typename T, int SB>
 CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& st,
                                     const T* g_out, const BackwardPlan& plan, bool cached,
@@ -726,13 +761,16 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& s
       const int64_t nb = std::min(kCapsBlock, I - i0);
       for (int64_t ib = 0; ib < nb; ++ib) {
         const int64_t i = i0 + ib;
+        // dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t = e.
+        PredictArgs<V> args[kGroupVectors];
         for (int64_t v = v_begin; v < v_end; ++v) {
-          // dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t = e.
+          args[v - v_begin] = {&st.ut[(i * VB + v) * N], uh_at(v - v_begin, i0, ib),
+                               {&st.Vp[st.state(t, v, JM)], &st.DS[st.state(t, v, JM)]},
+                               &dots[(v - v_begin) * 2 * J]};
+        }
+        predict_or_agree<2>(from_cache, a.w + i * JNM, args, nv, J, N, M);
+        for (int64_t v = v_begin; v < v_end; ++v) {
           V* dots_v = &dots[(v - v_begin) * 2 * J];
-          const V* ds = &st.DS[st.state(t, v, JM)];
-          const PredictArgs<V> args{&st.ut[(i * VB + v) * N], uh_at(v - v_begin, i0, ib),
-                                    {&st.Vp[st.state(t, v, JM)], ds}, dots_v};
-          predict_or_agree<2>(from_cache, a.w + i * JNM, args, J, N, M);
           // dots_v [0, J) becomes c^t, [J, 2J) beta^t = dl^t.
           logits<T, V>(a.prior ? a.prior + i * J : nullptr, dots_v, dots_v, J);
           couplings<T, SB>(a, st, t, v, dots_v);
@@ -932,18 +970,25 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
   using V = typename Lanes<T, SB>::V;
   const int64_t J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M, JNM = J * N * M, VB = st.VB;
   const int64_t block = std::min(VB, kWeightBlockVectors);
-  Buffer<V> uh(JM), duh(block * JM), dp(J), coef(2 * a.sz.R * J);
+  // u_hat_i of two sample vectors (predicted in pairs), du_hat_i of the block's.
+  Buffer<V> uh(2 * JM), duh(block * JM), dp(J), coef(2 * a.sz.R * J);
   for (int64_t i = i_begin; i < i_end; ++i) {
     dp.assign(J, V{});
     for (int64_t v0 = 0; v0 < VB; v0 += block) {
       const int64_t nv = std::min(block, VB - v0);
-      for (int64_t v = v0; v < v0 + nv; ++v) {
-        const PredictArgs<V> args{&st.ut[(i * VB + v) * N], uh.data(), {nullptr, nullptr},
-                                  coef.data()};
-        predict<0>(a.w + i * JNM, args, J, N, M);
-        V* d = &duh[(v - v0) * JM];
-        uhat_gradient<T, SB>(a, st, plan, i, v, uh.data(), coef.data(), d, dp.data());
-        if (du != nullptr) input_gradient<T, SB>(a, i, v, d, du);
+      for (int64_t v1 = v0; v1 < v0 + nv; v1 += 2) {
+        const int64_t pair = std::min<int64_t>(2, v0 + nv - v1);
+        PredictArgs<V> args[2];
+        for (int64_t p = 0; p < pair; ++p) {
+          args[p] = {&st.ut[(i * VB + v1 + p) * N], &uh[p * JM], {nullptr, nullptr},
+                     coef.data()};
+        }
+        predict<0>(a.w + i * JNM, args, pair, J, N, M);
+        for (int64_t v = v1; v < v1 + pair; ++v) {
+          V* d = &duh[(v - v0) * JM];
+          uhat_gradient<T, SB>(a, st, plan, i, v, &uh[(v - v1) * JM], coef.data(), d, dp.data());
+          if (du != nullptr) input_gradient<T, SB>(a, i, v, d, du);
+        }
       }
       if (dw != nullptr) {
         weight_gradient<T, SB>(a, st, i, v0, nv, duh.data(), dw + i * JNM, v0 == 0);
@@ -1205,8 +1250,10 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
   const int64_t KV = cached ? 1 : group_vectors(vectors);
   at::parallel_for(0, (vectors + KV - 1) / KV, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals ftz;
-    Kernels::template sweeps<T, SB>(a, st, g, plan, cached, begin * KV,
-                                    std::min(vectors, end * KV));
+    for (int64_t grp = begin; grp < end; ++grp) {
+      Kernels::template sweeps<T, SB>(a, st, g, plan, cached, grp * KV,
+                                      std::min(vectors, (grp + 1) * KV));
+    }
   });
   for (int64_t b = 0; b < sz.B; ++b) {
     const int64_t v = b / L, k = b % L;
