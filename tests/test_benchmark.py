@@ -18,7 +18,7 @@ from capsnet_fused import benchmark as bm
 from capsnet_fused import ops, reference_routing
 from capsnet_fused.benchmark.cli import _cpu_line
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
-from capsnet_fused.benchmark.measure import _summary
+from capsnet_fused.benchmark.measure import _summary, time_calls_interleaved
 from tests.helpers import reference64, rel_error, run_with_grads
 
 TINY = "32x4x4x8"
@@ -303,6 +303,16 @@ def test_grid_defaults_and_full():
     assert len(full) == 3 * 4 * 3 * 2
     variants = bm.build_cases(tiny_config(variants=tuple(bm.ALL_VARIANTS)))
     assert len({c.variant for c in variants}) == 8
+
+
+def test_cpu_timing_alternates_between_backends():
+    # The backends of a case are measured in turns, so that a drift of the machine's speed
+    # reaches all of them alike: after each one's warm-up, the calls go a b c a b c ...
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    stats = time_calls_interleaved(fns, torch.device("cpu"), repeats=3, warmup=2, min_measure_s=0)
+    assert calls == list("aabbcc") + list("abc") * 3
+    assert set(stats) == set("abc") and all(s["runs"] == 3 for s in stats.values())
 
 
 def test_tolerance_rule_and_summary():

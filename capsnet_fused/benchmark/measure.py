@@ -3,7 +3,8 @@
 Timing (time_call): a warm-up, then the median, interquartile range, min and max of `repeats`
 measurements (CPU: perf_counter over enough calls to last min_measure_s, in the process's
 thread setting; CUDA: triton.testing.do_bench, which flushes the L2 cache before each run, or
-CUDA events when triton is absent).
+CUDA events when triton is absent). time_calls_interleaved times the backends of one case
+with their CPU measurements in alternation.
 
 Peak memory: CUDA max_memory_allocated above the inputs' allocation (cuda_peak_memory); CPU
 the rise of the peak resident set size of a fresh subprocess (memory_worker, started by
@@ -68,6 +69,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu_number(fn: Callable[[], Any], warmup: int, min_measure_s: float) -> int:
+    """Warm fn up; the calls per measurement that last at least min_measure_s (at least 1)."""
+    estimate = math.inf
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        fn()
+        estimate = min(estimate, time.perf_counter() - start)
+    return max(1, math.ceil(min_measure_s / max(estimate, 1e-9)))
+
+
+def _cpu_measurement(fn: Callable[[], Any], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def time_calls_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    min_measure_s: float = 0.02,
+) -> dict[str, dict[str, float | int]]:
+    """time_call of several functions, as a dict by name.
+
+    CPU: the measurements alternate between the functions (round r measures each once), so
+    that a drift of the machine's speed - a shared 2-core VM here ran the same kernel at times
+    1.5x slower from one minute to the next - reaches every function alike and the ratios
+    between them stay side by side. CUDA: one function after the other (time_call).
+    """
+    if device.type == "cuda":
+        return {
+            name: time_call(fn, device, repeats, warmup, min_measure_s) for name, fn in fns.items()
+        }
+    numbers = {name: _cpu_number(fn, warmup, min_measure_s) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_cpu_measurement(fn, numbers[name]))
+    return {name: _summary(samples) for name, samples in times.items()}
+
+
 def time_call(
     fn: Callable[[], Any],
     device: torch.device,
@@ -83,22 +127,16 @@ def time_call(
     the cost of the slow cases.) CUDA: triton.testing.do_bench with at least `repeats` runs,
     else CUDA events.
     """
-    estimate = math.inf
-    for _ in range(max(1, warmup)):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        estimate = min(estimate, time.perf_counter() - start)
     if device.type == "cuda":
-        return _summary([t / 1e3 for t in _cuda_times_ms(fn, repeats, estimate * 1e3)])
-    number = max(1, math.ceil(min_measure_s / max(estimate, 1e-9)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
+        estimate = math.inf
+        for _ in range(max(1, warmup)):
+            start = time.perf_counter()
             fn()
-        times.append((time.perf_counter() - start) / number)
-    return _summary(times)
+            _sync(device)
+            estimate = min(estimate, time.perf_counter() - start)
+        return _summary([t / 1e3 for t in _cuda_times_ms(fn, repeats, estimate * 1e3)])
+    number = _cpu_number(fn, warmup, min_measure_s)
+    return _summary([_cpu_measurement(fn, number) for _ in range(repeats)])
 
 
 def _cuda_times_ms(fn: Callable[[], Any], repeats: int, estimate_ms: float) -> list[float]:

@@ -25,7 +25,11 @@ from capsnet_fused.benchmark.cases import (
     skip_reason,
 )
 from capsnet_fused.benchmark.check import _failure, case_reference, compare, passes_check
-from capsnet_fused.benchmark.measure import cpu_peak_memory, cuda_peak_memory, time_call
+from capsnet_fused.benchmark.measure import (
+    cpu_peak_memory,
+    cuda_peak_memory,
+    time_calls_interleaved,
+)
 from capsnet_fused.benchmark.report import format_table
 
 
@@ -68,10 +72,16 @@ def _row(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
 def run_case(
     case: Case, backends: Sequence[str], config: BenchConfig, device: torch.device
 ) -> list[dict[str, Any]]:
-    """Check, time and measure every backend on one case; one result row per backend."""
+    """Check, time and measure every backend on one case; one result row per backend.
+
+    Every backend is checked first; those that pass are then timed together, their CPU
+    measurements in alternation (time_calls_interleaved), so that the ratios between them are
+    measured side by side.
+    """
     dtype = DTYPES[case.dtype]
     inputs, reference64, drift, tolerances = case_reference(case, device, config.rtol)
     rows = []
+    runners: dict[str, Callable[[], tuple]] = {}
     for backend in backends:
         row = _row(case, backend, device)
         rows.append(row)
@@ -87,19 +97,31 @@ def run_case(
         except Exception as exc:  # noqa: BLE001 - any failure of a backend is reported as such
             row.update(status="failed", error=_failure(exc))
             continue
-        if not passes_check(row, errors, tolerances):
-            continue
-        try:
-            row.update(
-                time_call(runner, device, config.repeats, config.warmup, config.min_measure_s)
+        if passes_check(row, errors, tolerances):
+            runners[backend] = runner
+    by_backend = {row["backend"]: row for row in rows}
+    try:
+        timings = time_calls_interleaved(
+            runners, device, config.repeats, config.warmup, config.min_measure_s
+        )
+    except Exception as exc:  # noqa: BLE001
+        for backend in runners:
+            by_backend[backend].update(
+                status="failed", error=_failure(exc), median_ms=None, peak_bytes=None
             )
-            if config.memory and device.type == "cuda":
+        runners = {}
+        timings = {}
+    for backend, runner in runners.items():
+        row = by_backend[backend]
+        row.update(timings[backend])
+        if config.memory and device.type == "cuda":
+            try:
                 row["peak_bytes"] = cuda_peak_memory(runner, device)
                 row["memory_method"] = "cuda max_memory_allocated above the inputs"
-        except Exception as exc:  # noqa: BLE001
-            row.update(status="failed", error=_failure(exc), median_ms=None, peak_bytes=None)
-        del runner
-        gc.collect()
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="failed", error=_failure(exc), median_ms=None, peak_bytes=None)
+    del runners
+    gc.collect()
     if config.memory and device.type == "cpu":
         _add_cpu_memory(case, rows)
     _add_ratios(rows)
