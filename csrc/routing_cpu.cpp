@@ -21,17 +21,20 @@
 // into the softmax over j (softmax) or over i (the online softmax starts from it), and the
 // squash eps is an argument (0: the eps-free squash, NaN at s = 0 as in the reference).
 //
-// Backward, per chunk of kChunkBytes / sizeof(T) samples, in two phases; every output element
-// is written by one thread in a fixed order, so the results are bitwise identical whatever the
+// Backward, over the whole batch in sample vectors, in two phases; every output element is
+// written by one thread in a fixed order, so the results are bitwise identical whatever the
 // thread count:
-//   1. parallel over groups of the chunk: the sweeps t = R-1..0 that carry dL/dV backwards
-//      (u_hat recomputed or cached as in the forward). They give ds^t = dL/ds^t and store, per
-//      (t, i, j, sample), the coupling alpha = c^t and the logit gradient beta = dl^t:
-//      O(R I J) scalars per sample of the chunk, never per sample of the batch.
-//   2. parallel over input capsules: du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj
-//      needs no u_hat; from it du [B, I, N], dW[i] (summed over the chunk's samples in
-//      registers, added to the earlier chunks' sum) and dprior[i].
-// dbias = sum over samples and t of ds^t, after the chunks, on one thread.
+//   1. parallel over groups of sample vectors: the sweeps t = R-1..1 that carry dL/dV
+//      backwards (u_hat recomputed or cached as in the forward). They give ds^t = dL/ds^t for
+//      every t (B R J M values, as the saved s and V).
+//   2. parallel over input capsules: per sample vector, u_hat_i is predicted once more and,
+//      from it, every iteration's couplings alpha^t = c^t and logit gradients beta^t = dl^t,
+//      so that no per-(t, i, sample) state passes between the phases (an earlier design kept
+//      alpha and beta, 2 R I J values per sample: 35 MB of traffic at B = 128). Then
+//      du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj, du [B, I, N] = W^T du_hat
+//      (weights broadcast over the sample lanes), dW[i] = sum_b u_bi du_hat_bi (lanes summed
+//      by transpose_sum) and dprior[i] = sum_b,t beta^t.
+// dbias = sum over samples and t of ds^t, after the kernel, on one thread.
 //
 // Instruction sets: the kernels are compiled three times in this one translation unit, as
 // "clones" with target attributes - x86-64-v4 (AVX-512, 64-byte sample vectors), x86-64-v3
@@ -75,12 +78,6 @@ inline int64_t group_vectors(int64_t vectors) { return vectors >= 4 ? kGroupVect
 // Input capsules whose weighted u_hat is added to s (or, backward, to A) in one pass: one load
 // and store of the running sum per kCapsBlock products (stores are the slow part on this CPU).
 constexpr int64_t kCapsBlock = 4;
-// Samples per backward chunk: 4 x 32 bytes of lanes (32 float32 / 16 float64 samples, also
-// with 64-byte vectors, so that the sums over the batch run in the same order whatever the
-// clone's vector width); the chunk's alpha and beta take 2 R I J x 32 samples (8.8 MB at the
-// MNIST shape with r = 3, float32).
-constexpr int64_t kChunkBytes = 128;
-inline int64_t chunk_vectors(int64_t sample_bytes) { return kChunkBytes / sample_bytes; }
 
 // Helpers are force-inlined into the kernels below, so that they are compiled for each
 // instruction set the kernels are cloned for, with M a compile-time constant where the kernel
@@ -317,23 +314,26 @@ struct PredictArgs {
   V* dots;           // [NDOT, J]: dots[d * J + j] = u_hat_ij . with[d][j]
 };
 
-// dj[d] += sum_k acc[k] with[d][jm + k] for the K values acc of u_hat_i[j, m .. m + K), summed
-// as a tree so that no long chain of dependent FMAs forms. Shared by predict and agree, so
+// dj[d] += sum_k acc[k] with[d][jm + k] for the K values acc of u_hat_i[j, m .. m + K), in two
+// interleaved FMA chains (even and odd k) so that no long dependent chain forms: K FMAs and
+// two adds where a tree of products took 2 K - 1 operations. Shared by predict and agree, so
 // that the agreement of a cached u_hat is rounded as that of a recomputed one.
 template <int K, int NDOT, typename V>
 CAPSNET_INLINE void add_dots(const V (&acc)[K], const V* const (&with)[2], int64_t jm,
                              V (&dj)[2]) {
 #pragma GCC unroll 2
   for (int d = 0; d < NDOT; ++d) {
-    V p[K];
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) p[k] = acc[k] * with[d][jm + k];
-#pragma GCC unroll 3
-    for (int h = K / 2; h >= 1; h /= 2) {
+    if constexpr (K == 1) {
+      dj[d] += acc[0] * with[d][jm];
+    } else {
+      V even = acc[0] * with[d][jm], odd = acc[1] * with[d][jm + 1];
 #pragma GCC unroll 4
-      for (int k = 0; k < h; ++k) p[k] += p[k + h];
+      for (int k = 2; k < K; k += 2) {
+        even += acc[k] * with[d][jm + k];
+        odd += acc[k + 1] * with[d][jm + k + 1];
+      }
+      dj[d] += even + odd;
     }
-    dj[d] += p[0];
   }
 }
 
@@ -798,26 +798,36 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& s
 // each group of lanes to its high half, so that a vector's groups then hold the partial sums
 // of twice as many inputs in half the lanes. L - 1 pairs of two shuffles and one add, instead
 // of L horizontal sums of log2(L) steps each.
+// The shuffle indices of one round of transpose_sum for groups of n lanes: the low (or, hi,
+// high) half of each group of the pair's first vector, then the same half of the second's
+// (indices L and up), as a constant vector.
+template <typename IV, int L, int n, bool hi, size_t... k>
+CAPSNET_INLINE IV pair_mask(std::index_sequence<k...>) {
+  return IV{((static_cast<int>(k) % n) < n / 2 ? static_cast<int>(k)
+                                                : L + static_cast<int>(k) - n / 2) +
+            (hi ? n / 2 : 0)...};
+}
+
+template <typename T, typename V, int n>
+CAPSNET_INLINE void pair_rounds(V* x) {
+  if constexpr (n > 1) {
+    constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
+    using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+    typedef Index IV __attribute__((vector_size(sizeof(V))));
+    const IV lo = pair_mask<IV, L, n, false>(std::make_index_sequence<L>{});
+    const IV hi = pair_mask<IV, L, n, true>(std::make_index_sequence<L>{});
+#pragma GCC unroll 8
+    for (int q = 0; q < n / 2; ++q) {
+      x[q] = __builtin_shuffle(x[q], x[q + n / 2], lo) +
+             __builtin_shuffle(x[q], x[q + n / 2], hi);
+    }
+    pair_rounds<T, V, n / 2>(x);
+  }
+}
+
 template <typename T, typename V>
 CAPSNET_INLINE V transpose_sum(V* x) {
-  constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
-  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef Index IV __attribute__((vector_size(sizeof(V))));
-#pragma GCC unroll 8
-  for (int n = L; n > 1; n /= 2) {
-    // Groups of n lanes: the low half of group p comes from the first vector of the pair,
-    // the high half from the second.
-    const int h = n / 2;
-    IV lo, hi;
-    for (int k = 0; k < L; ++k) {
-      lo[k] = (k % n) < h ? k : L + k - h;
-      hi[k] = lo[k] + h;
-    }
-#pragma GCC unroll 8
-    for (int q = 0; q < h; ++q) {
-      x[q] = __builtin_shuffle(x[q], x[q + h], lo) + __builtin_shuffle(x[q], x[q + h], hi);
-    }
-  }
+  pair_rounds<T, V, static_cast<int>(sizeof(V) / sizeof(T))>(x);
   return x[0];
 }
 
@@ -865,16 +875,29 @@ CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB
     if (!alpha) std::fill(c, c + J, V{});
     if (!plan.beta_in_uhat(t, R)) std::fill(e, e + J, V{});
   }
+  // kPoseBlock values of m at a time in registers, each coefficient loaded once for them.
+  constexpr int64_t kPoseBlock = 4;
   for (int64_t j = 0; j < J; ++j) {
-    for (int64_t m = 0; m < M; ++m) {
-      V x{};
+    int64_t m0 = 0;
+    auto pose_block = [&](auto width) CAPSNET_INLINE_LAMBDA {
+      constexpr int64_t W = decltype(width)::value;
+      V x[W] = {};
       for (int64_t t = 0; t < R; ++t) {
-        const int64_t q = st.state(t, v, JM) + j * M + m;
-        x += coef[2 * t * J + j] * st.DS[q];
-        if (t > 0) x += coef[(2 * t + 1) * J + j] * st.Vp[q];
+        const int64_t q = st.state(t, v, JM) + j * M + m0;
+        const V c = coef[2 * t * J + j], e = coef[(2 * t + 1) * J + j];
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < W; ++k) x[k] += c * st.DS[q + k];
+        if (t == 0) continue;
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < W; ++k) x[k] += e * st.Vp[q + k];
       }
-      d[j * M + m] = x;
+#pragma GCC unroll 4
+      for (int64_t k = 0; k < W; ++k) d[j * M + m0 + k] = x[k];
+    };
+    for (; m0 + kPoseBlock <= M; m0 += kPoseBlock) {
+      pose_block(std::integral_constant<int64_t, kPoseBlock>());
     }
+    for (; m0 < M; ++m0) pose_block(std::integral_constant<int64_t, 1>());
   }
 }
 
