@@ -148,6 +148,22 @@ def test_options_match_reference(shape, variant, options, dtype, uhat_cache, isa
     assert_matches_reference(out, want, 1e-5 if dtype == torch.float32 else 1e-11)
 
 
+@pytest.mark.parametrize("isa", list(CLONES))
+def test_padded_sample_lanes_stay_out_of_the_gradients(isa, monkeypatch):
+    # B = 18: the last sample vector holds 2 samples and 2 or 6 empty lanes. With the softmax
+    # over in_caps and priors of +-800, exp(prior) overflows float64 wherever a padded lane's
+    # log-sum-exp were taken as 0, and inf x 0 would put NaN into dW and dprior; the backward
+    # must keep those lanes out of the gradients whatever the clone's vector width.
+    require_clone(isa, monkeypatch)
+    shape = Shape(18, 9, 3, 4, 16, 3)
+    u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float64)
+    prior = prior.sign() * 800
+    kwargs = dict(iterations=shape.R, softmax_over="in_caps")
+    want = reference64(u, weight, prior, grad, **kwargs)
+    got = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    assert_matches_reference(got, want, 1e-11)
+
+
 def test_dynamic_routing_router_and_auto_choice():
     shape = Shape(2, 12, 4, 3, 5, 3)
     u, weight, _, _ = make_inputs(shape, False, dtype=torch.float32)
