@@ -875,6 +875,7 @@ CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB
     if (!alpha) std::fill(c, c + J, V{});
     if (!plan.beta_in_uhat(t, R)) std::fill(e, e + J, V{});
   }
+  if (!plan.need_uhat_grad) return;  // dprior alone
   // kPoseBlock values of m at a time in registers, each coefficient loaded once for them.
   constexpr int64_t kPoseBlock = 4;
   for (int64_t j = 0; j < J; ++j) {
