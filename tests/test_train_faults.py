@@ -33,6 +33,7 @@ from capsnet_fused.train import (
     save_checkpoint,
     train,
 )
+from capsnet_fused.train.signals import _StopSignals
 from tests.training_data import (
     SIZE,
     assert_same_state,
@@ -463,3 +464,20 @@ def test_random_shift_keeps_the_standard_layout():
     conv = torch.nn.Conv2d(1, 6, 3)
     conv(shifted).sum().backward()
     assert conv.weight.grad.stride() == conv.weight.stride()
+
+
+def test_a_forked_worker_leaves_a_stop_signal_to_the_main_process():
+    # A DataLoader worker is forked with the main process's handler and only ignores SIGINT and
+    # SIGTERM once its worker_init_fn has run: a Ctrl-C to the process group in between must
+    # not make the worker announce (or request) a stop of its own.
+    with _StopSignals() as stop:
+        pid = os.fork()
+        if pid == 0:  # the worker, before its worker_init_fn
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os._exit(1 if stop.requested else 0)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not stop.requested

@@ -3,6 +3,7 @@ checkpoint, not a kill."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,8 +21,10 @@ class _StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> _StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -32,6 +35,10 @@ class _StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker that received the signal before its worker_init_fn
+            # (_ignore_stop_signals) ran: the signal is the main process's to handle.
+            return
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
