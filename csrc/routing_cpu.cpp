@@ -669,7 +669,6 @@ struct BackwardPlan {
 template <typename T, int SB>
 struct BackwardState {
   using V = typename Lanes<T, SB>::V;
-  static constexpr int64_t L = Lanes<T, SB>::L;
   int64_t VB;
   Buffer<V> ut;     // [I, VB, N] u
   Buffer<V> S, Vp;  // [R, VB, J, M] s^t and V^{t-1}
@@ -1265,8 +1264,9 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
         st.S[st.state(t, v, JM) + q][k] = a.s[(b * R + t) * JM + q];
         st.Vp[st.state(t, v, JM) + q][k] = a.V[(b * R + t) * JM + q];
       }
+      if (!a.in_caps) continue;  // lse belongs to the softmax over in_caps
       for (int64_t j = 0; j < J; ++j) {
-        st.lse[st.scalars(t, v, J) + j][k] = a.in_caps ? a.lse[(b * R + t) * J + j] : T(0);
+        st.lse[st.scalars(t, v, J) + j][k] = a.lse[(b * R + t) * J + j];
       }
     }
   }
