@@ -315,6 +315,22 @@ def test_cpu_timing_alternates_between_backends():
     assert set(stats) == set("abc") and all(s["runs"] == 3 for s in stats.values())
 
 
+def test_a_function_that_fails_while_timed_leaves_the_others_timed():
+    calls = []
+
+    def flaky():
+        calls.append("b")
+        if len([c for c in calls if c == "b"]) == 4:  # the second timed measurement
+            raise RuntimeError("lost the device")
+
+    fns = {"a": lambda: calls.append("a"), "b": flaky, "c": lambda: calls.append("c")}
+    stats = time_calls_interleaved(fns, torch.device("cpu"), repeats=3, warmup=2, min_measure_s=0)
+    assert list(stats) == ["a", "b", "c"]
+    assert isinstance(stats["b"], RuntimeError)
+    assert stats["a"]["runs"] == stats["c"]["runs"] == 3
+    assert calls == list("aabbcc") + list("abc") * 2 + list("ac")
+
+
 def test_tolerance_rule_and_summary():
     tols = bm.tolerances_for(torch.float32, {"v": 1e-7, "du": 3e-4}, None)
     assert tols == {"v": 1e-4, "du": 6e-4}

@@ -92,24 +92,39 @@ def time_calls_interleaved(
     repeats: int,
     warmup: int,
     min_measure_s: float = 0.02,
-) -> dict[str, dict[str, float | int]]:
-    """time_call of several functions, as a dict by name.
+) -> dict[str, dict[str, float | int] | Exception]:
+    """time_call of several functions, as a dict by name; a function that raises gets its
+    exception instead and is not called again, the others are timed on.
 
     CPU: the measurements alternate between the functions (round r measures each once), so
     that a drift of the machine's speed - a shared 2-core VM here ran the same kernel at times
     1.5x slower from one minute to the next - reaches every function alike and the ratios
     between them stay side by side. CUDA: one function after the other (time_call).
     """
+    results: dict[str, dict[str, float | int] | Exception] = {}
     if device.type == "cuda":
-        return {
-            name: time_call(fn, device, repeats, warmup, min_measure_s) for name, fn in fns.items()
-        }
-    numbers = {name: _cpu_number(fn, warmup, min_measure_s) for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_cpu_measurement(fn, numbers[name]))
-    return {name: _summary(samples) for name, samples in times.items()}
+            try:
+                results[name] = time_call(fn, device, repeats, warmup, min_measure_s)
+            except Exception as exc:  # noqa: BLE001 - reported per function
+                results[name] = exc
+        return results
+    numbers: dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            numbers[name] = _cpu_number(fn, warmup, min_measure_s)
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+    times: dict[str, list[float]] = {name: [] for name in numbers}
+    for _ in range(repeats):
+        for name in list(times):
+            try:
+                times[name].append(_cpu_measurement(fns[name], numbers[name]))
+            except Exception as exc:  # noqa: BLE001
+                results[name] = exc
+                del times[name]
+    results.update({name: _summary(samples) for name, samples in times.items()})
+    return {name: results[name] for name in fns}
 
 
 def time_call(

@@ -100,20 +100,15 @@ def run_case(
         if passes_check(row, errors, tolerances):
             runners[backend] = runner
     by_backend = {row["backend"]: row for row in rows}
-    try:
-        timings = time_calls_interleaved(
-            runners, device, config.repeats, config.warmup, config.min_measure_s
-        )
-    except Exception as exc:  # noqa: BLE001
-        for backend in runners:
-            by_backend[backend].update(
-                status="failed", error=_failure(exc), median_ms=None, peak_bytes=None
-            )
-        runners = {}
-        timings = {}
+    timings = time_calls_interleaved(
+        runners, device, config.repeats, config.warmup, config.min_measure_s
+    )
     for backend, runner in runners.items():
-        row = by_backend[backend]
-        row.update(timings[backend])
+        row, timing = by_backend[backend], timings[backend]
+        if isinstance(timing, Exception):
+            row.update(status="failed", error=_failure(timing), median_ms=None, peak_bytes=None)
+            continue
+        row.update(timing)
         if config.memory and device.type == "cuda":
             try:
                 row["peak_bytes"] = cuda_peak_memory(runner, device)
