@@ -861,7 +861,8 @@ CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB
       const V* ds = &st.DS[st.state(t, v, JM)];
       if (t > 0) {
         agree<2>(PredictArgs<V>{nullptr, uh, {&st.Vp[st.state(t, v, JM)], ds}, c}, J, M);
-      } else {
+      } else if (beta) {
+        // u_hat . ds^0 only enters beta^0 (dprior); c^0 needs no agreement.
         agree<1>(PredictArgs<V>{nullptr, uh, {ds, nullptr}, e}, J, M);
       }
       logits<T, V>(a.prior ? a.prior + i * J : nullptr, t > 0 ? c : nullptr, c, J);

@@ -47,9 +47,10 @@ SHAPES = [
 # groups of two vectors, several backward chunks (32 float32 / 16 float64 samples) and a ragged
 # last vector; pose sizes of one, two and four vectors and a size that is none of those; then
 # batches of several sample tiles (24) with a ragged last one, N = 1, and several column panels
-# with a ragged last one (J M = 40, 160).
+# with a ragged last one (J M = 40, 160). N = 9 in the first: a full block of the cpp kernel's
+# eight du rows on batches of several sample vectors, and one row more.
 BATCH_SHAPES = [
-    Shape(77, 13, 5, 4, 16, 3),
+    Shape(77, 13, 5, 9, 16, 3),
     Shape(45, 9, 3, 3, 8, 2),
     Shape(33, 6, 4, 5, 32, 1),
     Shape(20, 5, 2, 2, 7, 4),
