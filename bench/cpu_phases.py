@@ -3,22 +3,21 @@
     g++ -O2 bench/fma_peak.cpp -o /tmp/fma_peak && /tmp/fma_peak   # the peak per core
     python bench/cpu_phases.py --peak-gflops 490                   # both cores' peak, float32
 
-Times, in alternation (median of --calls rounds), the forward op and the backward op with
-different outputs asked for: dbias alone runs only phase 1 (the sweeps t = R-1..1), du or dW
-adds phase 2 (u_hat predicted again, du_hat, then du = W^T du_hat and/or dW = sum u du_hat).
-Each part is reported in u_hat-prediction equivalents (one is B I J N M FMAs: the forward
-predicts u_hat R times, phase 1 R - 1 times, phase 2 once plus one for du and one for dW; phase 2
-is the backward call's time less phase 1's) and,
-with --peak-gflops, as a share of that peak. The dot products, softmaxes, weighted sums and
-du_hat add 25-45% more FMAs that these counts leave out, so the shares are lower bounds.
-MNIST shape, float32, out_caps, no bias, prior or leaky routing unless told otherwise.
+Times, in alternation (measure.time_calls_interleaved, median of --calls rounds), the forward
+op and the backward op with different outputs asked for: dbias alone runs only phase 1 (the
+sweeps t = R-1..1); du or dW adds phase 2 (u_hat predicted again, du_hat, then du = W^T du_hat
+and/or dW = sum u du_hat), timed as the backward call's time less phase 1's. Each part is
+reported in u_hat-prediction equivalents (one is B I J N M FMAs: the forward predicts u_hat R
+times, phase 1 R - 1 times, phase 2 once plus one for du and one for dW) and, with
+--peak-gflops, as a share of that peak. The dot products, softmaxes, weighted sums and du_hat
+add 25-45% more FMAs that these counts leave out, so the shares are lower bounds.
+float32, out_caps, a zero bias (so that a call can ask for dbias alone), no prior or leaky
+routing.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 
 def main() -> None:
@@ -33,6 +32,7 @@ def main() -> None:
     import torch
 
     import capsnet_fused  # noqa: F401 - registers the ops
+    from capsnet_fused.benchmark.measure import time_calls_interleaved
 
     torch.manual_seed(0)
     inputs, outputs, n, m = (int(x) for x in args.shape.split("x"))
@@ -60,15 +60,12 @@ def main() -> None:
         "backward dW": backward(False, True, False),
         "backward du + dW": backward(True, True, False),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()
-    for _ in range(args.calls):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    timed = time_calls_interleaved(calls, torch.device("cpu"), args.calls, warmup=1)
+    median: dict[str, float] = {}
+    for name, result in timed.items():
+        if isinstance(result, Exception):
+            raise result
+        median[name] = result["median_ms"] / 1e3
     # Phase 2 is what a backward call adds to phase 1 (its own call).
     phase1 = median["phase 1 (dbias only)"]
     both = median["backward du + dW"]
