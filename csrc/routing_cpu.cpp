@@ -337,16 +337,15 @@ CAPSNET_INLINE void add_dots(const V (&acc)[K], const V* const (&with)[2], int64
   }
 }
 
-// u_hat_i[j, m .. m + K) = sum_n u_i[n] W_i[j, n, m ..] for P sample vectors (args[p]). The K
-// outputs are accumulated in registers (P K independent FMA chains; each u_i[n] vector is
-// loaded once per block and each weight broadcast once for the P vectors). While the block is
-// in registers, its dot products with the `with` arrays are added to dj[p][d]. P = 2 only
-// with 64-byte vectors, whose 32 registers hold 2 x 8 accumulators (with 32-byte vectors, 16
-// registers, 4 x 2 accumulators ran 30% slower on the 2-core Zen 1 this was first tuned on).
-template <int P, int K, int NDOT, typename T, typename V>
-CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* args, int64_t jm,
-                                  int64_t N, int64_t M, V (&dj)[P][2]) {
-  V acc[P][K];
+// acc[p][k] = sum_n u[p][n] w[n M + k], k < K, for P sample vectors: u_hat_i[j, m .. m + K)
+// with w = W_i[j, :, m ..]. The K outputs are accumulated in registers (P K independent FMA
+// chains; each u[p][n] vector is loaded once per block and each weight broadcast once for the
+// P vectors). P = 2 only with 64-byte vectors, whose 32 registers hold 2 x 8 accumulators
+// (with 32-byte vectors, 16 registers, 4 x 2 accumulators ran 30% slower on the 2-core Zen 1
+// this was first tuned on).
+template <int P, int K, typename T, typename V>
+CAPSNET_INLINE void product_block(const T* __restrict w, const V* const (&u)[P], int64_t N,
+                                  int64_t M, V (&acc)[P][K]) {
 #pragma GCC unroll 2
   for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
@@ -355,13 +354,13 @@ CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* a
   for (int64_t n = 0; n < N; ++n) {
     const T* wn = w + n * M;
     if constexpr (P == 1) {
-      const V un = args[0].ur[n];
+      const V un = u[0][n];
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) acc[0][k] += wn[k] * un;
     } else {
       V un[P];
 #pragma GCC unroll 2
-      for (int p = 0; p < P; ++p) un[p] = args[p].ur[n];
+      for (int p = 0; p < P; ++p) un[p] = u[p][n];
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
 #pragma GCC unroll 2
@@ -369,6 +368,18 @@ CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* a
       }
     }
   }
+}
+
+// product_block for the P sample vectors args[p], the block stored to args[p].uh and, while it
+// is in registers, its dot products with the `with` arrays added to dj[p][d].
+template <int P, int K, int NDOT, typename T, typename V>
+CAPSNET_INLINE void predict_block(const T* __restrict w, const PredictArgs<V>* args, int64_t jm,
+                                  int64_t N, int64_t M, V (&dj)[P][2]) {
+  const V* u[P];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) u[p] = args[p].ur;
+  V acc[P][K];
+  product_block<P, K>(w, u, N, M, acc);
 #pragma GCC unroll 2
   for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
@@ -535,6 +546,96 @@ void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut, int64_t 
   }
 }
 
+// The first iteration's couplings c^0 [I, J] (c0), the same for every sample: the softmax of
+// the prior alone over j, or (in_caps) over i with lse0 [J] its log-sum-exp. Computed with the
+// vector softmax and exp that the backward recomputes them with, so that both use the same c^0.
+// Returns false, writing nothing, when every c^0 is the same: out_caps without a prior (then
+// 1 / J, or 1 / (J + 1) leaky).
+template <typename T, typename V>
+CAPSNET_INLINE bool first_couplings(const Routing<T>& a, T* c0, T* lse0) {
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  const int64_t I = a.sz.I, J = a.sz.J;
+  if (!a.in_caps && a.prior == nullptr) return false;
+  auto logit = [&](int64_t i, int64_t j) { return a.prior != nullptr ? a.prior[i * J + j] : T(0); };
+  Buffer<V> l(J);
+  if (a.in_caps) {
+    // lse0_j = log(sum_i exp(prior_ij)) (+ exp(0), leaky), L input capsules per vector.
+    for (int64_t j = 0; j < J; ++j) {
+      T mx = a.leaky ? T(0) : -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < I; ++i) mx = std::max(mx, logit(i, j));
+      V sum{};
+      for (int64_t i0 = 0; i0 < I; i0 += L) {
+        V x;
+        for (int64_t k = 0; k < L; ++k) {
+          x[k] = i0 + k < I ? logit(i0 + k, j) - mx : -std::numeric_limits<T>::infinity();
+        }
+        sum += vexp<T>(x);
+      }
+      T total = a.leaky ? std::exp(-mx) : T(0);
+      for (int64_t k = 0; k < L; ++k) total += sum[k];
+      lse0[j] = mx + std::log(total);
+    }
+  }
+  for (int64_t i0 = 0; i0 < I; i0 += L) {
+    const int64_t lanes = std::min(L, I - i0);
+    for (int64_t j = 0; j < J; ++j) {
+      for (int64_t k = 0; k < L; ++k) l[j][k] = k < lanes ? logit(i0 + k, j) : T(0);
+    }
+    if (a.in_caps) {
+      for (int64_t j = 0; j < J; ++j) l[j] = vexp<T>(l[j] - lse0[j]);
+    } else {
+      softmax<T>(l.data(), J, a.leaky);
+    }
+    for (int64_t k = 0; k < lanes; ++k) {
+      for (int64_t j = 0; j < J; ++j) c0[(i0 + k) * J + j] = l[j][k];
+    }
+  }
+  return true;
+}
+
+// The first sweep of a group of nv sample vectors: S [nv, J, M] = s^0 without the bias,
+// sum_i c^0_ij u_hat_ij. c^0 does not depend on the sample, so it is known before u_hat: each
+// block of u_hat_ij is added to S with its coupling while in registers, instead of being
+// stored and read back as in the later sweeps (the sums and their order are those of
+// accumulate_block). c0: c^0 [I, J] from first_couplings, or null when every c^0 is `uniform`.
+template <typename T, typename V>
+CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, const V* ut,
+                                int64_t nv, V* S) {
+  const int64_t I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M;
+  for (int64_t i = 0; i < I; ++i) {
+    const T* w_i = a.w + i * J * N * M;
+    int64_t v = 0;
+    auto vectors = [&](auto pair) CAPSNET_INLINE_LAMBDA {
+      constexpr int P = decltype(pair)::value;
+      const V* u[P];
+      for (int p = 0; p < P; ++p) u[p] = ut + (i * nv + v + p) * N;
+      for (int64_t j = 0; j < J; ++j) {
+        const V c = splat<V>(c0 != nullptr ? c0[i * J + j] : uniform);
+        auto block = [&](int64_t m, auto width) CAPSNET_INLINE_LAMBDA {
+          constexpr int K = decltype(width)::value;
+          V acc[P][K];
+          product_block<P, K>(w_i + j * N * M + m, u, N, M, acc);
+          V* s = S + v * JM + j * M + m;
+#pragma GCC unroll 2
+          for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) s[p * JM + k] += c * acc[p][k];
+          }
+        };
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) block(m, std::integral_constant<int, 8>());
+        for (; m + 4 <= M; m += 4) block(m, std::integral_constant<int, 4>());
+        for (; m < M; ++m) block(m, std::integral_constant<int, 1>());
+      }
+    };
+    // Vectors in pairs with 64-byte vectors (each weight broadcast once for two), as predict.
+    if constexpr (sizeof(V) == 64) {
+      for (; v + 2 <= nv; v += 2) vectors(std::integral_constant<int, 2>());
+    }
+    for (; v < nv; ++v) vectors(std::integral_constant<int, 1>());
+  }
+}
+
 // Forward for groups [grp_begin, grp_end) of KV sample vectors (the last one may be shorter).
 // cached: u_hat of the group is kept for the later sweeps (KV I J M vectors, allocated here).
 template <typename T, int SB>
@@ -547,6 +648,9 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
   Buffer<V> ut(I * KV * N), uh(cached ? KV * I * JM : KV * kCapsBlock * JM),
       l(KV * kCapsBlock * J), dots(KV * J), scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
       norm(KV * J);
+  Buffer<T> c0(a.in_caps || a.prior != nullptr ? I * J : 0), lse0(J);
+  const bool scaled = first_couplings<T, V>(a, c0.data(), lse0.data());
+  const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
   // u_hat of input capsule i0 + ib for vector v: [KV, I, J, M] when cached, else the block's
   // [KV, kCapsBlock, J, M]; either way the block's capsules are JM vectors apart.
   auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
@@ -559,56 +663,61 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
     std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
-      // The online softmax over i starts empty, or (leaky) with the extra logit 0 already in:
-      // max 0 and sum exp(0 - 0) = 1.
-      std::fill(mx.begin(), mx.end(),
-                a.leaky ? V{} : splat<V>(-std::numeric_limits<T>::infinity()));
-      std::fill(norm.begin(), norm.end(), a.leaky ? splat<V>(T(1)) : V{});
-      for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
-        const int64_t nb = std::min(kCapsBlock, I - i0);
-        // u_hat and logits of the block's input capsules, for every vector of the group.
-        for (int64_t ib = 0; ib < nb; ++ib) {
-          const int64_t i = i0 + ib;
-          PredictArgs<V> args[kGroupVectors];
-          for (int64_t v = 0; v < nv; ++v) {
-            args[v] = {&ut[(i * nv + v) * N], uh_at(v, i0, ib), {&Vs[v * JM], nullptr},
-                       &dots[v * J]};
-          }
-          if (t == 0) {
-            predict<0>(a.w + i * JNM, args, nv, J, N, M);
-          } else {
-            predict_or_agree<1>(cached, a.w + i * JNM, args, nv, J, N, M);
-          }
-          for (int64_t v = 0; v < nv; ++v) {
-            V* l_i = &l[(v * kCapsBlock + ib) * J];
-            logits<T, V>(a.prior ? a.prior + i * J : nullptr, t == 0 ? nullptr : &dots[v * J],
-                         l_i, J);
-            if (!a.in_caps) softmax<T>(l_i, J, a.leaky);
-          }
+      if (t == 0) {
+        first_sweep(a, scaled ? c0.data() : nullptr, uniform, ut.data(), nv, S.data());
+        // in_caps: s^0 is normalised already; its log-sum-exp over i is lse0.
+        for (int64_t q = 0; q < KV * J; ++q) {
+          mx[q] = splat<V>(a.in_caps ? lse0[q % J] : T(0));
+          norm[q] = splat<V>(T(1));
         }
-        for (int64_t v = 0; v < nv; ++v) {
-          const V* uh_v = uh_at(v, i0, 0);
-          V* l_v = &l[v * kCapsBlock * J];
-          V* Sv = &S[v * JM];
-          if (!a.in_caps) {
-            accumulate_block<V>(Sv, nullptr, uh_v, l_v, nb, J, M);
-          } else {
-            // Softmax over i in the same sweep (online, as in flash attention): s_j and the
-            // denominator are rescaled by exp(old max - new max) as the maximum grows.
-            for (int64_t j = 0; j < J; ++j) {
-              V& mxj = mx[v * J + j];
-              V top = mxj;
-              for (int64_t ib = 0; ib < nb; ++ib) top = vmax(l_v[ib * J + j], top);
-              scale[j] = vexp<T>(mxj - top);
-              V sum = norm[v * J + j] * scale[j];
-              for (int64_t ib = 0; ib < nb; ++ib) {
-                l_v[ib * J + j] = vexp<T>(l_v[ib * J + j] - top);
-                sum += l_v[ib * J + j];
-              }
-              norm[v * J + j] = sum;
-              mxj = top;
+      } else {
+        // The online softmax over i starts empty, or (leaky) with the extra logit 0 already in:
+        // max 0 and sum exp(0 - 0) = 1.
+        std::fill(mx.begin(), mx.end(),
+                  a.leaky ? V{} : splat<V>(-std::numeric_limits<T>::infinity()));
+        std::fill(norm.begin(), norm.end(), a.leaky ? splat<V>(T(1)) : V{});
+        for (int64_t i0 = 0; i0 < I; i0 += kCapsBlock) {
+          const int64_t nb = std::min(kCapsBlock, I - i0);
+          // u_hat and logits of the block's input capsules, for every vector of the group.
+          for (int64_t ib = 0; ib < nb; ++ib) {
+            const int64_t i = i0 + ib;
+            PredictArgs<V> args[kGroupVectors];
+            for (int64_t v = 0; v < nv; ++v) {
+              args[v] = {&ut[(i * nv + v) * N], uh_at(v, i0, ib), {&Vs[v * JM], nullptr},
+                         &dots[v * J]};
             }
-            accumulate_block<V>(Sv, scale.data(), uh_v, l_v, nb, J, M);
+            // The cache is filled in the second sweep (the first forms no u_hat).
+            predict_or_agree<1>(cached && t > 1, a.w + i * JNM, args, nv, J, N, M);
+            for (int64_t v = 0; v < nv; ++v) {
+              V* l_i = &l[(v * kCapsBlock + ib) * J];
+              logits<T, V>(a.prior ? a.prior + i * J : nullptr, &dots[v * J], l_i, J);
+              if (!a.in_caps) softmax<T>(l_i, J, a.leaky);
+            }
+          }
+          for (int64_t v = 0; v < nv; ++v) {
+            const V* uh_v = uh_at(v, i0, 0);
+            V* l_v = &l[v * kCapsBlock * J];
+            V* Sv = &S[v * JM];
+            if (!a.in_caps) {
+              accumulate_block<V>(Sv, nullptr, uh_v, l_v, nb, J, M);
+            } else {
+              // Softmax over i in the same sweep (online, as in flash attention): s_j and the
+              // denominator are rescaled by exp(old max - new max) as the maximum grows.
+              for (int64_t j = 0; j < J; ++j) {
+                V& mxj = mx[v * J + j];
+                V top = mxj;
+                for (int64_t ib = 0; ib < nb; ++ib) top = vmax(l_v[ib * J + j], top);
+                scale[j] = vexp<T>(mxj - top);
+                V sum = norm[v * J + j] * scale[j];
+                for (int64_t ib = 0; ib < nb; ++ib) {
+                  l_v[ib * J + j] = vexp<T>(l_v[ib * J + j] - top);
+                  sum += l_v[ib * J + j];
+                }
+                norm[v * J + j] = sum;
+                mxj = top;
+              }
+              accumulate_block<V>(Sv, scale.data(), uh_v, l_v, nb, J, M);
+            }
           }
         }
       }
