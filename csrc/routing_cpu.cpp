@@ -126,6 +126,15 @@ constexpr int kDefaultWideBytes = 64;
 #else
 constexpr int kDefaultWideBytes = 32;
 #endif
+// Widest vector register of the default clone's instruction set (shuffles of wider vectors
+// would be emulated: gather_samples then moves lanes one by one).
+#if defined(__AVX512F__)
+constexpr int kDefaultRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr int kDefaultRegisterBytes = 32;
+#else
+constexpr int kDefaultRegisterBytes = 16;
+#endif
 
 // A vector of L values (GCC vector extension) in Bytes bytes: with 32, one AVX register in the
 // x86-64-v3 clone and a pair of SSE registers in the baseline one; with 64 (x86-64-v4 clone
@@ -525,23 +534,71 @@ struct Routing {
   T eps;       // squash_eps
 };
 
+// The shuffle indices of one round of transpose_block: lane k of the first result takes
+// lane k of a where bit h of k is 0, else lane k - h of b (index L + k - h); the second takes
+// lane k + h of a where bit h is 0, else lane k of b.
+template <typename IV, int L, int h, bool second, size_t... k>
+CAPSNET_INLINE IV swap_mask(std::index_sequence<k...>) {
+  return IV{((static_cast<int>(k) & h) == 0 ? static_cast<int>(k) + (second ? h : 0)
+                                             : L + static_cast<int>(k) - (second ? 0 : h))...};
+}
+
+// x[q][k] <-> x[k][q] for the L x L block held in L vectors x: log2(L) rounds, the round for
+// h swapping the off-diagonal h x h blocks of every 2h x 2h block (L two-source shuffles).
+template <typename T, typename V, int h>
+CAPSNET_INLINE void transpose_block(V* x) {
+  if constexpr (h >= 1) {
+    constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
+    using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+    typedef Index IV __attribute__((vector_size(sizeof(V))));
+    const IV first = swap_mask<IV, L, h, false>(std::make_index_sequence<L>{});
+    const IV second = swap_mask<IV, L, h, true>(std::make_index_sequence<L>{});
+#pragma GCC unroll 16
+    for (int q = 0; q < L; ++q) {
+      if ((q & h) != 0) continue;
+      const V lo = x[q], hi = x[q + h];
+      x[q] = __builtin_shuffle(lo, hi, first);
+      x[q + h] = __builtin_shuffle(lo, hi, second);
+    }
+    transpose_block<T, V, h / 2>(x);
+  }
+}
+
 // ut[(i * nv + v) * N + n][k] = u[b0 + v L + k, i, n] for the nv vectors of samples from b0
 // and the input capsules [i_begin, i_end) (lanes past the batch are zero: their u_hat is 0 and
-// every state stays finite).
-template <typename T, typename V>
-void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut, int64_t i_begin = 0,
-                    int64_t i_end = -1) {
+// every state stays finite). Shuffle: transpose L x L blocks of (sample, i N + n) in registers
+// (when the clone has registers of sizeof(V) bytes); else, and for the rows' tail, lane by lane.
+template <bool Shuffle, typename T, typename V>
+CAPSNET_INLINE void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, V* ut,
+                                   int64_t i_begin, int64_t i_end) {
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t I = a.sz.I, N = a.sz.N;
-  if (i_end < 0) i_end = I;
   const int64_t nb = std::min(nv * L, a.sz.B - b0);
   if (nb < nv * L) std::fill(ut + i_begin * nv * N, ut + i_end * nv * N, V{});
-  // Input capsule by input capsule, so that the writes stay within one [nv, N] block.
-  for (int64_t i = i_begin; i < i_end; ++i) {
-    for (int64_t g = 0; g < nb; ++g) {
-      const T* ub = a.u + ((b0 + g) * I + i) * N;
-      V* dst = ut + (i * nv + g / L) * N;
-      for (int64_t n = 0; n < N; ++n) dst[n][g % L] = ub[n];
+  // Element q = i N + n of a sample's row goes to ut[(i nv + v) N + n].
+  auto dst = [&](int64_t v, int64_t q) { return ut + ((q / N) * nv + v) * N + q % N; };
+  const int64_t q_end = i_end * N;
+  for (int64_t v = 0; v < nv; ++v) {
+    const int64_t lanes = std::min(L, nb - v * L);
+    const T* rows = a.u + (b0 + v * L) * I * N;
+    int64_t q = i_begin * N;
+    if constexpr (Shuffle) {
+      for (; q + L <= q_end; q += L) {
+        V x[L];
+        for (int64_t k = 0; k < L; ++k) {
+          if (k < lanes) {
+            __builtin_memcpy(&x[k], rows + k * I * N + q, sizeof(V));
+          } else {
+            x[k] = V{};
+          }
+        }
+        transpose_block<T, V, static_cast<int>(L / 2)>(x);
+        for (int64_t e = 0; e < L; ++e) *dst(v, q + e) = x[e];
+      }
+    }
+    for (; q < q_end; ++q) {
+      V* out = dst(v, q);
+      for (int64_t k = 0; k < lanes; ++k) (*out)[k] = rows[k * I * N + q];
     }
   }
 }
@@ -638,7 +695,8 @@ CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, con
 
 // Forward for groups [grp_begin, grp_end) of KV sample vectors (the last one may be shorter).
 // cached: u_hat of the group is kept for the later sweeps (KV I J M vectors, allocated here).
-template <typename T, int SB>
+// Shuffle: see gather_samples.
+template <bool Shuffle, typename T, int SB>
 CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bool cached,
                                    int64_t grp_begin, int64_t grp_end) {
   using V = typename Lanes<T, SB>::V;
@@ -659,7 +717,7 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
   for (int64_t grp = grp_begin; grp < grp_end; ++grp) {
     const int64_t b0 = grp * KV * L;
     const int64_t nv = std::min(KV, (B - b0 + L - 1) / L);
-    gather_samples(a, b0, nv, ut.data());
+    gather_samples<Shuffle>(a, b0, nv, ut.data(), 0, I);
     std::fill(Vs.begin(), Vs.end(), V{});
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
@@ -1134,14 +1192,20 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
 }
 
 // The kernels of one clone: the bodies above (always inlined) inside functions compiled for
-// the clone's instruction set. kWideBytes: its widest sample vector.
-#define CAPSNET_CLONE_KERNELS(NAME, TARGET, WIDE_BYTES)                                        \
+// the clone's instruction set. kWideBytes: its widest sample vector; REGISTER_BYTES: its widest
+// vector register.
+#define CAPSNET_CLONE_KERNELS(NAME, TARGET, WIDE_BYTES, REGISTER_BYTES)                        \
   struct NAME {                                                                                \
     static constexpr int kWideBytes = WIDE_BYTES;                                              \
     template <typename T, int SB>                                                              \
     TARGET static void forward(const Routing<T>& a, T* v_out, int64_t KV, bool cached,         \
                                int64_t grp_begin, int64_t grp_end) {                           \
-      forward_groups<T, SB>(a, v_out, KV, cached, grp_begin, grp_end);                         \
+      forward_groups<SB <= REGISTER_BYTES, T, SB>(a, v_out, KV, cached, grp_begin, grp_end);   \
+    }                                                                                          \
+    template <typename T, int SB>                                                              \
+    TARGET static void gather(const Routing<T>& a, int64_t nv, typename Lanes<T, SB>::V* ut,   \
+                              int64_t i_begin, int64_t i_end) {                                \
+      gather_samples<SB <= REGISTER_BYTES>(a, 0, nv, ut, i_begin, i_end);                      \
     }                                                                                          \
     template <typename T, int SB>                                                              \
     TARGET static void sweeps(const Routing<T>& a, BackwardState<T, SB>& st, const T* g_out,   \
@@ -1157,10 +1221,10 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
     }                                                                                          \
   };
 
-CAPSNET_CLONE_KERNELS(DefaultKernels, , kDefaultWideBytes)
+CAPSNET_CLONE_KERNELS(DefaultKernels, , kDefaultWideBytes, kDefaultRegisterBytes)
 #if defined(CAPSNET_X86_CLONES)
-CAPSNET_CLONE_KERNELS(X86V3Kernels, CAPSNET_TARGET_X86_V3, 32)
-CAPSNET_CLONE_KERNELS(X86V4Kernels, CAPSNET_TARGET_X86_V4, 64)
+CAPSNET_CLONE_KERNELS(X86V3Kernels, CAPSNET_TARGET_X86_V3, 32, 32)
+CAPSNET_CLONE_KERNELS(X86V4Kernels, CAPSNET_TARGET_X86_V4, 64, 64)
 #endif
 
 // ---- Run-time choices: clone, sample vector width, u_hat cache.
@@ -1358,7 +1422,7 @@ void backward_kernel(const Routing<T>& a, const T* g, T* ds_out, T* du, T* dw, T
   st.VB = vectors;
   st.ut.resize(I * vectors * N);
   at::parallel_for(0, I, 64, [&](int64_t begin, int64_t end) {
-    gather_samples(a, 0, vectors, st.ut.data(), begin, end);
+    Kernels::template gather<T, SB>(a, vectors, st.ut.data(), begin, end);
   });
   st.S.assign(R * vectors * JM, V{});
   st.Vp.assign(R * vectors * JM, V{});
