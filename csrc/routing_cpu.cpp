@@ -13,8 +13,11 @@
 // vector of L samples, so at the MNIST shape its u_hat is L x 737 KB (5.9 MB with 32-byte
 // float32 vectors), more than any L2: there the kernel recomputes (see the README for what
 // the cache gains or costs when forced). The weighted u_hat of kCapsBlock input capsules is
-// added to s in one pass. Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per
-// (t, j) are saved: O(B R J M), never a B x I x J x M tensor.
+// added to s in one pass. The first sweep's couplings c^0 (the softmax of the prior alone) do
+// not depend on the sample: it adds each block of u_hat to s with its coupling while the block
+// is in registers, so u_hat is stored and read back only in the later sweeps (first_sweep).
+// Only s^t, V^{t-1} and (softmax over in_caps) the log-sum-exp per (t, j) are saved:
+// O(B R J M), never a B x I x J x M tensor.
 //
 // Options of the published implementations (docs/ROUTING-MATH.md): a bias [J, M] is added to s^t
 // before every squash (the saved s includes it), leaky routing puts one more logit, fixed at 0,
@@ -894,7 +897,13 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& s
   const int64_t JM = J * M, JNM = J * N * M, VB = st.VB;
   const int64_t nv = v_end - v_begin;
   Buffer<V> uh(cached ? nv * I * JM : nv * kCapsBlock * JM), eb(nv * kCapsBlock * J),
-      dots(nv * 2 * J), D(nv * JM), A(nv * JM), g(JM);
+      dots(nv * 2 * J), D(nv * JM), A(nv * JM), g(JM), ut(I * nv * N);
+  // The group's rows of st.ut ([I, VB, N]), contiguous: [I, nv, N]. Read in place, runs of nv N
+  // vectors VB N apart (1 KB every 4 KB at the MNIST shape), the first loads of each input
+  // capsule's prediction stalled (perf); the forward's own gather is contiguous already.
+  for (int64_t i = 0; i < I; ++i) {
+    std::copy(&st.ut[(i * VB + v_begin) * N], &st.ut[(i * VB + v_end) * N], &ut[i * nv * N]);
+  }
   // u_hat of input capsule i0 + ib for vector v - v_begin, laid out as in forward_groups.
   auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
     return &uh[cached ? (v * I + i0 + ib) * JM : (v * kCapsBlock + ib) * JM];
@@ -930,7 +939,7 @@ CAPSNET_INLINE void backward_sweeps(const Routing<T>& a, BackwardState<T, SB>& s
         // dots [0, J) = u_hat . V^{t-1} (agreement), [J, 2J) = u_hat . ds^t = e.
         PredictArgs<V> args[kGroupVectors];
         for (int64_t v = v_begin; v < v_end; ++v) {
-          args[v - v_begin] = {&st.ut[(i * VB + v) * N], uh_at(v - v_begin, i0, ib),
+          args[v - v_begin] = {&ut[(i * nv + v - v_begin) * N], uh_at(v - v_begin, i0, ib),
                                {&st.Vp[st.state(t, v, JM)], &st.DS[st.state(t, v, JM)]},
                                &dots[(v - v_begin) * 2 * J]};
         }
