@@ -537,6 +537,13 @@ struct Routing {
   T eps;       // squash_eps
 };
 
+// The index vector of __builtin_shuffle for vectors V of T: integers of T's size, as many.
+template <typename T, typename V>
+struct ShuffleIndex {
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index IV __attribute__((vector_size(sizeof(V))));
+};
+
 // The shuffle indices of one round of transpose_block: lane k of the first result takes
 // lane k of a where bit h of k is 0, else lane k - h of b (index L + k - h); the second takes
 // lane k + h of a where bit h is 0, else lane k of b.
@@ -552,8 +559,7 @@ template <typename T, typename V, int h>
 CAPSNET_INLINE void transpose_block(V* x) {
   if constexpr (h >= 1) {
     constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
-    using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-    typedef Index IV __attribute__((vector_size(sizeof(V))));
+    using IV = typename ShuffleIndex<T, V>::IV;
     const IV first = swap_mask<IV, L, h, false>(std::make_index_sequence<L>{});
     const IV second = swap_mask<IV, L, h, true>(std::make_index_sequence<L>{});
 #pragma GCC unroll 16
@@ -987,8 +993,7 @@ template <typename T, typename V, int n>
 CAPSNET_INLINE void pair_rounds(V* x) {
   if constexpr (n > 1) {
     constexpr int L = static_cast<int>(sizeof(V) / sizeof(T));
-    using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-    typedef Index IV __attribute__((vector_size(sizeof(V))));
+    using IV = typename ShuffleIndex<T, V>::IV;
     const IV lo = pair_mask<IV, L, n, false>(std::make_index_sequence<L>{});
     const IV hi = pair_mask<IV, L, n, true>(std::make_index_sequence<L>{});
 #pragma GCC unroll 8
