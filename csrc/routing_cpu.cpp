@@ -662,8 +662,9 @@ CAPSNET_INLINE bool first_couplings(const Routing<T>& a, T* c0, T* lse0) {
 // The first sweep of a group of nv sample vectors: S [nv, J, M] = s^0 without the bias,
 // sum_i c^0_ij u_hat_ij. c^0 does not depend on the sample, so it is known before u_hat: each
 // block of u_hat_ij is added to S with its coupling while in registers, instead of being
-// stored and read back as in the later sweeps (the sums and their order are those of
-// accumulate_block). c0: c^0 [I, J] from first_couplings, or null when every c^0 is `uniform`.
+// stored and read back as in the later sweeps (softmax over j: the sums and their order are
+// those of accumulate_block; over i, c^0 comes normalised instead of from the online softmax).
+// c0: c^0 [I, J] from first_couplings, or null when every c^0 is `uniform`.
 template <typename T, typename V>
 CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, const V* ut,
                                 int64_t nv, V* S) {
@@ -716,7 +717,7 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
       l(KV * kCapsBlock * J), dots(KV * J), scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
       norm(KV * J);
   Buffer<T> c0(a.in_caps || a.prior != nullptr ? I * J : 0), lse0(J);
-  const bool scaled = first_couplings<T, V>(a, c0.data(), lse0.data());
+  const bool c0_varies = first_couplings<T, V>(a, c0.data(), lse0.data());
   const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
   // u_hat of input capsule i0 + ib for vector v: [KV, I, J, M] when cached, else the block's
   // [KV, kCapsBlock, J, M]; either way the block's capsules are JM vectors apart.
@@ -731,7 +732,7 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
       if (t == 0) {
-        first_sweep(a, scaled ? c0.data() : nullptr, uniform, ut.data(), nv, S.data());
+        first_sweep(a, c0_varies ? c0.data() : nullptr, uniform, ut.data(), nv, S.data());
         // in_caps: s^0 is normalised already; its log-sum-exp over i is lse0.
         for (int64_t q = 0; q < KV * J; ++q) {
           mx[q] = splat<V>(a.in_caps ? lse0[q % J] : T(0));
