@@ -615,13 +615,11 @@ CAPSNET_INLINE void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, 
 // The first iteration's couplings c^0 [I, J] (c0), the same for every sample: the softmax of
 // the prior alone over j, or (in_caps) over i with lse0 [J] its log-sum-exp. Computed with the
 // vector softmax and exp that the backward recomputes them with, so that both use the same c^0.
-// Returns false, writing nothing, when every c^0 is the same: out_caps without a prior (then
-// 1 / J, or 1 / (J + 1) leaky).
+// Not called when every c^0 is the same (out_caps without a prior: 1 / J, or 1 / (J + 1) leaky).
 template <typename T, typename V>
-CAPSNET_INLINE bool first_couplings(const Routing<T>& a, T* c0, T* lse0) {
+CAPSNET_INLINE void first_couplings(const Routing<T>& a, T* c0, T* lse0) {
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const int64_t I = a.sz.I, J = a.sz.J;
-  if (!a.in_caps && a.prior == nullptr) return false;
   auto logit = [&](int64_t i, int64_t j) { return a.prior != nullptr ? a.prior[i * J + j] : T(0); };
   Buffer<V> l(J);
   if (a.in_caps) {
@@ -656,7 +654,6 @@ CAPSNET_INLINE bool first_couplings(const Routing<T>& a, T* c0, T* lse0) {
       for (int64_t j = 0; j < J; ++j) c0[(i0 + k) * J + j] = l[j][k];
     }
   }
-  return true;
 }
 
 // The first sweep of a group of nv sample vectors: S [nv, J, M] = s^0 without the bias,
@@ -716,8 +713,9 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
   Buffer<V> ut(I * KV * N), uh(cached ? KV * I * JM : KV * kCapsBlock * JM),
       l(KV * kCapsBlock * J), dots(KV * J), scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
       norm(KV * J);
-  Buffer<T> c0(a.in_caps || a.prior != nullptr ? I * J : 0), lse0(J);
-  const bool c0_varies = first_couplings<T, V>(a, c0.data(), lse0.data());
+  const bool c0_varies = a.in_caps || a.prior != nullptr;
+  Buffer<T> c0(c0_varies ? I * J : 0), lse0(J);
+  if (c0_varies) first_couplings<T, V>(a, c0.data(), lse0.data());
   const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
   // u_hat of input capsule i0 + ib for vector v: [KV, I, J, M] when cached, else the block's
   // [KV, kCapsBlock, J, M]; either way the block's capsules are JM vectors apart.
