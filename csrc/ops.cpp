@@ -26,4 +26,7 @@ TORCH_LIBRARY(capsnet_fused, m) {
   // ("x86-64-v4", "x86-64-v3" or "default"), the L2 bytes per core read at run time and the
   // u_hat cache setting with its decision at the MNIST shape (routing_cpu.cpp).
   m.def("cpp_kernel_info() -> str");
+  // Frees the large scratch blocks that the CPU kernels keep between calls (at most 64 MB;
+  // routing_cpu.cpp, ScratchPool) and returns their bytes.
+  m.def("cpp_release_scratch() -> int");
 }

@@ -52,8 +52,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -150,23 +152,108 @@ struct Lanes {
   static constexpr int64_t L = Bytes / sizeof(T);
 };
 
+// Large scratch blocks, kept between calls. glibc's malloc hands freed large blocks back to the
+// system (it unmaps them or trims the heap), and in some processes it did so after every call:
+// the backward's buffers and outputs (about 12 MB at the MNIST shape, B = 128) then came back
+// as fresh pages, about 3000 page faults per call, and the backward took 1.2x its time in a
+// process without them (Zen 5 VM; `python bench/ab_yardstick.py OLD NEW --default-malloc`).
+// Buffers of at least kPooledBytes are therefore taken from this pool (the smallest free
+// block that fits, from any thread) and given back to it, which keeps at most kPoolCapBytes
+// of free blocks; cpp_release_scratch() frees them. With the pool the torch outputs stopped
+// faulting too (glibc no longer trimmed the heap they come from).
+constexpr size_t kPooledBytes = size_t{64} << 10;
+constexpr size_t kPoolCapBytes = size_t{64} << 20;
+
+class ScratchPool {
+ public:
+  static ScratchPool& get() {
+    static ScratchPool pool;
+    return pool;
+  }
+  ScratchPool(const ScratchPool&) = delete;
+  ScratchPool& operator=(const ScratchPool&) = delete;
+  ~ScratchPool() { release_all(); }
+
+  // A 64-byte aligned block of at least `bytes` (a multiple of 64); *got: its size.
+  void* acquire(size_t bytes, size_t* got) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->bytes >= bytes && (best == free_.end() || it->bytes < best->bytes)) best = it;
+      }
+      // A block more than twice the size asked for stays free for a larger request.
+      if (best != free_.end() && best->bytes <= 2 * bytes) {
+        void* p = best->data;
+        *got = best->bytes;
+        free_bytes_ -= best->bytes;
+        free_.erase(best);
+        return p;
+      }
+    }
+    *got = bytes;
+    return std::aligned_alloc(64, bytes);
+  }
+
+  void release(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (free_bytes_ + bytes <= kPoolCapBytes) {
+        free_.push_back({p, bytes});
+        free_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  // Frees every free block; returns their bytes.
+  size_t release_all() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t bytes = free_bytes_;
+    for (const Block& b : free_) std::free(b.data);
+    free_.clear();
+    free_bytes_ = 0;
+    return bytes;
+  }
+
+ private:
+  ScratchPool() = default;
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  std::mutex mutex_;
+  std::vector<Block> free_;
+  size_t free_bytes_ = 0;
+};
+
 // A 64-byte aligned array of vectors (std::vector<V> returned 16-byte aligned storage here
-// and the aligned vector stores crashed).
+// and the aligned vector stores crashed) of float32 / float64 lanes; large ones from the
+// ScratchPool.
 template <typename V>
 class Buffer {
  public:
   explicit Buffer(int64_t n = 0) { resize(n); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { std::free(data_); }
+  ~Buffer() { deallocate(); }
   // Contents are unspecified after a resize that grows the buffer.
   void resize(int64_t n) {
     if (n > capacity_) {
-      std::free(data_);
+      deallocate();
       const size_t bytes = (static_cast<size_t>(n) * sizeof(V) + 63) / 64 * 64;
-      data_ = static_cast<V*>(std::aligned_alloc(64, bytes));
+      if (bytes >= kPooledBytes) {
+        data_ = static_cast<V*>(ScratchPool::get().acquire(bytes, &bytes_));
+      } else {
+        data_ = static_cast<V*>(std::aligned_alloc(64, bytes));
+        bytes_ = bytes;
+      }
       TORCH_CHECK(data_ != nullptr, "capsnet_fused: out of memory (", bytes, " bytes)");
-      capacity_ = n;
+      capacity_ = static_cast<int64_t>(bytes_ / sizeof(V));
+      // Under the tests' poisoning, scratch starts as NaN (all bits set) too: a value read
+      // before it is written then shows, whether the block is fresh or from the pool.
+      if (poison_outputs()) std::memset(static_cast<void*>(data_), 0xFF, bytes_);
     }
     size_ = n;
   }
@@ -182,7 +269,18 @@ class Buffer {
   const V& operator[](int64_t k) const { return data_[k]; }
 
  private:
+  void deallocate() {
+    if (data_ == nullptr) return;
+    if (bytes_ >= kPooledBytes) {
+      ScratchPool::get().release(data_, bytes_);
+    } else {
+      std::free(data_);
+    }
+    data_ = nullptr;
+    capacity_ = 0;
+  }
   V* data_ = nullptr;
+  size_t bytes_ = 0;
   int64_t size_ = 0, capacity_ = 0;
 };
 
@@ -1589,9 +1687,14 @@ TORCH_LIBRARY_IMPL(capsnet_fused, CPU, m) {
   m.impl("cpp_routing_bwd", &routing_bwd_cpu);
 }
 
+// Frees the scratch blocks the CPU kernels keep between calls (ScratchPool); returns their
+// bytes.
+int64_t cpp_release_scratch() { return static_cast<int64_t>(ScratchPool::get().release_all()); }
+
 // No tensor arguments, so no backend key to dispatch on: registered for every backend.
 TORCH_LIBRARY_IMPL(capsnet_fused, CompositeExplicitAutograd, m) {
   m.impl("cpp_kernel_info", &cpp_kernel_info);
+  m.impl("cpp_release_scratch", &cpp_release_scratch);
 }
 
 }  // namespace capsnet_fused

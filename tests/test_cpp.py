@@ -238,6 +238,47 @@ def test_shared_logits_threads_do_not_change_results():
             assert torch.equal(a, b)
 
 
+def test_scratch_blocks_are_kept_between_calls_and_released():
+    # Large scratch buffers go back to a pool after a call (csrc/routing_cpu.cpp, ScratchPool)
+    # instead of to glibc, which returned them to the system and made every call fault them in
+    # again; cpp_release_scratch frees the pool. Results must not depend on whether a call got
+    # fresh blocks or blocks a previous call wrote.
+    shape = Shape(64, 1152, 10, 8, 16, 3)  # u in sample lanes alone is over 1 MB
+    u, weight, prior, grad = make_inputs(shape, False, dtype=torch.float32)
+    OPS.cpp_release_scratch()
+    first = run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
+    kept = OPS.cpp_release_scratch()
+    assert kept >= 1 << 20
+    assert OPS.cpp_release_scratch() == 0
+    run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
+    again = run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
+    for a, b in zip([first[0], *first[1]], [again[0], *again[1]], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_concurrent_calls_match_serial_calls():
+    # Calls from several Python threads share the scratch pool (and the kernels' thread pool).
+    import concurrent.futures
+
+    shapes = [Shape(40, 300, 10, 8, 16, 3), Shape(17, 500, 6, 4, 8, 2)]
+    cases = []
+    for seed, shape in enumerate(shapes * 2):
+        u, weight, prior, grad = make_inputs(shape, True, dtype=torch.float32, seed=seed)
+        cases.append((u, weight, prior, grad, shape.R))
+
+    def run(case):
+        u, weight, prior, grad, R = case
+        v, grads = run_with_grads(cpp_routing, u, weight, prior, grad, iterations=R)
+        return [v, *grads]
+
+    serial = [run(case) for case in cases]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(run, cases * 3))
+    for k, results in enumerate(concurrent):
+        for a, b in zip(serial[k % len(cases)], results, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_flush_to_zero_is_restored_after_the_kernels():
     # The kernels flush float32 denormals to zero while they run (csrc/routing_cpu.cpp) and
     # must hand the thread back in its previous floating-point mode.

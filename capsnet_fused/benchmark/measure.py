@@ -218,8 +218,13 @@ def _reset_peak_rss() -> bool:
 
 
 def _release_freed_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS (glibc), before a baseline."""
+    """Collect garbage, free the scratch blocks the cpp kernels keep between calls (so that the
+    measured call allocates them again and its peak counts them) and hand freed heap memory
+    back to the OS (glibc), before a baseline."""
     gc.collect()
+    release_scratch = getattr(torch.ops.capsnet_fused, "cpp_release_scratch", None)
+    if release_scratch is not None:
+        release_scratch()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):
