@@ -6,6 +6,7 @@ tests/test_backends.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -258,8 +259,6 @@ def test_scratch_blocks_are_kept_between_calls_and_released():
 
 def test_concurrent_calls_match_serial_calls():
     # Calls from several Python threads share the scratch pool (and the kernels' thread pool).
-    import concurrent.futures
-
     shapes = [Shape(40, 300, 10, 8, 16, 3), Shape(17, 500, 6, 4, 8, 2)]
     cases = []
     for seed, shape in enumerate(shapes * 2):
@@ -273,8 +272,8 @@ def test_concurrent_calls_match_serial_calls():
 
     serial = [run(case) for case in cases]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        concurrent = list(pool.map(run, cases * 3))
-    for k, results in enumerate(concurrent):
+        parallel = list(pool.map(run, cases * 3))
+    for k, results in enumerate(parallel):
         for a, b in zip(serial[k % len(cases)], results, strict=True):
             assert torch.equal(a, b)
 
