@@ -64,6 +64,7 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#include <pthread.h>
 #include <unistd.h>
 
 #include "routing_common.h"
@@ -218,7 +219,12 @@ class ScratchPool {
   }
 
  private:
-  ScratchPool() = default;
+  // fork() while another thread holds the lock would leave it locked forever in the child (a
+  // DataLoader worker, say): the forking thread takes it first and both sides release it.
+  ScratchPool() {
+    pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); },
+                   [] { get().mutex_.unlock(); });
+  }
   struct Block {
     void* data;
     size_t bytes;
