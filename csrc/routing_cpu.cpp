@@ -778,7 +778,9 @@ CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, con
       const V* u[P];
       for (int p = 0; p < P; ++p) u[p] = ut + (i * nv + v + p) * N;
       for (int64_t j = 0; j < J; ++j) {
-        const V c = splat<V>(c0 != nullptr ? c0[i * J + j] : uniform);
+        // A scalar: c * acc compiles to FMAs with the coupling broadcast from memory, where a
+        // splat of it here became one masked broadcast per lane (GCC 12, x86-64-v4 clone).
+        const T c = c0 != nullptr ? c0[i * J + j] : uniform;
         auto block = [&](int64_t m, auto width) CAPSNET_INLINE_LAMBDA {
           constexpr int K = decltype(width)::value;
           V acc[P][K];
