@@ -28,10 +28,7 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
-
+#include "cpu_scratch.h"
 #include "routing_common.h"
 
 // The 32-byte vector helpers are always inlined, so the ABI of passing them by value (which GCC
@@ -74,41 +71,6 @@ constexpr int64_t kDepth = 256;
 // Input capsules per task of the gradient pass: the saved ds^t and v^t rows of a sample are
 // read once for the block (at the MNIST shape the block's transposed W and dW take 80 KB).
 constexpr int64_t kCapsBlock = 8;
-
-// A 64-byte aligned scratch array of T (aligned vector loads and stores).
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) : n_(std::max<int64_t>(n, 1)) {
-    const size_t bytes = (static_cast<size_t>(n_) * sizeof(T) + 63) / 64 * 64;
-    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(data_ != nullptr, "capsnet_fused: out of memory (", bytes, " bytes)");
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  ~Scratch() { std::free(data_); }
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  void zero() { std::fill(data_, data_ + n_, T(0)); }
-
- private:
-  int64_t n_;
-  T* data_ = nullptr;
-};
-
-// Flush-to-zero and denormals-are-zero on the calling thread for the lifetime of the object, as
-// in routing_cpu.cpp: saturated couplings times u give float32 denormals, which cost this CPU
-// about a hundred cycles each.
-class FlushDenormals {
- public:
-#if defined(__SSE__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 // at::parallel_for over n tasks of about `work` multiply-adds each, with a grain that gives
 // each thread at least kThreadWork of them: every parallel region ends in a barrier, which on a
@@ -264,7 +226,7 @@ void rows_gemm(const Layout& z, const T* u, const T* F, const T* w, T* P, T* Y) 
   pack_scaled_weight(z, F, w, P);
   const int64_t tasks = (z.B + kTaskRows - 1) / kTaskRows * z.NP;
   parallel_tasks(tasks, kTaskRows * z.K * z.PW, [&](int64_t begin, int64_t end) {
-    Scratch<T> ua(kTaskRows * padded_stride<T>(kDepth));
+    Buffer<T> ua(kTaskRows * padded_stride<T>(kDepth));
     rows_gemm_tasks<T>(z, u, P, Y, ua.data(), begin, end);
   });
 }
@@ -339,7 +301,7 @@ void batch_agreement(const Layout& z, const T* u, const T* w, const T* Z, int64_
   const int64_t caps = agreement_caps(z.N);
   const int64_t tasks = (z.I + caps - 1) / caps;
   parallel_tasks(tasks, caps * z.N * z.B * z.NPW, [&](int64_t begin, int64_t end) {
-    Scratch<T> ut(caps * z.N * padded_stride<T>(z.B)), g(caps * z.N * z.NPW);
+    Buffer<T> ut(caps * z.N * padded_stride<T>(z.B)), g(caps * z.N * z.NPW);
     agreement_tasks<T>(z, u, w, Z, z_row, A, ut.data(), g.data(), begin, end);
   });
 }
@@ -461,7 +423,7 @@ template <typename T>
 void shared_forward(const SharedRouting<T>& a, const SharedStates<T>& out, T* v_out) {
   const Layout& z = a.z;
   const int64_t IJ = z.I * z.J;
-  Scratch<T> logits(IJ), P(z.NP * z.PS), Y(z.B * z.NPW), Zv(z.B * z.NPW), A(IJ);
+  Buffer<T> logits(IJ), P(z.NP * z.PS), Y(z.B * z.NPW), Zv(z.B * z.NPW), A(IJ);
   for (int64_t q = 0; q < IJ; ++q) logits.data()[q] = a.prior ? a.prior[q] : T(0);
   // v^t padded to NPW columns for the agreements (the padding stays 0).
   Zv.zero();
@@ -509,9 +471,9 @@ CAPSNET_SHARED_KERNEL void gradient_blocks(const SharedRouting<T>& a, const Shar
   const int64_t t0 = plan.detach_inner ? z.R - 1 : 0;
   // Per capsule of the block: the coefficients of ds^t and v^t per column, W_i and dW_i with
   // their columns in the padded (j, m) layout.
-  Scratch<T> cq(kCapsBlock * z.R * z.NPW), dq(kCapsBlock * z.R * z.NPW), duh(z.NPW);
-  Scratch<T> wt(plan.need_du ? kCapsBlock * z.N * z.NPW : 0);
-  Scratch<T> dwt(plan.need_dw ? kCapsBlock * z.N * z.NPW : 0);
+  Buffer<T> cq(kCapsBlock * z.R * z.NPW), dq(kCapsBlock * z.R * z.NPW), duh(z.NPW);
+  Buffer<T> wt(plan.need_du ? kCapsBlock * z.N * z.NPW : 0);
+  Buffer<T> dwt(plan.need_dw ? kCapsBlock * z.N * z.NPW : 0);
   V* h = reinterpret_cast<V*>(duh.data());
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
     const int64_t i0 = blk * kCapsBlock, nb = std::min(kCapsBlock, z.I - i0);
@@ -594,10 +556,10 @@ void shared_backward(const SharedRouting<T>& a, const SharedPlan& plan, const T*
   const Layout& z = a.z;
   const int64_t IJ = z.I * z.J;
   // ds^t and v^t per sample in the padded column layout ([B, R, NPW], padding 0).
-  Scratch<T> DS(z.B * z.R * z.NPW), VP(z.B * z.R * z.NPW);
-  Scratch<T> P(plan.carry() && z.R > 1 ? z.NP * z.PS : 0), Y(z.B * z.NPW);
+  Buffer<T> DS(z.B * z.R * z.NPW), VP(z.B * z.R * z.NPW);
+  Buffer<T> P(plan.carry() && z.R > 1 ? z.NP * z.PS : 0), Y(z.B * z.NPW);
   // D = dL/d(logits after iteration t) while going back; Dk[t] = kappa D^{t+1}.
-  Scratch<T> D(IJ), F(IJ), E(IJ), dl(IJ), Dk(z.R * IJ);
+  Buffer<T> D(IJ), F(IJ), E(IJ), dl(IJ), Dk(z.R * IJ);
   DS.zero();
   VP.zero();
   D.zero();

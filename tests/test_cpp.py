@@ -239,20 +239,22 @@ def test_shared_logits_threads_do_not_change_results():
             assert torch.equal(a, b)
 
 
-def test_scratch_blocks_are_kept_between_calls_and_released():
-    # Large scratch buffers go back to a pool after a call (csrc/routing_cpu.cpp, ScratchPool)
+@pytest.mark.parametrize("shared_logits", [None, "mean"], ids=["per-sample", "shared"])
+def test_scratch_blocks_are_kept_between_calls_and_released(shared_logits):
+    # Large scratch buffers go back to a pool after a call (csrc/cpu_scratch.h, ScratchPool)
     # instead of to glibc, which returned them to the system and made every call fault them in
-    # again; cpp_release_scratch frees the pool. Results must not depend on whether a call got
-    # fresh blocks or blocks a previous call wrote.
+    # again; cpp_release_scratch frees the pool, which the shared-logits kernels use as well.
+    # Results must not depend on whether a call got fresh blocks or blocks a previous call wrote.
     shape = Shape(64, 1152, 10, 8, 16, 3)  # u in sample lanes alone is over 1 MB
     u, weight, prior, grad = make_inputs(shape, False, dtype=torch.float32)
+    kwargs = dict(iterations=3, shared_logits=shared_logits)
     OPS.cpp_release_scratch()
-    first = run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
+    first = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
     kept = OPS.cpp_release_scratch()
     assert kept >= 1 << 20
     assert OPS.cpp_release_scratch() == 0
-    run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
-    again = run_with_grads(cpp_routing, u, weight, prior, grad, iterations=3)
+    run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
+    again = run_with_grads(cpp_routing, u, weight, prior, grad, **kwargs)
     for a, b in zip([first[0], *first[1]], [again[0], *again[1]], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
 
