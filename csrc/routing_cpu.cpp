@@ -31,7 +31,8 @@
 //      backwards (u_hat recomputed or cached as in the forward). They give ds^t = dL/ds^t for
 //      every t (B R J M values, as the saved s and V).
 //   2. parallel over input capsules: per sample vector, u_hat_i is predicted once more and,
-//      from it, every iteration's couplings alpha^t = c^t and logit gradients beta^t = dl^t,
+//      from it, every iteration's couplings alpha^t = c^t (c^0, the same for every sample,
+//      once per call) and logit gradients beta^t = dl^t,
 //      so that no per-(t, i, sample) state passes between the phases (an earlier design kept
 //      alpha and beta, 2 R I J values per sample: 35 MB of traffic at B = 128). Then
 //      du_hat_bij = sum_t alpha^t ds^t_bj + beta^t V^{t-1}_bj, du [B, I, N] = W^T du_hat
@@ -562,8 +563,9 @@ CAPSNET_INLINE void gather_samples(const Routing<T>& a, int64_t b0, int64_t nv, 
 
 // The first iteration's couplings c^0 [I, J] (c0), the same for every sample: the softmax of
 // the prior alone over j, or (in_caps) over i with lse0 [J] its log-sum-exp. Computed with the
-// vector softmax and exp that the backward recomputes them with, so that both use the same c^0.
-// Not called when every c^0 is the same (out_caps without a prior: 1 / J, or 1 / (J + 1) leaky).
+// vector softmax and exp of the later iterations' couplings; the forward's first sweep and the
+// backward's phase 2 both take c^0 from here. Not called when every c^0 is the same (out_caps
+// without a prior: 1 / J, or 1 / (J + 1) leaky).
 template <typename T, typename V>
 CAPSNET_INLINE void first_couplings(const Routing<T>& a, T* c0, T* lse0) {
   constexpr int64_t L = sizeof(V) / sizeof(T);
@@ -978,6 +980,7 @@ constexpr int64_t kWeightBlockVectors = 8;
 template <typename T, int SB>
 CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB>& st,
                                   const BackwardPlan& plan, int64_t i, int64_t v,
+                                  const typename Lanes<T, SB>::V* c0_i,
                                   typename Lanes<T, SB>::V* uh, typename Lanes<T, SB>::V* coef,
                                   typename Lanes<T, SB>::V* d, typename Lanes<T, SB>::V* dp) {
   using V = typename Lanes<T, SB>::V;
@@ -991,12 +994,14 @@ CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB
       const V* ds = &st.DS[st.state(t, v, JM)];
       if (t > 0) {
         agree<2>(PredictArgs<V>{nullptr, uh, {&st.Vp[st.state(t, v, JM)], ds}, c}, J, M);
-      } else if (beta) {
-        // u_hat . ds^0 only enters beta^0 (dprior); c^0 needs no agreement.
-        agree<1>(PredictArgs<V>{nullptr, uh, {ds, nullptr}, e}, J, M);
+        logits<T, V>(a.prior ? a.prior + i * J : nullptr, c, c, J);
+        couplings<T, SB>(a, st, t, v, c);
+      } else {
+        // u_hat . ds^0 only enters beta^0 (dprior); c^0 needs no agreement and is the same
+        // for every sample.
+        if (beta) agree<1>(PredictArgs<V>{nullptr, uh, {ds, nullptr}, e}, J, M);
+        std::copy(c0_i, c0_i + J, c);
       }
-      logits<T, V>(a.prior ? a.prior + i * J : nullptr, t > 0 ? c : nullptr, c, J);
-      couplings<T, SB>(a, st, t, v, c);
     }
     if (beta) {
       logit_gradients<T, SB>(a, st, t, v, c, e);
@@ -1125,9 +1130,17 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
   const int64_t J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M, JNM = J * N * M, VB = st.VB;
   const int64_t block = std::min(VB, kWeightBlockVectors);
   // u_hat_i of two sample vectors (predicted in pairs), du_hat_i of the block's.
-  Buffer<V> uh(2 * JM), duh(block * JM), dp(J), coef(2 * a.sz.R * J);
+  Buffer<V> uh(2 * JM), duh(block * JM), dp(J), coef(2 * a.sz.R * J), c0_i(J);
+  // c^0, the softmax of the prior alone, does not depend on the sample: computed once (as the
+  // forward's first sweep does, so that the values are those the per-sample softmax gave),
+  // not for every sample vector.
+  const bool c0_varies = a.in_caps || a.prior != nullptr;
+  Buffer<T> c0(c0_varies ? a.sz.I * J : 0), lse0(J);
+  if (c0_varies) first_couplings<T, V>(a, c0.data(), lse0.data());
+  const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
   for (int64_t i = i_begin; i < i_end; ++i) {
     dp.assign(J, V{});
+    for (int64_t j = 0; j < J; ++j) c0_i[j] = splat<V>(c0_varies ? c0[i * J + j] : uniform);
     for (int64_t v0 = 0; v0 < VB; v0 += block) {
       const int64_t nv = std::min(block, VB - v0);
       for (int64_t v1 = v0; v1 < v0 + nv; v1 += 2) {
@@ -1140,7 +1153,8 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
         predict<0>(a.w + i * JNM, args, pair, J, N, M);
         for (int64_t v = v1; v < v1 + pair; ++v) {
           V* d = &duh[(v - v0) * JM];
-          uhat_gradient<T, SB>(a, st, plan, i, v, &uh[(v - v1) * JM], coef.data(), d, dp.data());
+          uhat_gradient<T, SB>(a, st, plan, i, v, c0_i.data(), &uh[(v - v1) * JM], coef.data(), d,
+                               dp.data());
           if (du != nullptr) input_gradient<T, SB>(a, i, v, d, du);
         }
       }
