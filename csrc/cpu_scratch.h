@@ -160,8 +160,8 @@ class Buffer {
 };
 
 // Flush-to-zero and denormals-are-zero for the lifetime of the object, on the calling thread.
-// Saturated couplings (c near e^-87) times u_hat (or u) give float32 denormals, which cost this CPU
-// about a hundred cycles each: one sweep with them ran at half speed. Values below 1.2e-38
+// Saturated couplings (c near e^-87) times u_hat (or u) give float32 denormals, which cost
+// this CPU about a hundred cycles each: one sweep with them ran at half speed. Values below 1.2e-38
 // (float32) or 2.2e-308 (float64) become 0, far below the kernels' rounding error.
 class FlushDenormals {
  public:

@@ -606,14 +606,35 @@ CAPSNET_INLINE void first_couplings(const Routing<T>& a, T* c0, T* lse0) {
   }
 }
 
+// c^0 of every input capsule: first_couplings' values, or one value for all of them (out_caps
+// without a prior: 1 / J, or 1 / (J + 1) leaky), where first_couplings is not called.
+template <typename T>
+struct FirstCouplings {
+  Buffer<T> c0, lse0;  // [I, J] when varies; [J] (in_caps: lse0 of first_couplings)
+  bool varies = false;
+  T uniform = 0;
+  T at(int64_t i, int64_t j, int64_t J) const { return varies ? c0[i * J + j] : uniform; }
+};
+
+template <typename T, typename V>
+CAPSNET_INLINE void compute_first_couplings(const Routing<T>& a, FirstCouplings<T>& f) {
+  const int64_t I = a.sz.I, J = a.sz.J;
+  f.varies = a.in_caps || a.prior != nullptr;
+  f.uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
+  f.lse0.resize(J);
+  if (f.varies) {
+    f.c0.resize(I * J);
+    first_couplings<T, V>(a, f.c0.data(), f.lse0.data());
+  }
+}
+
 // The first sweep of a group of nv sample vectors: S [nv, J, M] = s^0 without the bias,
 // sum_i c^0_ij u_hat_ij. c^0 does not depend on the sample, so it is known before u_hat: each
 // block of u_hat_ij is added to S with its coupling while in registers, instead of being
 // stored and read back as in the later sweeps (softmax over j: the sums and their order are
 // those of accumulate_block; over i, c^0 comes normalised instead of from the online softmax).
-// c0: c^0 [I, J] from first_couplings, or null when every c^0 is `uniform`.
 template <typename T, typename V>
-CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, const V* ut,
+CAPSNET_INLINE void first_sweep(const Routing<T>& a, const FirstCouplings<T>& c0, const V* ut,
                                 int64_t nv, V* S) {
   const int64_t I = a.sz.I, J = a.sz.J, N = a.sz.N, M = a.sz.M, JM = J * M;
   for (int64_t i = 0; i < I; ++i) {
@@ -626,7 +647,7 @@ CAPSNET_INLINE void first_sweep(const Routing<T>& a, const T* c0, T uniform, con
       for (int64_t j = 0; j < J; ++j) {
         // A scalar: c * acc compiles to FMAs with the coupling broadcast from memory, where a
         // splat of it here became one masked broadcast per lane (GCC 12, x86-64-v4 clone).
-        const T c = c0 != nullptr ? c0[i * J + j] : uniform;
+        const T c = c0.at(i, j, J);
         auto block = [&](int64_t m, auto width) CAPSNET_INLINE_LAMBDA {
           constexpr int K = decltype(width)::value;
           V acc[P][K];
@@ -665,10 +686,8 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
   Buffer<V> ut(I * KV * N), uh(cached ? KV * I * JM : KV * kCapsBlock * JM),
       l(KV * kCapsBlock * J), dots(KV * J), scale(J), Vs(KV * JM), S(KV * JM), mx(KV * J),
       norm(KV * J);
-  const bool c0_varies = a.in_caps || a.prior != nullptr;
-  Buffer<T> c0(c0_varies ? I * J : 0), lse0(J);
-  if (c0_varies) first_couplings<T, V>(a, c0.data(), lse0.data());
-  const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
+  FirstCouplings<T> c0;
+  compute_first_couplings<T, V>(a, c0);
   // u_hat of input capsule i0 + ib for vector v: [KV, I, J, M] when cached, else the block's
   // [KV, kCapsBlock, J, M]; either way the block's capsules are JM vectors apart.
   auto uh_at = [&](int64_t v, int64_t i0, int64_t ib) CAPSNET_INLINE_LAMBDA {
@@ -682,10 +701,10 @@ CAPSNET_INLINE void forward_groups(const Routing<T>& a, T* v_out, int64_t KV, bo
     for (int64_t t = 0; t < R; ++t) {
       std::fill(S.begin(), S.end(), V{});
       if (t == 0) {
-        first_sweep(a, c0_varies ? c0.data() : nullptr, uniform, ut.data(), nv, S.data());
+        first_sweep(a, c0, ut.data(), nv, S.data());
         // in_caps: s^0 is normalised already; its log-sum-exp over i is lse0.
         for (int64_t q = 0; q < KV * J; ++q) {
-          mx[q] = splat<V>(a.in_caps ? lse0[q % J] : T(0));
+          mx[q] = splat<V>(a.in_caps ? c0.lse0[q % J] : T(0));
           norm[q] = splat<V>(T(1));
         }
       } else {
@@ -1134,13 +1153,11 @@ CAPSNET_INLINE void backward_capsules(const Routing<T>& a, const BackwardState<T
   // c^0, the softmax of the prior alone, does not depend on the sample: computed once (as the
   // forward's first sweep does, so that the values are those the per-sample softmax gave),
   // not for every sample vector.
-  const bool c0_varies = a.in_caps || a.prior != nullptr;
-  Buffer<T> c0(c0_varies ? a.sz.I * J : 0), lse0(J);
-  if (c0_varies) first_couplings<T, V>(a, c0.data(), lse0.data());
-  const T uniform = T(1) / static_cast<T>(J + (a.leaky ? 1 : 0));
+  FirstCouplings<T> c0;
+  compute_first_couplings<T, V>(a, c0);
   for (int64_t i = i_begin; i < i_end; ++i) {
     dp.assign(J, V{});
-    for (int64_t j = 0; j < J; ++j) c0_i[j] = splat<V>(c0_varies ? c0[i * J + j] : uniform);
+    for (int64_t j = 0; j < J; ++j) c0_i[j] = splat<V>(c0.at(i, j, J));
     for (int64_t v0 = 0; v0 < VB; v0 += block) {
       const int64_t nv = std::min(block, VB - v0);
       for (int64_t v1 = v0; v1 < v0 + nv; v1 += 2) {
