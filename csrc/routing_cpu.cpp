@@ -993,8 +993,8 @@ CAPSNET_INLINE T hsum(V x) {
 constexpr int64_t kWeightBlockVectors = 8;
 
 // du_hat_i of one sample vector: d [J, M] = sum_t alpha^t ds^t + beta^t V^{t-1}, with u_hat_i
-// (uh) and the routing of every iteration recomputed from it; dp [J] += beta^t over t
-// (dprior). coef: 2 R J vectors of scratch: alpha^t and beta^t as they enter du_hat (0 where
+// (uh) and the routing of every iteration recomputed from it (c0_i: c^0 of capsule i in every
+// lane, the same for every sample); dp [J] += beta^t over t (dprior). coef: 2 R J vectors of scratch: alpha^t and beta^t as they enter du_hat (0 where
 // they do not), so that d is written in one pass (2 R loads and FMAs per value, one store).
 template <typename T, int SB>
 CAPSNET_INLINE void uhat_gradient(const Routing<T>& a, const BackwardState<T, SB>& st,
