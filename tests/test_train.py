@@ -30,10 +30,13 @@ from capsnet_fused.train import (
     config_from_args,
     config_from_checkpoint,
     evaluate,
+    evaluate_checkpoint,
     load_checkpoint,
     save_checkpoint,
     train,
 )
+from capsnet_fused.train import model as train_model
+from capsnet_fused.train.model import resolve_auto_settings
 from tests.training_data import (
     SIZE,
     assert_same_state,
@@ -154,6 +157,59 @@ def test_training_learns_the_synthetic_task(dataset_dir, tmp_path):
 def test_amp_bfloat16_on_cpu_trains(dataset_dir, tmp_path):
     record = train(tiny_config(dataset_dir, tmp_path, epochs=1, amp=True), log=lambda *_: None)
     assert record["amp"] and np.isfinite(record["train_loss"]) and np.isfinite(record["test_loss"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_cpu_and_is_saved_settled(
+    dataset_dir, tmp_path, monkeypatch, native
+):
+    # amp and channels_last left to "auto" (None) are settled by the CPU when the run starts,
+    # saved settled, and a resumed run keeps them whatever the CPU it resumes on has.
+    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: native)
+    config = tiny_config(dataset_dir, tmp_path, epochs=1, amp=None, channels_last=None)
+    lines = []
+    record = train(config, log=lines.append)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["amp"], saved["channels_last"], record["amp"]) == (native, native, native)
+    assert config_from_checkpoint(load_checkpoint(tmp_path), tmp_path).amp is native
+    have = "has native bfloat16" if native else "has no native bfloat16"
+    assert any(f"auto: this CPU {have}" in line for line in lines), lines
+    # The record's test numbers are float32 ones, also under autocast: eval reproduces them.
+    metrics = evaluate_checkpoint(tmp_path, device="cpu")
+    assert metrics["accuracy"] == pytest.approx(record["test_accuracy"])
+    assert metrics["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: not native)
+    resumed = train(config, resume=tmp_path, given={"epochs": 2}, log=lambda *_: None)
+    assert resumed["amp"] is native
+
+
+def test_auto_precision_settles_explicit_values_and_other_devices_alone(monkeypatch):
+    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = TrainConfig()
+    assert (auto.amp, auto.channels_last) == (None, None)
+    settled, note = resolve_auto_settings(auto, cpu)
+    assert (settled.amp, settled.channels_last) == (True, True)
+    assert "bfloat16 autocast, channels-last" in note and "--no-amp --no-channels-last" in note
+    settled, note = resolve_auto_settings(TrainConfig(amp=False), cpu)
+    assert (settled.amp, settled.channels_last) == (False, True)
+    assert "--no-channels-last to change" in note and "--no-amp" not in note
+    settled, note = resolve_auto_settings(auto, cuda)
+    assert (settled.amp, settled.channels_last) == (False, False) and "off on cuda" in note
+    explicit = TrainConfig(amp=True, channels_last=False)
+    assert resolve_auto_settings(explicit, cuda) == (explicit, "")
+
+
+def test_amp_flags_parse_to_auto_on_and_off():
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    for argv, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
+        config, given = config_from_args(parser.parse_args(argv))
+        assert config.amp is amp and given.get("amp") is amp
+    config, given = config_from_args(parser.parse_args(["--no-channels-last"]))
+    assert given == {"channels_last": False} and config.amp is None
+    with pytest.raises(ValueError, match="amp must be True, False or None"):
+        TrainConfig(amp="yes").validate()
 
 
 def _free_port() -> int:

@@ -148,15 +148,19 @@ class TrainConfig:
     )
     # --resume, not a setting, comes here in --help (see add_train_arguments).
     num_workers: int = _setting(0, "DataLoader worker processes (default {default})", type=int)
-    amp: bool = _setting(
-        False,
-        "mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA",
-        action="store_true",
+    # amp and channels_last: None is "auto", settled when the run starts (see
+    # train.model.resolve_auto_settings) and saved settled in config.json and checkpoints.
+    amp: bool | None = _setting(
+        None,
+        "mixed precision: bfloat16 autocast on CPU, float16 with GradScaler on CUDA (default: "
+        "on when training on a CPU with native bfloat16, AVX512_BF16 or AMX; off elsewhere)",
+        action=argparse.BooleanOptionalAction,
     )
-    channels_last: bool = _setting(
-        False,
-        "channels-last memory order for the convolutions (see the README for where it is faster)",
-        action="store_true",
+    channels_last: bool | None = _setting(
+        None,
+        "channels-last memory order for the convolutions (default: with --amp's default, on "
+        "when training on a CPU with native bfloat16; see the README)",
+        action=argparse.BooleanOptionalAction,
     )
     checkpoint_every: int = _setting(
         0,
@@ -233,6 +237,10 @@ class TrainConfig:
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        for name in ("amp", "channels_last"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, bool)):
+                raise ValueError(f"{name} must be True, False or None (auto), got {value!r}")
         for name in ("num_workers", "checkpoint_every", "max_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -60,7 +60,13 @@ from capsnet_fused.ops import choose_backend
 from capsnet_fused.train.config import TrainConfig, config_from_args
 from capsnet_fused.train.distributed import DistInfo, _any_rank, setup_distributed
 from capsnet_fused.train.evaluation import evaluate
-from capsnet_fused.train.model import autocast_context, build_model, class_scores, make_criterion
+from capsnet_fused.train.model import (
+    autocast_context,
+    build_model,
+    class_scores,
+    make_criterion,
+    resolve_auto_settings,
+)
 from capsnet_fused.train.resume import (
     _load_state_dict,
     _prepare_config,
@@ -153,7 +159,7 @@ def _train(
     run = _setup(config, state, info, log, stop)
     if info.main:
         _start_session(run, state, command)
-    while run.epoch < config.epochs:
+    while run.epoch < run.config.epochs:
         _train_epoch(run)
         _end_epoch(run)
     if info.enabled:
@@ -184,6 +190,7 @@ class _Run:
     criterion: nn.Module
     backend: str
     machine: str
+    settled: str  # what "auto" chose for amp and channels_last (resolve_auto_settings), or ""
     sampler: ResumableSampler
     loader: DataLoader
     epoch: int = 0
@@ -265,6 +272,7 @@ def _setup(
     seeds, the data, the model and its optimiser; a resumed run then takes the checkpoint's
     state (before DistributedDataParallel copies rank 0's parameters to every process)."""
     device = resolve_device(config.device, info.local_rank)
+    config, settled = resolve_auto_settings(config, device)
     out = prepare_run_folder(config, state, info, log)
 
     torch.manual_seed(config.seed)
@@ -303,6 +311,7 @@ def _setup(
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        settled=settled,
         criterion=make_criterion(config),
         backend=choose_backend(device, torch.float32, config.backend),
         machine=machine_summary(device),
@@ -399,6 +408,8 @@ def _start_session(run: _Run, state: dict | None, command: str | None) -> None:
         f"images from {config.data_dir}) on {run.device} x{run.info.world_size}, backend "
         f"{run.backend}, run folder {run.out}"
     )
+    if run.settled:
+        run.log(run.settled)
     if normalization is not None:
         run.log(
             f"inputs normalised with mean {list(normalization.mean)} and std "
@@ -527,7 +538,9 @@ def _end_epoch(run: _Run) -> None:
     ends the run here."""
     config, info = run.config, run.info
     # The test loss checks the state after the epoch's last step, as the next step's loss
-    # checks a mid-epoch one.
+    # checks a mid-epoch one. It is computed in float32 also under --amp: the record is then
+    # the model's accuracy, the number `capsnet-fused eval` gives for the checkpoint, whatever
+    # precision it was trained in.
     test_start = time.perf_counter()
     test = evaluate(
         run.model,
@@ -535,7 +548,6 @@ def _end_epoch(run: _Run) -> None:
         run.criterion,
         run.device,
         batch_size=max(config.batch_size, 256),
-        amp=config.amp,
         info=info,
         progress=config.progress,
         stop=lambda: run.stop.requested,
