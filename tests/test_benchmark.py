@@ -19,6 +19,7 @@ from capsnet_fused import ops, reference_routing
 from capsnet_fused.benchmark.cli import _cpu_line
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
 from capsnet_fused.benchmark.measure import _summary, time_calls_interleaved
+from capsnet_fused.train import model as train_model
 from tests.helpers import reference64, rel_error, run_with_grads
 
 TINY = "32x4x4x8"
@@ -408,12 +409,39 @@ def test_end_to_end_times_every_amp_and_layout_setting(fake_cpp):
     assert rows[1]["status"] == "failed" and "wrong result" in rows[1]["error"]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_end_to_end_adds_and_marks_the_training_default(fake_cpp, monkeypatch, native):
+    # bench --end-to-end also times what `train` uses here by default (bfloat16 autocast with
+    # channels-last on a CPU with native bfloat16), with its speed-up over float32's reference.
+    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: native)
+    config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=SMALL_CAPSNET)
+    config = dataclasses.replace(config, e2e_train_default=True)
+    fake_cpp(_correct)
+    rows = bm.run_end_to_end(config)
+    settings = [(False, False), (True, True)] if native else [(False, False)]
+    assert [(r["backend"], r["amp"], r["channels_last"]) for r in rows] == [
+        (backend, *setting) for setting in settings for backend in ("reference", "cpp")
+    ]
+    assert [r["train_default"] for r in rows] == [
+        s == (native, native) for s in settings for _ in "ab"
+    ]
+    ref32 = rows[0]
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert row["train_speedup_vs_reference_float32"] == pytest.approx(
+            ref32["train_median_ms"] / row["train_median_ms"]
+        )
+    table = bm.format_e2e_table(rows)
+    default = "bfloat16 channels_last*" if native else "float32 contiguous*"
+    assert default in table and "x ref32" in table
+
+
 def test_end_to_end_flags():
     config = bm.config_from_args(_parse(["--end-to-end", "--amp", "--channels-last"]))
     assert tuple(config.e2e_amp) == (False, True)
     assert tuple(config.e2e_channels_last) == (False, True)
     plain = bm.config_from_args(_parse(["--end-to-end"]))
-    assert bm.e2e_settings(plain) == [bm.E2ESetting()]
+    assert bm.e2e_settings(plain) == [bm.E2ESetting()] and plain.e2e_train_default
 
 
 def test_end_to_end_rows_name_the_cpu_kernel_clone():

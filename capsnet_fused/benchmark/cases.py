@@ -119,6 +119,9 @@ class BenchConfig:
     # Autocast (--amp) and channels-last settings to time; every combination is run.
     e2e_amp: Sequence[bool] = (False,)
     e2e_channels_last: Sequence[bool] = (False,)
+    # Also time what `capsnet-fused train` picks on this device when --amp and --channels-last
+    # are not given (the CLI sets this; see train.model.resolve_auto_settings).
+    e2e_train_default: bool = False
 
 
 # ---------------------------------------------------------------------------------------------

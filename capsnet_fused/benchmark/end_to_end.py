@@ -22,6 +22,8 @@ from capsnet_fused.benchmark.cases import BenchConfig, _device, benchmark_backen
 from capsnet_fused.benchmark.check import _failure, _rel_error, passes_check
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
 from capsnet_fused.benchmark.measure import _summary, _sync
+from capsnet_fused.train.config import TrainConfig
+from capsnet_fused.train.model import resolve_auto_settings
 
 # What the check compares: the capsule lengths [B, J] and the gradients of the digit weight
 # [I, J, N, M] and of conv1's weight.
@@ -53,9 +55,20 @@ class E2ESetting:
         return f"{precision} {'channels_last' if self.channels_last else 'contiguous'}"
 
 
-def e2e_settings(config: BenchConfig) -> list[E2ESetting]:
-    """Every combination of the config's autocast and layout choices, plain first."""
-    return [E2ESetting(a, c) for a in config.e2e_amp for c in config.e2e_channels_last]
+def e2e_settings(config: BenchConfig, device: torch.device | None = None) -> list[E2ESetting]:
+    """Every combination of the config's autocast and layout choices, plain first; then, with
+    config.e2e_train_default, the device's training default when it is not among them."""
+    settings = [E2ESetting(a, c) for a in config.e2e_amp for c in config.e2e_channels_last]
+    if config.e2e_train_default and device is not None:
+        default = train_default_setting(device)
+        settings += [default] if default not in settings else []
+    return settings
+
+
+def train_default_setting(device: torch.device) -> E2ESetting:
+    """What `capsnet-fused train` uses on `device` without --amp and --channels-last."""
+    settled, _ = resolve_auto_settings(TrainConfig(), device)
+    return E2ESetting(bool(settled.amp), bool(settled.channels_last))
 
 
 # By (setting, backend): its result row with its warmed-up training step and inference, and
@@ -158,7 +171,7 @@ def _checked_rows(
     floor = config.rtol if config.rtol is not None else 1e-3
     rows = []
     timed: _Timed = {}
-    for setting in e2e_settings(config):
+    for setting in e2e_settings(config, device):
         reference_model = run.build("reference", setting)
         tolerances = dict.fromkeys(_CHECKED, floor)
         if setting.amp:
@@ -193,6 +206,7 @@ def _e2e_row(
         "autocast_dtype": str(autocast_dtype(device)) if setting.amp else None,
         "channels_last": setting.channels_last,
         "setting": setting.label(device),
+        "train_default": setting == train_default_setting(device),
         **cpu_kernel_fields,
         "status": "ok",
         "error": "",
@@ -208,6 +222,8 @@ def _e2e_row(
         "infer_speedup_vs_reference": None,
         "train_speedup_vs_plain": None,
         "infer_speedup_vs_plain": None,
+        "train_speedup_vs_reference_float32": None,
+        "infer_speedup_vs_reference_float32": None,
     }
 
 
@@ -306,11 +322,13 @@ def _add_speedups(rows: list[dict[str, Any]]) -> None:
     """Speed-ups of the rows that passed (baseline time / time, > 1 = faster)."""
     ok = {(r["backend"], r["amp"], r["channels_last"]): r for r in rows if r["status"] == "ok"}
     for (backend, amp, channels_last), row in ok.items():
-        # Speed-ups over the reference router in the same setting, and over the same backend
-        # in float32 with the default layout.
+        # Speed-ups over the reference router in the same setting, over the same backend in
+        # float32 with the default layout, and over the reference router in float32 with the
+        # default layout.
         bases = {
             "reference": ok.get(("reference", amp, channels_last)),
             "plain": ok.get((backend, False, False)),
+            "reference_float32": ok.get(("reference", False, False)),
         }
         for base_name, base in bases.items():
             for mode in ("train", "infer"):

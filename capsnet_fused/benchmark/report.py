@@ -68,21 +68,27 @@ def format_table(
 def format_e2e_table(rows: list[dict]) -> str:
     """Text table of end-to-end rows; failed and skipped rows show their reason."""
     lines = [
-        f"{'backend':>9} {'setting':>24} {'batch':>5} {'train ms':>9} {'train img/s':>11} "
-        f"{'x ref':>6} {'x plain':>7} {'infer ms':>9} {'infer img/s':>11} {'x ref':>6} "
-        f"{'x plain':>7}  status"
+        f"{'backend':>9} {'setting':>25} {'batch':>5} {'train ms':>9} {'train img/s':>11} "
+        f"{'x ref':>6} {'x plain':>7} {'x ref32':>7} {'infer ms':>9} {'infer img/s':>11} "
+        f"{'x ref':>6} {'x plain':>7} {'x ref32':>7}  status"
     ]
     for row in rows:
+        marked = "*" if row.get("train_default") else ""
+        setting = row.get("setting", "float32 contiguous") + marked
+        cells = [f"{row['backend']:>9} {setting:>25} {row['batch']:>5}"]
+        for mode in ("train", "infer"):
+            cells += [
+                f"{_cell(row, f'{mode}_median_ms', '{:.1f}'):>9}",
+                f"{_cell(row, f'{mode}_images_per_s', '{:.1f}'):>11}",
+                f"{_cell(row, f'{mode}_speedup_vs_reference', '{:.2f}'):>6}",
+                f"{_cell(row, f'{mode}_speedup_vs_plain', '{:.2f}'):>7}",
+                f"{_cell(row, f'{mode}_speedup_vs_reference_float32', '{:.2f}'):>7}",
+            ]
+        lines.append(f"{' '.join(cells)}  {_status(row)}")
+    if any(row.get("train_default") for row in rows):
         lines.append(
-            f"{row['backend']:>9} {row.get('setting', 'float32 contiguous'):>24} "
-            f"{row['batch']:>5} {_cell(row, 'train_median_ms', '{:.1f}'):>9} "
-            f"{_cell(row, 'train_images_per_s', '{:.1f}'):>11} "
-            f"{_cell(row, 'train_speedup_vs_reference', '{:.2f}'):>6} "
-            f"{_cell(row, 'train_speedup_vs_plain', '{:.2f}'):>7} "
-            f"{_cell(row, 'infer_median_ms', '{:.1f}'):>9} "
-            f"{_cell(row, 'infer_images_per_s', '{:.1f}'):>11} "
-            f"{_cell(row, 'infer_speedup_vs_reference', '{:.2f}'):>6} "
-            f"{_cell(row, 'infer_speedup_vs_plain', '{:.2f}'):>7}  {_status(row)}"
+            "* what `capsnet-fused train` uses on this machine without --amp / --channels-last; "
+            "x ref32: over the reference router in float32 contiguous"
         )
     return "\n".join(lines)
 
