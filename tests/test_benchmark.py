@@ -15,11 +15,10 @@ import torch
 
 import capsnet_fused
 from capsnet_fused import benchmark as bm
-from capsnet_fused import ops, reference_routing
+from capsnet_fused import info, ops, reference_routing
 from capsnet_fused.benchmark.cli import _cpu_line
 from capsnet_fused.benchmark.environment import _cpu_kernel_fields
 from capsnet_fused.benchmark.measure import _summary, time_calls_interleaved
-from capsnet_fused.train import model as train_model
 from tests.helpers import reference64, rel_error, run_with_grads
 
 TINY = "32x4x4x8"
@@ -413,7 +412,7 @@ def test_end_to_end_times_every_amp_and_layout_setting(fake_cpp):
 def test_end_to_end_adds_and_marks_the_training_default(fake_cpp, monkeypatch, native):
     # bench --end-to-end also times what `train` uses here by default (bfloat16 autocast with
     # channels-last on a CPU with native bfloat16), with its speed-up over float32's reference.
-    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr(info, "cpu_has_native_bfloat16", lambda: native)
     config = tiny_config(e2e_batch=4, repeats=1, model_kwargs=SMALL_CAPSNET)
     config = dataclasses.replace(config, e2e_train_default=True)
     fake_cpp(_correct)

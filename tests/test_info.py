@@ -86,6 +86,11 @@ def test_cpu_section_on_this_machine():
         assert report["isa"]["avx2"] == ("avx2" in flags)
         assert report["x86_64_level"].startswith("x86-64")
         assert report["l2_bytes_per_core"] > 0
+        # torch's answer agrees with the flags the kernel reports: AVX512_BF16 or AMX.
+        native = bool({"avx512_bf16", "amx_tile"} & flags)
+        assert report["native_bfloat16"] is native
+        default = "bfloat16 autocast" if native else "float32, contiguous"
+        assert default in info.format_report(info.collect())
 
 
 def test_module_runs_as_a_script():

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from capsnet_fused import info
 from capsnet_fused.data import load_dataset, to_float
 from capsnet_fused.train import (
     CapsNetLoss,
@@ -35,7 +36,6 @@ from capsnet_fused.train import (
     save_checkpoint,
     train,
 )
-from capsnet_fused.train import model as train_model
 from capsnet_fused.train.model import resolve_auto_settings
 from tests.training_data import (
     SIZE,
@@ -165,7 +165,7 @@ def test_auto_precision_follows_the_cpu_and_is_saved_settled(
 ):
     # amp and channels_last left to "auto" (None) are settled by the CPU when the run starts,
     # saved settled, and a resumed run keeps them whatever the CPU it resumes on has.
-    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: native)
+    monkeypatch.setattr(info, "cpu_has_native_bfloat16", lambda: native)
     config = tiny_config(dataset_dir, tmp_path, epochs=1, amp=None, channels_last=None)
     lines = []
     record = train(config, log=lines.append)
@@ -178,13 +178,13 @@ def test_auto_precision_follows_the_cpu_and_is_saved_settled(
     metrics = evaluate_checkpoint(tmp_path, device="cpu")
     assert metrics["accuracy"] == pytest.approx(record["test_accuracy"])
     assert metrics["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
-    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: not native)
+    monkeypatch.setattr(info, "cpu_has_native_bfloat16", lambda: not native)
     resumed = train(config, resume=tmp_path, given={"epochs": 2}, log=lambda *_: None)
     assert resumed["amp"] is native
 
 
 def test_auto_precision_settles_explicit_values_and_other_devices_alone(monkeypatch):
-    monkeypatch.setattr(train_model, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(info, "cpu_has_native_bfloat16", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = TrainConfig()
     assert (auto.amp, auto.channels_last) == (None, None)

@@ -9,6 +9,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from capsnet_fused import info
 from capsnet_fused.baseline import BaselineCNN, CrossEntropyCriterion
 from capsnet_fused.losses import CapsNetLoss
 from capsnet_fused.models import CapsNet, CapsNetOutput
@@ -69,14 +70,6 @@ def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512_BF16 or AMX), so that oneDNN runs
-    bfloat16 convolutions natively. Elsewhere bfloat16 is emulated: on an AVX2-only Zen 3 a
-    training step under bfloat16 autocast was 9-11x slower than in float32 (README)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def resolve_auto_settings(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
     """`config` with amp and channels_last settled where they are None ("auto"), and a line for
     the run's log saying what "auto" chose and why (empty when neither was auto).
@@ -88,7 +81,7 @@ def resolve_auto_settings(config: TrainConfig, device: torch.device) -> tuple[Tr
     auto = [name for name in ("amp", "channels_last") if getattr(config, name) is None]
     if not auto:
         return config, ""
-    native = device.type == "cpu" and cpu_has_native_bfloat16()
+    native = device.type == "cpu" and info.cpu_has_native_bfloat16()
     config = dataclasses.replace(config, **{name: native for name in auto})
     flags = " ".join(f"--{'no-' if native else ''}{name.replace('_', '-')}" for name in auto)
     if device.type != "cpu":
