@@ -162,6 +162,12 @@ def format_table(
             f"{', '.join(summary['devices'])}, {', '.join(summary['backends'])}",
         )
     )
+    # Settled when the run started (an "auto" default depends on the CPU it started on).
+    on_cuda = any(device.startswith("cuda") for device in summary["devices"])
+    autocast = "float16 autocast" if on_cuda else "bfloat16 autocast"
+    precision = autocast if config.get("amp") else "float32"
+    layout = "channels-last" if config.get("channels_last") else "contiguous"
+    rows.append(("precision, convolution layout", f"{precision}, {layout}"))
     lines = ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines.append("")
     if sessions:

@@ -107,6 +107,11 @@ def test_report_of_a_run(run, tmp_path, capsys):
     assert "| epochs | 2 |" in readme and "| published CapsNet | 93.6% (best " in readme
     assert f"| machine | {records[0]['machine']} |" in readme
     assert "| wall time per epoch (training + test) |" in readme
+    # The precision the run settled on when it started ("auto" depends on the CPU).
+    config = json.loads((run / "config.json").read_text())
+    precision = "bfloat16 autocast" if config["amp"] else "float32"
+    layout = "channels-last" if config["channels_last"] else "contiguous"
+    assert f"| precision, convolution layout | {precision}, {layout} |" in readme
     # Both sessions' commands, in order: the one that started the run and the resume.
     started = readme.index(f"capsnet-fused train {' '.join(TINY)}")
     assert readme.index(f"capsnet-fused train --resume {run} --epochs 2") > started
