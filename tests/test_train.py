@@ -198,6 +198,12 @@ def test_auto_precision_settles_explicit_values_and_other_devices_alone(monkeypa
     assert (settled.amp, settled.channels_last) == (False, False) and "off on cuda" in note
     explicit = TrainConfig(amp=True, channels_last=False)
     assert resolve_auto_settings(explicit, cuda) == (explicit, "")
+    assert resolve_auto_settings(explicit, cpu) == (explicit, "")
+    # Asked for where bfloat16 is emulated: kept, with a warning for the log.
+    monkeypatch.setattr(info, "cpu_has_native_bfloat16", lambda: False)
+    settled, note = resolve_auto_settings(explicit, cpu)
+    assert settled == explicit and "is emulated" in note
+    assert resolve_auto_settings(TrainConfig(amp=False), cpu)[1].startswith("float32")
 
 
 def test_amp_flags_parse_to_auto_on_and_off():
