@@ -204,6 +204,9 @@ def test_auto_precision_settles_explicit_values_and_other_devices_alone(monkeypa
     settled, note = resolve_auto_settings(explicit, cpu)
     assert settled == explicit and "is emulated" in note
     assert resolve_auto_settings(TrainConfig(amp=False), cpu)[1].startswith("float32")
+    settled, note = resolve_auto_settings(TrainConfig(amp=True), cpu)
+    assert settled.channels_last is False and "contiguous convolutions" in note
+    assert "is emulated" in note
 
 
 def test_amp_flags_parse_to_auto_on_and_off():

@@ -1,7 +1,8 @@
 """The end-to-end benchmark (--end-to-end): a CapsNet training step (forward, margin +
 reconstruction loss, backward, Adam step) and an inference forward, images per second, with
 the reference router and every fused backend; optionally also under autocast (--amp) and with
-channels-last convolutions (--channels-last).
+channels-last convolutions (--channels-last), and (from the CLI) in what `capsnet-fused train`
+uses on the machine by default (train.model.resolve_auto_settings).
 
 run_end_to_end takes these steps: one batch and the float32 reference model's outputs and
 gradients on it (_E2ERun.load_batch); every (setting, backend) checked against them, its

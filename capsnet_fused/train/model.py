@@ -1,6 +1,6 @@
 """What a TrainConfig builds: the model (CapsNet or the CNN baseline) and its training loss;
-the predictions of either and the autocast both train and evaluate under, and the settings
-left to "auto" (amp, channels_last) settled for the device the run trains on."""
+the predictions of either, the autocast it trains under (--amp), and the settings left to
+"auto" (amp, channels_last) settled for the device the run trains on."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def autocast_context(device: torch.device, enabled: bool):
 
 def resolve_auto_settings(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
     """`config` with amp and channels_last settled where they are None ("auto"), and a line for
-    the run's log saying what "auto" chose and why, or warning of bfloat16 asked for on a CPU
-    that emulates it (empty otherwise).
+    the run's log saying what "auto" chose and why, and warning of bfloat16 asked for on a CPU
+    that emulates it (empty when there is neither).
 
     Both are on for training on a CPU with native bfloat16, where bfloat16 autocast with
     channels-last convolutions made the paper's CapsNet's training step about twice as fast, at
@@ -82,20 +82,21 @@ def resolve_auto_settings(config: TrainConfig, device: torch.device) -> tuple[Tr
     native = device.type == "cpu" and info.cpu_has_native_bfloat16()
     auto = [name for name in ("amp", "channels_last") if getattr(config, name) is None]
     config = dataclasses.replace(config, **{name: native for name in auto})
-    if not auto:
-        if config.amp and device.type == "cpu" and not native:
-            return config, (
-                "bfloat16 autocast on a CPU without native bfloat16 (AVX512_BF16 or AMX) is "
-                "emulated: a training step was 9-11x slower than in float32 on an AVX2 Zen 3"
+    lines = []
+    if auto:
+        flags = " ".join(f"--{'no-' if native else ''}{name.replace('_', '-')}" for name in auto)
+        if device.type != "cpu":
+            why = f"auto: off on {device.type}"
+        else:
+            why = (
+                f"auto: this CPU has {'' if native else 'no '}native bfloat16 (AVX512_BF16 or AMX)"
             )
-        return config, ""
-    flags = " ".join(f"--{'no-' if native else ''}{name.replace('_', '-')}" for name in auto)
-    if device.type != "cpu":
-        why = f"auto: off on {device.type}"
-    elif native:
-        why = "auto: this CPU has native bfloat16 (AVX512_BF16 or AMX)"
-    else:
-        why = "auto: this CPU has no native bfloat16 (AVX512_BF16 or AMX)"
-    precision = "bfloat16 autocast" if config.amp else "float32"
-    layout = "channels-last" if config.channels_last else "contiguous"
-    return config, f"{precision}, {layout} convolutions ({why}; {flags} to change)"
+        precision = "bfloat16 autocast" if config.amp else "float32"
+        layout = "channels-last" if config.channels_last else "contiguous"
+        lines.append(f"{precision}, {layout} convolutions ({why}; {flags} to change)")
+    if config.amp and device.type == "cpu" and not native:
+        lines.append(
+            "bfloat16 autocast on a CPU without native bfloat16 (AVX512_BF16 or AMX) is "
+            "emulated: a training step was 9-11x slower than in float32 on an AVX2 Zen 3"
+        )
+    return config, "\n".join(lines)
