@@ -19,7 +19,7 @@ from capsnet_fused.ops import choose_backend
 from capsnet_fused.robustness import AffineSpec, perturb_dataset
 from capsnet_fused.train.config import TrainConfig
 from capsnet_fused.train.distributed import DistInfo, _all_sum
-from capsnet_fused.train.model import autocast_context, class_scores, make_criterion
+from capsnet_fused.train.model import class_scores, make_criterion
 from capsnet_fused.train.resume import model_from_checkpoint, normalization_from_checkpoint
 from capsnet_fused.train.stats import EpochStats
 
@@ -32,14 +32,14 @@ def evaluate(
     device: torch.device,
     *,
     batch_size: int = 256,
-    amp: bool = False,
     info: DistInfo | None = None,
     progress: bool = False,
     stop: Callable[[], bool] | None = None,
     normalization: Normalization | None = None,
 ) -> dict[str, float]:
     """Test loss (for CapsNet: margin + scaled reconstruction of the predicted capsule, also
-    reported apart as margin_loss and recon_loss; the criterion's part_names) and accuracy.
+    reported apart as margin_loss and recon_loss; the criterion's part_names) and accuracy,
+    in the model's own precision (float32 also for a run trained under --amp).
 
     normalization, when given, is applied to the model's input only (the loss compares
     reconstructions with the images in [0, 1]). Under DDP each process takes every
@@ -63,8 +63,7 @@ def evaluate(
             break
         images, labels = to_float(images.to(device)), labels.to(device)
         inputs = normalization(images) if normalization is not None else images
-        with autocast_context(device, amp):
-            output = model(inputs)
+        output = model(inputs)
         losses = criterion(output, images, labels)
         n = labels.shape[0]
         correct = (class_scores(output).argmax(dim=1) == labels).sum().item()
